@@ -1,0 +1,5 @@
+import sys
+
+from mailsys.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""The DATA phase reader: end-of-data detection and dot-unstuffing, in chunks.
+
+Per-line Python work is what makes a Python SMTP server slow, so the body is
+handled a TCP segment at a time with bytes methods that run in C: one ``find``
+for the end marker, one ``replace`` for dot-unstuffing, three ``count`` calls to
+spot a bare CR or LF.  At most a few bytes are carried between segments (a
+possible start of ``<CRLF>.`` that the next segment completes), so memory is
+bounded whatever the message size and the result never depends on how the
+client's bytes were cut into segments.
+
+Only ``<CRLF>.<CRLF>`` ends the data (RFC 5321 4.1.1.4).  Lone CR or LF never
+does; they are passed through unchanged but reported, so the caller can refuse
+the message after its real end (SMTP smuggling, CVE-2023-51764).
+"""
+
+_END = b"\r\n.\r\n"
+_STUFFED = b"\r\n.."
+_UNSTUFFED = b"\r\n."
+
+
+class DataReader:
+    """Feed raw DATA bytes; get unstuffed body bytes and, once, the remainder.
+
+    ``sink(chunk)`` receives the unstuffed message bytes in order.  ``feed``
+    returns None while the data goes on, or the bytes that followed the end
+    marker (pipelined commands) once it has been seen.
+    """
+
+    __slots__ = ("_sink", "_pending", "_virtual", "bare_newline", "size")
+
+    def __init__(self, sink):
+        self._sink = sink
+        # The data starts at the beginning of a line: a virtual CRLF in front lets
+        # one pattern find a "." or ".." on the first line as on any other.
+        self._pending = b"\r\n"
+        self._virtual = True
+        self.bare_newline = False
+        self.size = 0
+
+    def feed(self, data):
+        s = self._pending + data if self._pending else data
+        end = s.find(_END)
+        if end >= 0:
+            self._emit(s[:end + 2])
+            self._pending = b""
+            return s[end + 5:]
+        # Keep back whatever could be the start of "\r\n." or "\r\n.\r\n".  Any
+        # pattern that starts earlier ends before the last CRLF (see docs/smtp.rst).
+        k = s.rfind(b"\r\n")
+        if k >= 0 and len(s) - k <= 4:
+            cut = k
+        elif s.endswith(b"\r"):
+            cut = len(s) - 1
+        else:
+            cut = len(s)
+        if cut:
+            self._emit(s[:cut])
+        self._pending = s[cut:]
+        return None
+
+    def _emit(self, chunk):
+        n = chunk.count(b"\r\n")
+        if chunk.count(b"\r") != n or chunk.count(b"\n") != n:
+            self.bare_newline = True
+        chunk = chunk.replace(_STUFFED, _UNSTUFFED)
+        if self._virtual:
+            chunk = chunk[2:]
+            self._virtual = False
+        if chunk:
+            self.size += len(chunk)
+            self._sink(chunk)

@@ -1,0 +1,169 @@
+"""MAIL and RCPT parameters: SIZE (1870), BODY (6152), SMTPUTF8 (6531), DSN (3461).
+
+Parsed and validated here so the state machine only sees typed values and the
+queue record keeps exactly what the client asked for.
+"""
+import re
+
+from mailsys.smtp.address import AddressError, parse_path
+from mailsys.smtp.reply import Reply
+
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+MAX_ENVID = 100   # RFC 3461 4.4
+
+
+class ParamError(Exception):
+    def __init__(self, reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _bad(text, code=501, status="5.5.4"):
+    return ParamError(Reply(code, status, text))
+
+
+def decode_xtext(value):
+    """RFC 3461 xtext to text; raises ValueError on malformed input."""
+    if not _XTEXT.match(value):
+        raise ValueError("bad xtext")
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def encode_xtext(text):
+    return "".join(c if 0x21 <= ord(c) <= 0x7e and c not in "+=" else f"+{ord(c):02X}"
+                   for c in text)
+
+
+def _split(text):
+    """``KEY=VALUE KEY ...`` into an ordered list of (UPPER-KEY, value or None)."""
+    out = []
+    seen = set()
+    for item in text.split(" "):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not _KEYWORD.match(key) or (eq and not value):
+            raise _bad(f"Bad parameter syntax: {item[:40]}")
+        if any(ord(c) < 33 or ord(c) == 127 for c in value):
+            raise _bad("Bad characters in parameter value")
+        ukey = key.upper()
+        if ukey in seen:
+            raise _bad(f"Duplicate parameter: {ukey}")
+        seen.add(ukey)
+        out.append((ukey, value if eq else None))
+    return out
+
+
+class MailParams:
+    """What MAIL FROM asked for."""
+
+    __slots__ = ("size", "body", "smtputf8", "ret", "envid")
+
+    def __init__(self):
+        self.size = None
+        self.body = None
+        self.smtputf8 = False
+        self.ret = None
+        self.envid = None
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in (None, False)}
+
+
+class RcptParams:
+    __slots__ = ("notify", "orcpt")
+
+    def __init__(self):
+        self.notify = None   # tuple of NEVER | SUCCESS, FAILURE, DELAY
+        self.orcpt = None    # (addr-type, address)
+
+    def as_dict(self):
+        d = {}
+        if self.notify is not None:
+            d["notify"] = list(self.notify)
+        if self.orcpt is not None:
+            d["orcpt"] = list(self.orcpt)
+        return d
+
+
+def parse_mail_params(text, max_size):
+    """Parse MAIL parameters; ``max_size`` is the SIZE limit we advertise."""
+    p = MailParams()
+    for key, value in _split(text):
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise _bad("Bad SIZE parameter")
+            p.size = int(value)
+            if max_size and p.size > max_size:
+                raise ParamError(Reply(552, "5.3.4", "Message size exceeds fixed limit"))
+        elif key == "BODY":
+            v = (value or "").upper()
+            if v not in ("7BIT", "8BITMIME"):
+                raise ParamError(Reply(555, "5.5.4", f"Unsupported BODY type: {(value or '')[:20]}"))
+            p.body = v
+        elif key == "SMTPUTF8":
+            if value is not None:
+                raise _bad("SMTPUTF8 takes no value")
+            p.smtputf8 = True
+        elif key == "RET":
+            v = (value or "").upper()
+            if v not in ("FULL", "HDRS"):
+                raise _bad("Bad RET parameter")
+            p.ret = v
+        elif key == "ENVID":
+            try:
+                envid = decode_xtext(value or "")
+            except ValueError:
+                raise _bad("Bad ENVID parameter")
+            if not envid or len(envid) > MAX_ENVID or not envid.isprintable():
+                raise _bad("Bad ENVID parameter")
+            p.envid = envid
+        else:
+            raise ParamError(Reply(555, "5.5.4", f"Unsupported option: {key[:30]}"))
+    return p
+
+
+_NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
+
+
+def parse_rcpt_params(text, smtputf8=False):
+    p = RcptParams()
+    for key, value in _split(text):
+        if key == "NOTIFY":
+            items = (value or "").upper().split(",")
+            if items == ["NEVER"]:
+                p.notify = ("NEVER",)
+            elif items and all(i in _NOTIFY for i in items) and len(set(items)) == len(items):
+                p.notify = tuple(items)
+            else:
+                raise _bad("Bad NOTIFY parameter")
+        elif key == "ORCPT":
+            p.orcpt = _parse_orcpt(value or "", smtputf8)
+        else:
+            raise ParamError(Reply(555, "5.5.4", f"Unsupported option: {key[:30]}"))
+    return p
+
+
+def _parse_orcpt(value, smtputf8):
+    addr_type, semi, addr = value.partition(";")
+    if not semi or not _KEYWORD.match(addr_type) or not addr:
+        raise _bad("Bad ORCPT parameter")
+    atype = addr_type.lower()
+    if atype == "utf-8":
+        # RFC 6533 utf-8-addr-xtext: \x{HEX} escapes; keep as sent after a sanity check.
+        if len(addr) > 500:
+            raise _bad("Bad ORCPT parameter")
+        return (atype, addr)
+    try:
+        decoded = decode_xtext(addr)
+    except ValueError:
+        raise _bad("Bad ORCPT parameter")
+    if atype == "rfc822":
+        try:
+            parse_path(f"<{decoded}>", "recipient", smtputf8=smtputf8)
+        except AddressError:
+            raise _bad("Bad ORCPT address")
+    elif len(decoded) > 500:
+        raise _bad("Bad ORCPT parameter")
+    return (atype, decoded)

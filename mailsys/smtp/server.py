@@ -1,0 +1,484 @@
+"""The server side of SMTP, ESMTP and LMTP: one state machine for all three.
+
+The protocol parses, enforces limits and timeouts, and asks a *handler* what to
+answer; it knows nothing of queues, users or relaying.  A handler method returns
+a :class:`~mailsys.smtp.reply.Reply`, None for the default positive reply, or a
+Deferred of either; while a Deferred is pending the protocol stops reading
+commands, so pipelined commands (RFC 2920) are answered strictly in order
+whatever their batching into TCP segments.
+
+Replies produced while handling one batch of input are written with a single
+``transport.write``: with PIPELINING a whole MAIL/RCPT/DATA group costs one
+send instead of one per reply.
+"""
+import re
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.internet import defer
+
+from mailsys.smtp import reply as R
+from mailsys.smtp.address import AddressError, parse_path, split_path_and_params
+from mailsys.smtp.data import DataReader
+from mailsys.smtp.params import ParamError, parse_mail_params, parse_rcpt_params
+from mailsys.smtp.reply import Reply
+
+MAX_LINE = 2048          # bytes per command line, CRLF included (RFC 5321 4.5.3.1.4 plus extensions)
+MAX_ERRORS = 10          # bad commands before 421 and close
+MAX_BUFFERED = 64 * 1024  # pipelined input held while a reply is pending
+
+_HELO_NAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
+_MAIL_FROM = re.compile(r"FROM:", re.I)
+_RCPT_TO = re.compile(r"TO:", re.I)
+
+log = Logger(namespace="mailsys.smtpd")
+
+
+class Transaction:
+    """One mail transaction: from MAIL to the end of DATA (or RSET)."""
+
+    __slots__ = ("sender", "params", "recipients", "queue_id", "handle")
+
+    def __init__(self, sender, params):
+        self.sender = sender            # Mailbox, or None for <>
+        self.params = params            # MailParams
+        self.recipients = []            # [(Mailbox, RcptParams)], accepted ones only
+        self.queue_id = None            # set by the handler when it wants to
+        self.handle = None              # the handler's message sink during DATA
+
+
+class Stats:
+    """Per-command counts for the Postfix-style disconnect line."""
+
+    __slots__ = ("ok", "total", "order")
+
+    def __init__(self):
+        self.ok, self.total, self.order = {}, {}, []
+
+    def count(self, verb, ok):
+        verb = verb.lower()
+        if verb not in self.total:
+            self.total[verb] = self.ok[verb] = 0
+            self.order.append(verb)
+        self.total[verb] += 1
+        self.ok[verb] += 1 if ok else 0
+
+    def __str__(self):
+        parts = []
+        for v in self.order:
+            t, o = self.total[v], self.ok[v]
+            parts.append(f"{v}={o}" if o == t else f"{v}={o}/{t}")
+        return " ".join(parts)
+
+
+class SMTPServerProtocol(Protocol):
+    """ESMTP (RFC 5321) or, with ``lmtp=True``, LMTP (RFC 2033)."""
+
+    lmtp = False
+
+    def __init__(self, handler, hostname, *, limits, clock, lmtp=False, tls_available=False,
+                 auth_mechanisms=()):
+        self.handler = handler
+        self.hostname = hostname
+        self.limits = limits
+        self.clock = clock
+        self.lmtp = lmtp
+        self.tls_available = tls_available
+        self.auth_mechanisms = tuple(auth_mechanisms)
+        self.helo = None
+        self.esmtp = False
+        self.tls = False
+        self.auth_user = None
+        self.txn = None
+        self.errors = 0
+        self.stats = Stats()
+        self._buf = b""
+        self._reader = None
+        self._data_size = 0
+        self._data_too_big = False
+        self._discarding = False
+        self._blocked = False
+        self._paused = False
+        self._closing = False
+        self._out = []
+        self._deadline = 0.0
+        self._timer = None
+        self._in_data_phase = False
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def connectionMade(self):
+        self._arm(self.limits.command_timeout)
+        self._run(self.handler.connected(self), self._greet)
+        self._flush()
+
+    def _greet(self, refusal):
+        if refusal is not None:
+            self._send(refusal)
+            self._close()
+            return
+        kind = "LMTP" if self.lmtp else "ESMTP"
+        self._out.append(f"220 {self.hostname} {kind}\r\n".encode("ascii"))
+
+    def connectionLost(self, reason):
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._abort_transaction()
+        self.handler.disconnected(self)
+
+    # -- timeouts: a deadline moved by complete commands only -----------------
+
+    def _arm(self, seconds):
+        """Set the deadline.  Only complete commands (or the start of DATA) move it,
+        so a client trickling bytes cannot hold the connection forever."""
+        self._deadline = self.clock.seconds() + seconds
+        if self._timer is None or not self._timer.active():
+            self._timer = self.clock.callLater(seconds, self._check_timeout)
+
+    def _check_timeout(self):
+        self._timer = None
+        if self._closing:
+            return
+        left = self._deadline - self.clock.seconds()
+        if left > 0:
+            self._timer = self.clock.callLater(left, self._check_timeout)
+            return
+        log.info("timeout after {phase} from {client}", phase="DATA" if self._reader else "command",
+                 client=self.handler.client_name(self))
+        self._send(R.TIMEOUT)
+        self._flush()
+        self._close()
+
+    # -- input ----------------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self._closing:
+            return
+        self._buf = self._buf + data if self._buf else data
+        self._process()
+        self._flush()
+
+    def _process(self):
+        while not self._blocked and not self._closing and self._buf:
+            if self._reader is not None:
+                buf, self._buf = self._buf, b""
+                rest = self._reader.feed(buf)
+                if rest is None:
+                    return
+                self._buf = rest
+                self._end_of_data()
+                continue
+            buf = self._buf
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) >= MAX_LINE:
+                    # Swallow the rest of the over-long line; answer when it ends.
+                    self._discarding = True
+                    self._buf = b""
+                return
+            line, self._buf = buf[:nl], buf[nl + 1:]
+            if self._discarding or nl + 1 > MAX_LINE:
+                self._discarding = False
+                self._error(R.LINE_TOO_LONG, "unknown")
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._deadline = self.clock.seconds() + self.limits.command_timeout
+            self._command(line)
+        if self._blocked and len(self._buf) > MAX_BUFFERED and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _command(self, raw):
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self._error(R.BAD_BYTES, "unknown")
+                return
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        method = self._commands.get(verb)
+        if method is None or (self.lmtp and verb in ("EHLO", "HELO")) or (
+                not self.lmtp and verb == "LHLO"):
+            self._error(R.UNKNOWN_COMMAND, "unknown")
+            return
+        if verb not in ("MAIL", "RCPT") and not line.isascii():
+            self._error(R.BAD_BYTES, verb)
+            return
+        method(self, arg)
+
+    # -- output ---------------------------------------------------------------
+
+    def _send(self, reply):
+        self._out.append(reply.to_bytes())
+
+    def _flush(self):
+        if self._out and not self._closing_written():
+            self.transport.write(b"".join(self._out))
+        self._out = []
+
+    def _closing_written(self):
+        return self.transport is None
+
+    def _reply(self, reply, verb):
+        """Send a command's reply, count it, and spend the error budget on failures."""
+        ok = reply.code < 400
+        self.stats.count(verb, ok)
+        self._send(reply)
+        if reply.code >= 500 or (reply.code >= 400 and reply.code != 452 and verb != "data"):
+            if reply.code != 421:
+                self._spend_error()
+        if reply.code == 421:
+            self._close()
+
+    def _error(self, reply, verb):
+        self._reply(reply, verb)
+
+    def _spend_error(self):
+        self.errors += 1
+        if self.errors >= MAX_ERRORS and not self._closing:
+            log.info("too many errors from {client}", client=self.handler.client_name(self))
+            self._send(R.TOO_MANY_ERRORS)
+            self._close()
+
+    def _close(self):
+        if not self._closing:
+            self._closing = True
+            self._flush_now()
+            self.transport.loseConnection()
+
+    def _flush_now(self):
+        if self._out:
+            self.transport.write(b"".join(self._out))
+            self._out = []
+
+    def _run(self, result, then):
+        """Apply ``then`` to a handler result now, or once its Deferred fires."""
+        if not isinstance(result, defer.Deferred):
+            then(result)
+            return
+        self._blocked = True
+
+        def done(value):
+            self._blocked = False
+            if self._closing:
+                return
+            then(value)
+            if self._paused and len(self._buf) <= MAX_BUFFERED:
+                self._paused = False
+                self.transport.resumeProducing()
+            self._process()
+            self._flush()
+
+        def failed(f):
+            log.failure("handler failed", f)
+            done(R.IO_ERROR)
+
+        result.addCallbacks(done, failed)
+
+    # -- commands -------------------------------------------------------------
+
+    def do_EHLO(self, arg, verb="ehlo"):
+        name = arg.strip()
+        if not name:
+            self._error(Reply(501, "5.5.4", f"Syntax: {verb.upper()} hostname"), verb)
+            return
+        if not _HELO_NAME.match(name):
+            self._error(Reply(501, "5.5.4", f"Error: invalid {verb.upper()} hostname"), verb)
+            return
+        esmtp = verb != "helo"
+
+        def answered(refusal):
+            if refusal is not None:
+                self._reply(refusal, verb)
+                return
+            self._abort_transaction()
+            self.helo, self.esmtp = name, esmtp
+            if esmtp:
+                self.stats.count(verb, True)
+                self._out.append(self._ehlo_response())
+            else:
+                self._reply(Reply(250, "", self.hostname), verb)
+
+        self._run(self.handler.helo(self, name, esmtp), answered)
+
+    def do_HELO(self, arg):
+        self.do_EHLO(arg, "helo")
+
+    def do_LHLO(self, arg):
+        self.do_EHLO(arg, "lhlo")
+
+    def extensions(self):
+        ext = ["PIPELINING", f"SIZE {self.limits.message_size}"]
+        if self.tls_available and not self.tls:
+            ext.append("STARTTLS")
+        if self.auth_mechanisms and self.tls and self.auth_user is None:
+            ext.append("AUTH " + " ".join(self.auth_mechanisms))
+        ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        if not self.lmtp:
+            ext.append("DSN")
+        ext.append("HELP")
+        return ext
+
+    def _ehlo_response(self):
+        lines = [self.hostname] + self.extensions()
+        last = len(lines) - 1
+        return "".join(f"250{' ' if i == last else '-'}{line}\r\n"
+                       for i, line in enumerate(lines)).encode("ascii")
+
+    def do_MAIL(self, arg):
+        if self.helo is None:
+            self._error(R.NEED_HELO, "mail")
+            return
+        if self.txn is not None:
+            self._error(R.NESTED_MAIL, "mail")
+            return
+        m = _MAIL_FROM.match(arg)
+        if not m:
+            self._error(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"), "mail")
+            return
+        path, ptext = split_path_and_params(arg[m.end():])
+        try:
+            params = parse_mail_params(ptext, self.limits.message_size) if ptext.strip() else \
+                parse_mail_params("", 0)
+            if not self.esmtp and ptext.strip():
+                raise ParamError(Reply(555, "5.5.4", "Error: parameters need EHLO"))
+            sender = parse_path(path, "sender", smtputf8=params.smtputf8, allow_null=True)
+        except (AddressError, ParamError) as e:
+            self._error(e.reply, "mail")
+            return
+        txn = Transaction(sender, params)
+
+        def answered(result):
+            if result is None or result.code < 400:
+                self.txn = txn
+            self._reply(result or R.SENDER_OK, "mail")
+
+        self._run(self.handler.mail(self, txn), answered)
+
+    def do_RCPT(self, arg):
+        txn = self.txn
+        if txn is None:
+            self._error(R.NEED_MAIL, "rcpt")
+            return
+        m = _RCPT_TO.match(arg)
+        if not m:
+            self._error(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"), "rcpt")
+            return
+        if len(txn.recipients) >= self.limits.recipients:
+            self._reply(R.TOO_MANY_RECIPIENTS, "rcpt")
+            return
+        path, ptext = split_path_and_params(arg[m.end():])
+        try:
+            rcpt = parse_path(path, "recipient", smtputf8=txn.params.smtputf8)
+            params = parse_rcpt_params(ptext, txn.params.smtputf8)
+            if params.notify is not None and self.lmtp:
+                raise ParamError(Reply(555, "5.5.4", "Unsupported option: NOTIFY"))
+        except (AddressError, ParamError) as e:
+            self._error(e.reply, "rcpt")
+            return
+
+        def answered(result):
+            if result is None or result.code < 400:
+                txn.recipients.append((rcpt, params))
+            self._reply(result or R.RCPT_OK, "rcpt")
+
+        self._run(self.handler.rcpt(self, txn, rcpt, params), answered)
+
+    def do_DATA(self, arg):
+        txn = self.txn
+        if arg.strip():
+            self._error(Reply(501, "5.5.4", "Syntax: DATA"), "data")
+            return
+        if txn is None:
+            self._error(R.NEED_MAIL, "data")
+            return
+        if not txn.recipients:
+            self._error(Reply(554, "5.5.1", "Error: no valid recipients"), "data")
+            return
+
+        def answered(result):
+            if result is not None and result.code >= 400:
+                self._reply(result, "data")
+                return
+            txn.handle = result and None
+            self._data_size = 0
+            self._data_too_big = False
+            self._reader = DataReader(self._data_chunk)
+            self._arm(self.limits.data_timeout)
+            self._deadline = self.clock.seconds() + self.limits.data_timeout
+            self._send(R.START_DATA)
+
+        self._run(self.handler.data(self, txn), answered)
+
+    def _data_chunk(self, chunk):
+        self._data_size += len(chunk)
+        if self._data_too_big:
+            return
+        if self._data_size > self.limits.message_size:
+            self._data_too_big = True
+            return
+        self.handler.data_chunk(self, self.txn, chunk)
+
+    def _end_of_data(self):
+        reader, self._reader = self._reader, None
+        txn, self.txn = self.txn, None
+        self._deadline = self.clock.seconds() + self.limits.command_timeout
+        n = len(txn.recipients) if self.lmtp else 1
+        if self._data_too_big or reader.bare_newline:
+            refusal = R.MESSAGE_TOO_BIG if self._data_too_big else R.BARE_NEWLINE
+            self.handler.data_abort(self, txn, refusal)
+            for _ in range(n):
+                self._reply(refusal, "data")
+            return
+
+        def answered(result):
+            replies = result if isinstance(result, list) else [result] * n
+            for r in replies:
+                self._reply(r, "data")
+
+        self._run(self.handler.data_end(self, txn, self._data_size), answered)
+
+    def do_RSET(self, arg):
+        if arg.strip():
+            self._error(Reply(501, "5.5.4", "Syntax: RSET"), "rset")
+            return
+        self._abort_transaction()
+        self._reply(R.OK, "rset")
+
+    def _abort_transaction(self):
+        txn, self.txn = self.txn, None
+        if txn is not None:
+            self.handler.data_abort(self, txn, None)
+        self._reader = None
+
+    def do_NOOP(self, arg):
+        self._reply(R.NOOP_OK, "noop")
+
+    def do_QUIT(self, arg):
+        self._reply(R.BYE, "quit")
+        self._close()
+
+    def do_VRFY(self, arg):
+        if not arg.strip():
+            self._error(Reply(501, "5.5.4", "Syntax: VRFY address"), "vrfy")
+            return
+        self._reply(R.VRFY_REPLY, "vrfy")
+
+    def do_EXPN(self, arg):
+        self._reply(R.EXPN_DISABLED, "expn")
+
+    def do_HELP(self, arg):
+        self._reply(Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+                          "See RFC 5321"), "help")
+
+    _commands = {
+        "EHLO": do_EHLO, "HELO": do_HELO, "LHLO": do_LHLO, "MAIL": do_MAIL, "RCPT": do_RCPT,
+        "DATA": do_DATA, "RSET": do_RSET, "NOOP": do_NOOP, "QUIT": do_QUIT, "VRFY": do_VRFY,
+        "EXPN": do_EXPN, "HELP": do_HELP,
+    }

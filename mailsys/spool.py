@@ -1,0 +1,388 @@
+"""The durable spool: the one way into the queue.
+
+Design (measured, see docs/spool.rst and docs/performance.rst): messages are
+appended as self-checking records to a segment file, and the writes of every
+message that finished at about the same time are made durable together by one
+``fdatasync`` (group commit) on a dedicated writer thread, off the reactor.  A
+message is acknowledged only after the fdatasync that covers it has returned.
+
+A record is visible only when it is complete and its CRC matches: a crash at any
+moment leaves every acknowledged message intact and at most a torn tail, which
+start-up cuts off.  Bodies larger than the in-memory budget are streamed to a
+scratch file under ``incoming/`` while they arrive (bounded memory whatever the
+size) and copied into the segment at commit; scratch files are never part of
+the queue and are removed at start-up.
+"""
+import errno
+import json
+import os
+import struct
+import time
+import zlib
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger(namespace="mailsys.spool")
+
+MAGIC = b"MSY1"
+# magic, envelope length, message length, CRC-32 of the envelope, CRC-32 of the message
+HEADER = struct.Struct(">4sIQII")
+SEGMENT_LIMIT = 128 * 1024 * 1024
+MEMORY_PER_MESSAGE = 4 * 1024 * 1024   # larger bodies spill to incoming/
+MEMORY_BUDGET = 128 * 1024 * 1024      # all in-memory bodies together
+MAX_ENVELOPE = 16 * 1024 * 1024
+
+_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"   # Postfix-style long-id digits, no vowels
+
+
+class SpoolError(Exception):
+    """Writing failed; ``nospace`` tells the caller to answer 452 4.3.1 rather than 451 4.3.0."""
+
+    def __init__(self, message, nospace=False):
+        super().__init__(message)
+        self.nospace = nospace
+
+
+class QueueIds:
+    """Unique, sortable, filename-safe queue ids: time in microseconds, then a counter."""
+
+    def __init__(self, clock=time.time):
+        self._clock = clock
+        self._last = 0
+        self._seq = 0
+
+    def next(self):
+        now = int(self._clock() * 1_000_000)
+        if now <= self._last:
+            now = self._last
+            self._seq += 1
+        else:
+            self._seq = 0
+        self._last = now
+        n = now * 1024 + (self._seq % 1024)
+        out = []
+        while n:
+            n, r = divmod(n, len(_ALPHABET))
+            out.append(_ALPHABET[r])
+        return "".join(reversed(out))
+
+
+class MessageWriter:
+    """Collects one message body as it arrives, in memory or spilled to a file."""
+
+    __slots__ = ("spool", "queue_id", "chunks", "size", "crc", "spill_fd", "spill_path",
+                 "head", "_budgeted", "closed")
+
+    def __init__(self, spool, queue_id):
+        self.spool = spool
+        self.queue_id = queue_id
+        self.chunks = []
+        self.size = 0
+        self.crc = 0
+        self.spill_fd = None
+        self.spill_path = None
+        self.head = b""          # the first bytes, for header checks by the caller
+        self._budgeted = 0
+        self.closed = False
+
+    def write(self, chunk):
+        self.size += len(chunk)
+        self.crc = zlib.crc32(chunk, self.crc)
+        if len(self.head) < 65536:
+            self.head += chunk[:65536 - len(self.head)]
+        if self.spill_fd is None:
+            if self.size <= MEMORY_PER_MESSAGE and self.spool._reserve(len(chunk)):
+                self._budgeted += len(chunk)
+                self.chunks.append(chunk)
+                return
+            self._spill()
+        _write_all(self.spill_fd, chunk)
+
+    def _spill(self):
+        path = os.path.join(self.spool.incoming, self.queue_id)
+        self.spill_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.spill_path = path
+        for c in self.chunks:
+            _write_all(self.spill_fd, c)
+        self.chunks = []
+        self.spool._release(self._budgeted)
+        self._budgeted = 0
+
+    def discard(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.chunks = []
+        self.spool._release(self._budgeted)
+        self._budgeted = 0
+        if self.spill_fd is not None:
+            os.close(self.spill_fd)
+            try:
+                os.unlink(self.spill_path)
+            except OSError:
+                pass
+            self.spill_fd = None
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class SpoolEntry:
+    """A queued message as found in a segment: where it is and its envelope."""
+
+    __slots__ = ("queue_id", "segment", "offset", "envelope", "message_offset", "message_size")
+
+    def __init__(self, queue_id, segment, offset, envelope, message_offset, message_size):
+        self.queue_id = queue_id
+        self.segment = segment
+        self.offset = offset
+        self.envelope = envelope
+        self.message_offset = message_offset
+        self.message_size = message_size
+
+    def read_message(self):
+        with open(self.segment, "rb") as f:
+            f.seek(self.message_offset)
+            return f.read(self.message_size)
+
+
+def scan_segment(path, repair=False):
+    """Yield the complete records of one segment; optionally cut a torn tail."""
+    entries = []
+    with open(path, "r+b" if repair else "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos < size:
+            hdr = f.read(HEADER.size)
+            if len(hdr) < HEADER.size:
+                break
+            magic, elen, mlen, ecrc, mcrc = HEADER.unpack(hdr)
+            if magic != MAGIC or elen > MAX_ENVELOPE or pos + HEADER.size + elen + mlen > size:
+                break
+            env_bytes = f.read(elen)
+            if zlib.crc32(env_bytes) != ecrc:
+                break
+            c = 0
+            left = mlen
+            while left:
+                block = f.read(min(left, 1 << 20))
+                if not block:
+                    break
+                c = zlib.crc32(block, c)
+                left -= len(block)
+            if left or c != mcrc:
+                break
+            try:
+                envelope = json.loads(env_bytes)
+            except ValueError:
+                break
+            entries.append(SpoolEntry(envelope.get("id"), path, pos, envelope,
+                                      pos + HEADER.size + elen, mlen))
+            pos += HEADER.size + elen + mlen
+        if pos < size and repair:
+            log.warn("spool: cutting torn tail of {segment} at {offset} ({lost} bytes never acknowledged)",
+                     segment=path, offset=pos, lost=size - pos)
+            f.truncate(pos)
+            os.fsync(f.fileno())
+    return entries, pos
+
+
+def read_spool(directory):
+    """Every complete message in the spool at ``directory`` (read-only; tools and tests)."""
+    out = []
+    seg_dir = os.path.join(directory, "segments")
+    if not os.path.isdir(seg_dir):
+        return out
+    for name in sorted(os.listdir(seg_dir)):
+        if name.endswith(".seg"):
+            out.extend(scan_segment(os.path.join(seg_dir, name))[0])
+    return out
+
+
+class Spool:
+    """Appends messages to segment files with group commit; see the module docstring."""
+
+    def __init__(self, directory, reactor, *, segment_limit=SEGMENT_LIMIT, fsync=True):
+        self.directory = directory
+        self.reactor = reactor
+        self.segments = os.path.join(directory, "segments")
+        self.incoming = os.path.join(directory, "incoming")
+        self.segment_limit = segment_limit
+        self.fsync = fsync
+        self.ids = QueueIds()
+        self.entries = []
+        self._memory = 0
+        self._pending = []
+        self._flushing = False
+        self._fd = None
+        self._seg_path = None
+        self._seg_no = 0
+        self._seg_size = 0
+        self._pool = None
+        self.on_commit = []      # callables(entry) told of each durable message
+
+    # -- start-up ---------------------------------------------------------------
+
+    def open(self):
+        """Create the layout, cut torn tails, drop scratch files, index the queue."""
+        for d in (self.directory, self.segments, self.incoming):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.incoming):
+            os.unlink(os.path.join(self.incoming, name))
+        names = sorted(n for n in os.listdir(self.segments) if n.endswith(".seg"))
+        for name in names:
+            if name.startswith("."):
+                continue
+            entries, _ = scan_segment(os.path.join(self.segments, name), repair=True)
+            self.entries.extend(entries)
+            self._seg_no = max(self._seg_no, int(name.split(".")[0], 16))
+        _fsync_dir(self.segments)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mailsys-spool")
+        self._pool.start()
+        self._new_segment()
+        log.info("spool: {count} queued messages in {segments} segments",
+                 count=len(self.entries), segments=len(names))
+        return self.entries
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _new_segment(self):
+        if self._fd is not None:
+            os.close(self._fd)
+        self._seg_no += 1
+        self._seg_path = os.path.join(self.segments, f"{self._seg_no:08X}.seg")
+        self._fd = os.open(self._seg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                           | os.O_CLOEXEC, 0o600)
+        self._seg_size = 0
+        _fsync_dir(self.segments)
+
+    # -- memory budget ----------------------------------------------------------
+
+    def _reserve(self, n):
+        if self._memory + n > MEMORY_BUDGET:
+            return False
+        self._memory += n
+        return True
+
+    def _release(self, n):
+        self._memory -= n
+
+    # -- writing ----------------------------------------------------------------
+
+    def new_message(self, queue_id=None):
+        return MessageWriter(self, queue_id or self.ids.next())
+
+    def commit(self, writer, envelope):
+        """Make the message durable; the Deferred fires (with its SpoolEntry) only
+        after the fdatasync covering it returned, or fails with SpoolError."""
+        envelope = dict(envelope, id=writer.queue_id, size=writer.size)
+        env_bytes = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        header = HEADER.pack(MAGIC, len(env_bytes), writer.size, zlib.crc32(env_bytes), writer.crc)
+        d = defer.Deferred()
+        self._pending.append((writer, header, env_bytes, envelope, d))
+        if not self._flushing:
+            self._start_flush()
+        return d
+
+    def _start_flush(self):
+        batch, self._pending = self._pending, []
+        self._flushing = True
+        if self._seg_size >= self.segment_limit:
+            self._new_segment()
+        d = threads.deferToThreadPool(self.reactor, self._pool, self._write_batch,
+                                      [(w.chunks, w.spill_fd, w.size, h, e) for w, h, e, _, _ in batch],
+                                      self._fd, self._seg_size)
+        d.addBoth(self._flushed, batch)
+
+    def _write_batch(self, records, fd, start):
+        """Writer thread: append every record, one fdatasync; undo on error."""
+        pos = start
+        offsets = []
+        try:
+            for chunks, spill_fd, size, header, env in records:
+                offsets.append(pos)
+                iov = [header, env]
+                iov.extend(chunks)
+                n = sum(len(b) for b in iov)
+                for i in range(0, len(iov), 512):
+                    part = iov[i:i + 512]
+                    written = os.writev(fd, part)
+                    want = sum(len(b) for b in part)
+                    if written != want:
+                        # A short write is legal; finish what is left of this part.
+                        _write_all(fd, b"".join(part)[written:])
+                if spill_fd is not None:
+                    _copy_spill(spill_fd, fd, size)
+                    n += size
+                pos += n
+            if self.fsync:
+                os.fdatasync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise SpoolError(f"{e.strerror or e}", nospace=e.errno in (errno.ENOSPC, errno.EDQUOT))
+        return offsets, pos
+
+    def _flushed(self, result, batch):
+        self._flushing = False
+        if isinstance(result, Exception) or hasattr(result, "value"):
+            err = result.value if hasattr(result, "value") else result
+            if not isinstance(err, SpoolError):
+                err = SpoolError(str(err))
+            log.error("spool: write failed, {count} messages refused: {error}",
+                      count=len(batch), error=str(err))
+            for w, _, _, _, d in batch:
+                w.discard()
+                d.errback(err)
+        else:
+            offsets, self._seg_size = result
+            for (w, header, env, envelope, d), off in zip(batch, offsets):
+                w.discard()
+                entry = SpoolEntry(envelope["id"], self._seg_path, off, envelope,
+                                   off + HEADER.size + len(env), envelope["size"])
+                self.entries.append(entry)
+                d.callback(entry)
+                for notify in self.on_commit:
+                    notify(entry)
+        if self._pending:
+            self._start_flush()
+
+
+def _copy_spill(src, dst, size):
+    offset = 0
+    while offset < size:
+        try:
+            n = os.copy_file_range(src, dst, size - offset, offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n == 0:
+            block = os.pread(src, min(1 << 20, size - offset), offset)
+            if not block:
+                raise OSError(errno.EIO, "scratch file shorter than its message")
+            _write_all(dst, block)
+            n = len(block)
+        offset += n
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

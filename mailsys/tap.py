@@ -1,0 +1,99 @@
+"""``twistd mailsys``: options and the MultiService wiring every role together.
+
+Configuration is loaded and validated before anything listens: a bad file makes
+twistd refuse to start with the same ``FILE:LINE: key: problem`` lines that
+``mailsys config check`` prints.
+"""
+import os
+import sys
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mailsys.config import ConfigError, load
+
+log = Logger(namespace="mailsys")
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["config", "c", None, "configuration file (default: $MAILSYS_CONFIG, else the embedded default)"],
+    ]
+
+    def postOptions(self):
+        path = self["config"] or os.environ.get("MAILSYS_CONFIG") or None
+        try:
+            self.config = load(path)
+        except ConfigError as e:
+            # usage.UsageError makes twistd print this and exit non-zero.
+            raise usage.UsageError("configuration problems:\n" + str(e))
+
+
+class MailHost(service.MultiService):
+    """Owns the shared state (spool, accounts, limits) of all listeners."""
+
+    def __init__(self, config, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        from mailsys.accounts import Accounts
+        from mailsys.rdns import ReverseLookup
+        from mailsys.receive import ConnectionLimiter
+        from mailsys.spool import Spool
+
+        self.config = config
+        self.reactor = reactor
+        self.clock = reactor
+        self.local_domains = frozenset(config.domains.local)
+        self.relay_domains = frozenset(config.domains.relay)
+        self.mynetworks = config.relay.mynetworks
+        self.limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
+        self.rdns = ReverseLookup(reactor, reactor, config.dns.nameservers, config.dns.timeout)
+        self.accounts = Accounts(config.accounts.users, config.accounts.aliases,
+                                 config.domains.local, clock=reactor)
+        self.spool = Spool(os.path.join(config.server.state_dir, "spool"), reactor)
+        self._relay_cache = {}
+
+    def may_relay(self, ip):
+        hit = self._relay_cache.get(ip)
+        if hit is None:
+            from mailsys.policy import client_may_relay
+
+            if len(self._relay_cache) > 10000:
+                self._relay_cache.clear()
+            hit = self._relay_cache[ip] = client_may_relay(ip, self.mynetworks)
+        return hit
+
+    def startService(self):
+        os.makedirs(self.config.server.state_dir, mode=0o700, exist_ok=True)
+        self.spool.open()
+        super().startService()
+        log.info("mailsys started: {hostname}, state in {state_dir}",
+                 hostname=self.config.server.hostname, state_dir=self.config.server.state_dir)
+
+    def stopService(self):
+        d = super().stopService()
+
+        def closed(result):
+            self.spool.close()
+            return result
+
+        if d is None:
+            closed(None)
+            return None
+        return d.addBoth(closed)
+
+
+def build(config, reactor=None):
+    from mailsys.receive import ReceiveFactory
+
+    host = MailHost(config, reactor)
+    for endpoint in config.listen.mta:
+        svc = strports.service(endpoint, ReceiveFactory(host, "mta"))
+        svc.setServiceParent(host)
+    return host
+
+
+def makeService(options):
+    return build(options.config)

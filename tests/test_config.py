@@ -1,0 +1,535 @@
+"""mailsys.config: the TOML file of CONTRACT section 2 and `mailsys config check`."""
+import argparse
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+
+import pytest
+
+from mailsys import config as cfg
+from mailsys.config import ConfigError, embedded_default, load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "etc", "mailsys.toml")
+
+
+def write(tmp_path, text, name="mailsys.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def problems(path):
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+# --- defaults ----------------------------------------------------------------------
+
+def test_empty_file_gives_the_contract_defaults(tmp_path):
+    c = load(write(tmp_path, ""))
+    assert c.source == str(tmp_path / "mailsys.toml")
+    assert c.server == cfg.ServerConfig(hostname=socket.getfqdn(), state_dir="/var/lib/mailsys")
+    assert c.listen == cfg.ListenConfig(
+        mta=("tcp:25",), submission=("tcp:587",), submissions=("tcp:465",),
+        lmtp=("unix:/var/lib/mailsys/lmtp.sock",), pop3=("tcp:110",), pop3s=("tcp:995",))
+    assert c.tls == cfg.TLSConfig(certificate="/etc/mailsys/tls/fullchain.pem",
+                                  key="/etc/mailsys/tls/privkey.pem")
+    assert c.domains == cfg.DomainsConfig(local=("example.com",), relay=())
+    assert c.accounts == cfg.AccountsConfig(users="/etc/mailsys/users", aliases="/etc/mailsys/aliases")
+    assert c.mailbox == cfg.MailboxConfig(root="/var/mail/vhosts", default_store="maildir", quota=0)
+    assert c.relay == cfg.RelayConfig(
+        mynetworks=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        smarthost="", smarthost_auth="", outbound_tls="may", transport=())
+    assert c.queue == cfg.QueueConfig(retry_min=300, retry_max=3600, lifetime=432000, warn_after=14400)
+    assert c.limits == cfg.LimitsConfig(
+        message_size=26214400, recipients=1000, connections=1000, connections_per_ip=50,
+        command_timeout=300, data_timeout=600, auth_failures=3)
+    assert c.dns == cfg.DNSConfig(nameservers=(), timeout=5)
+
+
+def test_config_is_frozen_and_uses_tuples(tmp_path):
+    c = load(write(tmp_path, ""))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.limits.message_size = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.server = None
+    for section in dataclasses.fields(c)[1:]:
+        for f in dataclasses.fields(getattr(c, section.name)):
+            assert not isinstance(getattr(getattr(c, section.name), f.name), (list, dict, set))
+    hash(c)  # frozen all the way down
+
+
+def test_full_file_values(tmp_path):
+    c = load(write(tmp_path, """
+[server]
+hostname = "Mail.Example.org."
+state_dir = "/srv/mailsys"
+[listen]
+mta = ["tcp:25", "tcp6:25:interface=\\\\:\\\\:1"]
+submission = []
+[domains]
+local = ["Example.ORG.", "bücher.example"]
+relay = ["backup.example.net"]
+[relay]
+mynetworks = ["10.1.2.3/8", "192.0.2.7", "2001:db8::/32"]
+smarthost = "[smtp.example.net]:587"
+outbound_tls = "encrypt"
+transport = { "z.example.com" = "smtp:[10.0.0.5]:25", "A.example.com" = "lmtp:[10.0.0.6]:24" }
+[dns]
+nameservers = ["192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54"]
+"""))
+    assert c.server.hostname == "Mail.Example.org"
+    assert load(write(tmp_path, '[server]\nhostname = "mail.bücher.example"\n', "idn.toml")
+                ).server.hostname == "mail.xn--bcher-kva.example"
+    assert c.listen.mta == ("tcp:25", "tcp6:25:interface=\\:\\:1")
+    assert c.listen.submission == ()
+    assert c.domains.local == ("example.org", "xn--bcher-kva.example")
+    assert c.domains.relay == ("backup.example.net",)
+    assert c.relay.mynetworks == (ipaddress.ip_network("10.0.0.0/8"),
+                                  ipaddress.ip_network("192.0.2.7/32"),
+                                  ipaddress.ip_network("2001:db8::/32"))
+    assert c.relay.smarthost == "[smtp.example.net]:587"
+    assert c.relay.transport == (("a.example.com", "lmtp:[10.0.0.6]:24"),
+                                 ("z.example.com", "smtp:[10.0.0.5]:25"))
+    assert c.dns.nameservers == ("192.0.2.53", "192.0.2.54:5353", "[2001:db8::53]:53", "2001:db8::54")
+
+
+def test_transport_as_its_own_table(tmp_path):
+    c = load(write(tmp_path, '[relay.transport]\n"corp.example.com" = "smtp:relay.corp.example.com"\n'))
+    assert c.relay.transport == (("corp.example.com", "smtp:relay.corp.example.com"),)
+
+
+# --- the embedded default ----------------------------------------------------------
+
+def test_embedded_default(tmp_path):
+    base = str(tmp_path)
+    c = embedded_default(base)
+    assert c.source == "<embedded default>"
+    assert c.server.state_dir == f"{base}/var"
+    assert c.listen == cfg.ListenConfig(
+        mta=("tcp:2525:interface=127.0.0.1",), submission=("tcp:2587:interface=127.0.0.1",),
+        submissions=("tcp:2465:interface=127.0.0.1",), lmtp=(f"unix:{base}/var/lmtp.sock",),
+        pop3=("tcp:2110:interface=127.0.0.1",), pop3s=("tcp:2995:interface=127.0.0.1",))
+    assert c.tls == cfg.TLSConfig(certificate=f"{base}/var/tls/fullchain.pem",
+                                  key=f"{base}/var/tls/privkey.pem")
+    assert c.domains == cfg.DomainsConfig(local=("localhost",), relay=())
+    assert c.accounts == cfg.AccountsConfig(users=f"{base}/var/users", aliases=f"{base}/var/aliases")
+    assert c.mailbox.root == f"{base}/var/mail"
+    defaults = load(write(tmp_path, ""))
+    for same in ("relay", "queue", "limits", "dns"):
+        assert getattr(c, same) == getattr(defaults, same)
+    assert c.mailbox.default_store == "maildir" and c.mailbox.quota == 0
+
+
+def test_embedded_default_escapes_colons_in_the_socket_path(tmp_path):
+    base = tmp_path / "odd:dir"
+    base.mkdir()
+    assert embedded_default(str(base)).listen.lmtp == (f"unix:{tmp_path}/odd\\:dir/var/lmtp.sock",)
+
+
+def test_documented_embedded_default_is_the_real_one():
+    with open(os.path.join(ROOT, "docs", "configuration.rst")) as f:
+        docs = f.read()
+    block = docs.split(".. code-block:: toml\n\n", 1)[1].split("\nFor programmers", 1)[0]
+    text = "\n".join(line[4:] for line in block.splitlines()).strip() + "\n"
+    assert text == cfg._EMBEDDED_TOML
+
+
+def test_load_none_is_the_embedded_default_of_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load(None) == embedded_default(str(tmp_path))
+
+
+# --- relative paths ----------------------------------------------------------------
+
+def test_relative_paths_start_at_the_config_directory(tmp_path):
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    c = load(write(sub, """
+[server]
+state_dir = "../state"
+[listen]
+lmtp = ["unix:run/lmtp.sock:mode=660", "unix:address=other.sock"]
+mta = ["unix:/abs/mta.sock"]
+[tls]
+certificate = "tls/cert.pem"
+[accounts]
+users = "users"
+aliases = "/etc/aliases"
+[relay]
+smarthost_auth = "auth"
+transport = { "x.example" = "lmtp:unix:x.sock" }
+"""))
+    assert c.server.state_dir == f"{tmp_path}/state"
+    assert c.listen.lmtp == (f"unix:{sub}/run/lmtp.sock:mode=660", f"unix:address={sub}/other.sock")
+    assert c.listen.mta == ("unix:/abs/mta.sock",)
+    assert c.tls.certificate == f"{sub}/tls/cert.pem"
+    assert c.accounts.users == f"{sub}/users"
+    assert c.accounts.aliases == "/etc/aliases"
+    assert c.relay.smarthost_auth == f"{sub}/auth"
+    assert c.relay.transport == (("x.example", f"lmtp:unix:{sub}/x.sock"),)
+
+
+def test_relative_config_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, '[accounts]\nusers = "u"\n')
+    c = load("mailsys.toml")
+    assert c.source == f"{tmp_path}/mailsys.toml"
+    assert c.accounts.users == f"{tmp_path}/u"
+
+
+# --- problems, each with file, line and key ----------------------------------------
+
+def test_unknown_key(tmp_path):
+    path = write(tmp_path, '[server]\nstate_dir = "/x"\nhostnme = "mail.example.com"\n')
+    assert problems(path) == [f"{path}:3: server.hostnme: unknown key; did you mean 'hostname'?"]
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, '[server]\n\n[limit]\nmessage_size = 5\n')
+    assert problems(path) == [f"{path}:3: limit: unknown section; did you mean 'limits'?"]
+    path = write(tmp_path, '[frobnicate]\n')
+    assert problems(path) == [f"{path}:1: frobnicate: unknown section; known: server, listen, "
+                              "tls, domains, accounts, mailbox, relay, queue, limits, dns"]
+
+
+def test_section_that_is_not_a_table(tmp_path):
+    path = write(tmp_path, 'limits = 5\n')
+    assert problems(path) == [f"{path}:1: limits: must be a table ([limits]), got 5"]
+
+
+def test_wrong_types(tmp_path):
+    path = write(tmp_path, """[limits]
+message_size = "big"
+recipients = true
+data_timeout = 1.5
+[listen]
+mta = 25
+pop3 = ["tcp:110", 7]
+[server]
+state_dir = 3
+""")
+    assert problems(path) == [
+        f"{path}:2: limits.message_size: must be an integer, got 'big'",
+        f"{path}:3: limits.recipients: must be an integer, got true",
+        f"{path}:4: limits.data_timeout: must be an integer, got 1.5",
+        f"{path}:6: listen.mta: must be a list of endpoint strings, got 25",
+        f"{path}:7: listen.pop3: must be a list of endpoint strings, got 7 in the list",
+        f"{path}:9: server.state_dir: must be a string, got 3",
+    ]
+
+
+def test_ranges(tmp_path):
+    path = write(tmp_path, """[limits]
+recipients = 0
+[mailbox]
+quota = -1
+[queue]
+retry_min = 0
+warn_after = 0
+[dns]
+timeout = 0
+""")
+    assert problems(path) == [
+        f"{path}:2: limits.recipients: must be at least 1, got 0",
+        f"{path}:4: mailbox.quota: must be at least 0, got -1",
+        f"{path}:6: queue.retry_min: must be at least 1, got 0",
+        f"{path}:9: dns.timeout: must be at least 1, got 0",
+    ]
+
+
+def test_retry_max_below_retry_min(tmp_path):
+    path = write(tmp_path, "[queue]\nretry_min = 500\nretry_max = 100\n")
+    assert problems(path) == [f"{path}:3: queue.retry_max: retry_max (100) must be at least retry_min (500)"]
+    # only retry_min written: the line to edit is that one
+    path = write(tmp_path, "[queue]\nretry_min = 5000\n")
+    assert problems(path) == [f"{path}:2: queue.retry_min: retry_max (3600) must be at least retry_min (5000)"]
+
+
+def test_bad_endpoint(tmp_path):
+    path = write(tmp_path, '[listen]\n\nmta = ["tcp:25", "tcp:abc"]\nsubmission = ["smtp:587"]\n'
+                           'pop3 = ["tcp:70000"]\nlmtp = ["unix:"]\n')
+    assert problems(path) == [
+        f"{path}:3: listen.mta: 'tcp:abc' is not a Twisted server endpoint (invalid literal for "
+        "int() with base 10: 'abc'); e.g. 'tcp:25' or 'unix:/path/to.sock'",
+        f"{path}:4: listen.submission: 'smtp:587' is not a Twisted server endpoint "
+        "(Unknown endpoint type: 'smtp'); e.g. 'tcp:25' or 'unix:/path/to.sock'",
+        f"{path}:5: listen.pop3: 'tcp:70000': the port must be between 0 and 65535",
+        f"{path}:6: listen.lmtp: 'unix:': a unix: endpoint needs a socket path, "
+        "e.g. 'unix:/run/mailsys/lmtp.sock'",
+    ]
+
+
+def test_ssl_endpoint_is_refused(tmp_path):
+    path = write(tmp_path, '[listen]\nsubmissions = ["ssl:465:privateKey=k.pem"]\n')
+    assert problems(path) == [f"{path}:2: listen.submissions: 'ssl:465:privateKey=k.pem': "
+                              "use submissions/pop3s roles for implicit TLS, not ssl: endpoints"]
+
+
+def test_endpoint_in_two_roles(tmp_path):
+    path = write(tmp_path, '[listen]\nmta = ["tcp:25"]\nsubmission = ["tcp:25"]\n')
+    assert problems(path) == [f"{path}:3: listen.submission: 'tcp:25' is also listed for "
+                              "listen.mta; an endpoint serves one role"]
+
+
+def test_bad_cidr_in_mynetworks(tmp_path):
+    path = write(tmp_path, '[relay]\nmynetworks = ["127.0.0.0/8", "10.0.0.0/33", "lan"]\n')
+    assert problems(path) == [
+        f"{path}:2: relay.mynetworks: '10.0.0.0/33' is not an IP network (ADDRESS/PREFIX or a bare address)",
+        f"{path}:2: relay.mynetworks: 'lan' is not an IP network (ADDRESS/PREFIX or a bare address)",
+    ]
+
+
+def test_bad_outbound_tls_and_store(tmp_path):
+    path = write(tmp_path, '[mailbox]\ndefault_store = "MH"\n[relay]\noutbound_tls = "sometimes"\n')
+    assert problems(path) == [
+        f"{path}:2: mailbox.default_store: must be one of maildir, mbox, got 'MH'",
+        f"{path}:4: relay.outbound_tls: must be one of none, may, encrypt, got 'sometimes'",
+    ]
+
+
+def test_bad_transport_values(tmp_path):
+    path = write(tmp_path, '[relay.transport]\n"ok.example" = "smtp:[10.0.0.5]:25"\n'
+                           '"a.example" = "ftp:x"\n"b.example" = "lmtp:host"\n"bad_dom" = "smtp:x"\n')
+    hint = ('the next hop must be "smtp:host[:port]", "smtp:[host]:port", "lmtp:host:port" '
+            'or "lmtp:unix:PATH"')
+    assert problems(path) == [
+        f"{path}:3: relay.transport: 'a.example' = 'ftp:x': {hint}",
+        f"{path}:4: relay.transport: 'b.example' = 'lmtp:host': {hint}",
+        f"{path}:5: relay.transport: 'bad_dom' is not a domain name",
+    ]
+    path = write(tmp_path, '[relay]\ntransport = { "a.example" = 5 }\n')
+    assert problems(path) == [f"{path}:2: relay.transport: 'a.example' = 5: {hint}"]
+
+
+def test_bad_smarthost_and_nameservers(tmp_path):
+    path = write(tmp_path, '[relay]\nsmarthost = "[relay.example:25"\n'
+                           '[dns]\nnameservers = ["192.0.2.1:0", "2001:db8::1:53:x", "dns.example"]\n')
+    ns = 'is not a name server; use "ip", "ip:port" or "[ipv6]:port"'
+    assert problems(path) == [
+        f"{path}:2: relay.smarthost: '[relay.example:25' is not a smart host; use \"host:port\", "
+        "\"[host]:port\", \"host\" or \"[host]\" (brackets: no MX lookup)",
+        f"{path}:4: dns.nameservers: '192.0.2.1:0' {ns}",
+        f"{path}:4: dns.nameservers: '2001:db8::1:53:x' {ns}",
+        f"{path}:4: dns.nameservers: 'dns.example' {ns}",
+    ]
+
+
+@pytest.mark.parametrize("good", ["", "relay.example", "relay.example:587", "[relay.example]",
+                                  "[relay.example]:25", "[192.0.2.1]:25", "[2001:db8::1]:25"])
+def test_good_smarthosts(tmp_path, good):
+    assert load(write(tmp_path, f'[relay]\nsmarthost = "{good}"\n')).relay.smarthost == good
+
+
+def test_bad_domains_and_overlap(tmp_path):
+    path = write(tmp_path, '[domains]\nlocal = ["example.com", "-bad.example"]\nrelay = ["a..b"]\n')
+    assert problems(path) == [
+        f"{path}:2: domains.local: '-bad.example' is not a domain name (letters, digits, hyphens "
+        "and dots, or an internationalised name)",
+        f"{path}:3: domains.relay: 'a..b' is not a domain name (letters, digits, hyphens "
+        "and dots, or an internationalised name)",
+    ]
+    path = write(tmp_path, '[domains]\nlocal = ["Example.com"]\nrelay = ["example.COM."]\n')
+    assert problems(path) == [f"{path}:3: domains.relay: 'example.com' is also in domains.local; "
+                              "a domain is either delivered here or relayed onward, not both"]
+
+
+def test_empty_path_and_hostname(tmp_path):
+    path = write(tmp_path, '[server]\nhostname = "bad host"\n[tls]\nkey = ""\n')
+    assert problems(path) == [
+        f"{path}:2: server.hostname: 'bad host' is not a valid hostname",
+        f"{path}:4: tls.key: must not be empty",
+    ]
+
+
+def test_toml_syntax_error_reports_its_line(tmp_path):
+    path = write(tmp_path, '[server]\nhostname = "a.example"\nstate_dir = \n')
+    assert problems(path) == [f"{path}:3: server.state_dir: TOML syntax error: Invalid value (column 13)"]
+    path = write(tmp_path, '[server]\n\n[limits\n')
+    assert problems(path) == [f"{path}:3: (syntax): TOML syntax error: "
+                              "Expected ']' at the end of a table declaration (column 8)"]
+
+
+def test_duplicate_key_is_a_syntax_error_on_its_line(tmp_path):
+    path = write(tmp_path, '[limits]\nrecipients = 5\n\nrecipients = 6\n')
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:4: limits.recipients: TOML syntax error: Cannot overwrite a value")
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.toml")
+    assert problems(path) == [f"{path}:0: (file): cannot read: No such file or directory"]
+
+
+def test_directory_as_path(tmp_path):
+    assert problems(str(tmp_path)) == [f"{tmp_path}:0: (file): cannot read: Is a directory"]
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nhostname = "caf\xe9"\n')
+    assert problems(str(path)) == [f"{path}:0: (file): cannot read: not UTF-8 text "
+                                   "(invalid continuation byte at byte 24)"]
+
+
+def test_all_problems_reported_together_in_file_order(tmp_path):
+    path = write(tmp_path, """# a comment
+[limits]
+message_size = "big"
+
+[server]
+hostnme = "x"
+
+[relay]
+outbound_tls = "sometimes"
+mynetworks = ["10.0.0.0/33"]
+
+[listen]
+mta = ["ssl:465"]
+
+[extra]
+""")
+    assert problems(path) == [
+        f"{path}:3: limits.message_size: must be an integer, got 'big'",
+        f"{path}:6: server.hostnme: unknown key; did you mean 'hostname'?",
+        f"{path}:9: relay.outbound_tls: must be one of none, may, encrypt, got 'sometimes'",
+        f"{path}:10: relay.mynetworks: '10.0.0.0/33' is not an IP network (ADDRESS/PREFIX or a bare address)",
+        f"{path}:13: listen.mta: 'ssl:465': use submissions/pop3s roles for implicit TLS, not ssl: endpoints",
+        f"{path}:15: extra: unknown section; known: server, listen, tls, domains, accounts, "
+        "mailbox, relay, queue, limits, dns",
+    ]
+
+
+def test_line_finding_copes_with_quotes_spaces_and_multiline_values(tmp_path):
+    path = write(tmp_path, """[ "limits" ]
+  "recipients"   =   "x"
+[listen]
+mta = [
+  "tcp:25",
+  "tcp:bad",
+]
+[server]
+hostname = \"\"\"
+fake = 1
+\"\"\"
+""")
+    assert problems(path) == [
+        f"{path}:2: limits.recipients: must be an integer, got 'x'",
+        f"{path}:4: listen.mta: 'tcp:bad' is not a Twisted server endpoint (invalid literal for "
+        "int() with base 10: 'bad'); e.g. 'tcp:25' or 'unix:/path/to.sock'",
+        f"{path}:9: server.hostname: 'fake = 1\\n' is not a valid hostname",
+    ]
+
+
+def test_embedded_problems_name_the_embedded_source(monkeypatch, tmp_path):
+    monkeypatch.setattr(socket, "getfqdn", lambda: "not a name")
+    with pytest.raises(ConfigError) as info:
+        embedded_default(str(tmp_path))
+    assert info.value.problems == ["<embedded default>:1: server.hostname: this machine's name "
+                                   "'not a name' is not a valid hostname; set server.hostname"]
+
+
+# --- the shipped etc/mailsys.toml stays honest --------------------------------------
+
+KEY_LINE = re.compile(r"^# ([a-z0-9_]+ = .*)$")
+
+
+def uncommented(text):
+    return "\n".join(KEY_LINE.sub(r"\1", line) for line in text.splitlines()) + "\n"
+
+
+def test_shipped_file_loads_as_it_is(tmp_path):
+    """Everything in it is commented out, so it is exactly the defaults."""
+    shipped, empty = load(SHIPPED), load(write(tmp_path, ""))
+    assert shipped.source == SHIPPED
+    assert dataclasses.replace(shipped, source=empty.source) == empty
+
+
+def test_shipped_file_lists_every_key_with_its_default(tmp_path):
+    with open(SHIPPED) as f:
+        text = uncommented(f.read())
+    assert "[listen]" in text and "\nmta = " in text  # the regex did uncomment lines
+    path = write(tmp_path, text)
+    listed = load(path)
+    default = load(write(tmp_path, "", "empty.toml"))
+    # hostname is machine-dependent: the file shows an example instead
+    assert listed.server.hostname == "mail.example.com"
+    listed = dataclasses.replace(listed, source=default.source,
+                                 server=dataclasses.replace(listed.server, hostname=default.server.hostname))
+    assert listed == default
+
+
+def test_shipped_file_lists_keys_in_contract_order(tmp_path):
+    keys = []
+    section = None
+    with open(SHIPPED) as f:
+        for line in f:
+            if line.startswith("["):
+                section = line.strip()[1:-1]
+            elif KEY_LINE.match(line):
+                keys.append((section, line[2:].split(" =")[0]))
+    assert keys == [(s, k) for s, table in cfg.DEFAULTS.items() for k in table]
+
+
+# --- mailsys config check ------------------------------------------------------------
+
+def check(path):
+    return cfg.cli_check(argparse.Namespace(config=path))
+
+
+def test_cli_check_ok(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MAILSYS_CONFIG", raising=False)
+    path = write(tmp_path, '[domains]\nlocal = ["example.org"]\nrelay = ["backup.example"]\n'
+                           '[listen]\npop3 = []\n')
+    assert check(path) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert err == ""
+    assert len(lines) <= 25
+    assert lines[0] == f"config ok: {path}"
+    assert "listen pop3:        disabled" in lines
+    assert "listen mta:         tcp:25" in lines
+    assert "local domains:      example.org" in lines
+    assert "relay domains:      backup.example" in lines
+    assert "mynetworks:         127.0.0.0/8, ::1/128" in lines
+    assert any(line.startswith("limits:") and "message_size 26214400" in line for line in lines)
+
+
+def test_cli_check_problems(tmp_path, capsys):
+    path = write(tmp_path, '[limits]\nmessage_size = "big"\nfoo = 1\n')
+    assert check(path) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [f"{path}:2: limits.message_size: must be an integer, got 'big'",
+                                f"{path}:3: limits.foo: unknown key; known: message_size, recipients, "
+                                "connections, connections_per_ip, command_timeout, data_timeout, "
+                                "auth_failures"]
+
+
+def test_cli_check_embedded_default_and_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MAILSYS_CONFIG", raising=False)
+    assert check(None) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "config ok: <embedded default>"
+    path = write(tmp_path, "[bogus]\n")
+    monkeypatch.setenv("MAILSYS_CONFIG", path)
+    assert check(None) == 2
+    assert capsys.readouterr().err.startswith(f"{path}:1: bogus: unknown section")
+
+
+def test_mailsys_config_check_command(tmp_path, capsys):
+    from mailsys.cli import main
+
+    good = write(tmp_path, "")
+    assert main(["config", "check", "--config", good]) == 0
+    assert capsys.readouterr().out.startswith(f"config ok: {good}\n")
+    bad = write(tmp_path, "[queue]\nlifetime = -1\n", "bad.toml")
+    assert main(["config", "check", "--config", bad]) == 2
+    assert capsys.readouterr().err == f"{bad}:2: queue.lifetime: must be at least 0, got -1\n"
+    # --config also works before the subcommand
+    assert main(["--config", bad, "config", "check"]) == 2
