@@ -115,6 +115,8 @@ def _check_local(local: str) -> str | None:
         return "empty local part"
     if _BAD_ADDRESS_CHARS.search(local):
         return f"local part {local!r} contains white space, a control character or one of : , / \\ \""
+    if local.startswith("#"):
+        return f"local part {local!r} starts with '#' (the line would be a comment)"
     if local in (".", "..") or local.startswith(".") or local.endswith(".") or ".." in local:
         return f"local part {local!r} has a misplaced dot"
     return None
@@ -247,7 +249,18 @@ def parse_users(text: str, source: str) -> dict[str, User]:
 
 
 def format_user(user: User) -> str:
-    """One users-file line, without the newline."""
+    """One users-file line, without the newline.  ValueError for a User that would not
+    read back as itself (bad address, hash, store or quota)."""
+    problem = (_check_address(user.address)[2] or _check_hash(user.password_hash)[1])
+    if problem is None and user.store not in (None, *STORES):
+        problem = f"store={user.store!r}: expected maildir or mbox"
+    if problem is None and user.quota is not None and (
+            type(user.quota) is not int or user.quota < 0):
+        problem = f"quota={user.quota!r}: expected a number of bytes (0 = unlimited)"
+    if problem is None and user.address != canonical(user.address):
+        problem = f"{user.address!r} is not canonical (the domain must be lowercase)"
+    if problem:
+        raise ValueError(problem)
     options = []
     if user.store is not None:
         options.append(f"store={user.store}")

@@ -148,10 +148,11 @@ def cmd_add(args):
     address, key, domain = _address(args.address)
     if domain not in config.domains.local:
         local = ", ".join(config.domains.local) or "(none)"
+        where = (f"in {config.source}" if os.path.isabs(config.source)
+                 else "in a configuration file passed with --config")
         raise cli.CommandError(
             f"{domain} is not a local domain (domains.local: {local}); add it to "
-            f"domains.local in {config.source} or use an address at a local domain",
-            cli.EXIT_USAGE)
+            f"domains.local {where} or use an address at a local domain", cli.EXIT_USAGE)
     path = _users_path(config)
     try:
         existing = accounts.read_users(path)
@@ -193,8 +194,8 @@ def cmd_passwd(args):
         old = users[key]
         users[key] = User(old.address, new_hash, old.store, old.quota)
 
-    _update(path, change)
-    print(f"changed the password of {address}")
+    new = _update(path, change)
+    print(f"changed the password of {new[key].address}")
     return cli.EXIT_OK
 
 

@@ -55,6 +55,16 @@ def build_parser():
     c = psub.add_parser("check", help="validate the configuration", parents=[common])
     c.set_defaults(func=config_mod.cli_check)
 
+    from mailsys import tls as tls_mod
+
+    p = sub.add_parser("tls", help="certificates", parents=[common])
+    psub = p.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+    c = psub.add_parser("self-signed", help="write a self-signed certificate where [tls] points",
+                        parents=[common])
+    c.add_argument("--hostname", help="name in the certificate (default: server.hostname)")
+    c.add_argument("--force", action="store_true", help="replace an existing certificate")
+    c.set_defaults(func=tls_mod.cli_self_signed)
+
     p = sub.add_parser("user", help="account upkeep", parents=[common])
     accounts_cli.add_subcommands(p.add_subparsers(dest="subcommand", required=True,
                                                   parser_class=_Parser), common)

@@ -6,23 +6,36 @@ accepted messages through the one way into the queue, mailsys.spool.  The same
 handler serves the MX-facing ``mta`` role and, with authentication, the
 submission roles.
 """
+import datetime
 import email.utils
 import ipaddress
 import time
 
-from twisted.internet import defer
+from twisted.cred import credentials
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailsys import policy
+from mailsys.auth import IMailUser
+from mailsys.logs import MailLog
 from mailsys.smtp import reply as R
 from mailsys.smtp.reply import Reply
 from mailsys.smtp.server import SMTPServerProtocol
 from mailsys.spool import SpoolError
 
-log = Logger(namespace="mailsys.smtpd")
+log = MailLog("mailsys.smtpd")
 
 MAX_HOPS = 50   # RFC 5321 6.3; Postfix's hopcount_limit
+MAX_HEADER_HOLD = 256 * 1024   # submission: header bytes held back to look for Date/Message-ID
+SUBMISSION_ROLES = ("submission", "submissions")
+
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+NULL_SENDER_REFUSED = Reply(553, "5.7.1", "Sender address rejected: <> is not allowed on submission")
+
+
+def _now_rfc5322():
+    return email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc))
 
 
 class ConnectionLimiter:
@@ -50,14 +63,21 @@ class ConnectionLimiter:
 
 
 class ClientInfo:
-    __slots__ = ("ip", "port", "name", "role")
+    """Who is connected; ``label`` is the Postfix-style ``name[ip]`` used on every log line."""
 
-    def __init__(self, ip, port, role):
+    __slots__ = ("ip", "ip_text", "port", "name", "role", "label")
+
+    def __init__(self, ip, port, role, ip_text=None):
         self.ip, self.port, self.role = ip, port, role
-        self.name = "unknown"
+        self.ip_text = ip_text if ip_text is not None else (str(ip) if ip is not None else "")
+        self.set_name("unknown")
+
+    def set_name(self, name):
+        self.name = name
+        self.label = f"{name}[{self.ip_text}]" if self.ip is not None else name
 
     def __str__(self):
-        return f"{self.name}[{self.ip}]" if self.ip is not None else self.name
+        return self.label
 
 
 def count_hops(head):
@@ -84,17 +104,20 @@ class ReceiveHandler:
         self.client = client
         self.config = service.config
         self.admitted = False
+        self.submission = client.role in SUBMISSION_ROLES
         self._writer = None
+        self._held = None     # submission: header bytes not yet written
 
     # -- session --------------------------------------------------------------
 
     def client_name(self, proto):
-        return str(self.client)
+        return self.client.label
 
     def connected(self, proto):
         ip = self.client.ip
         if not self.service.limiter.acquire(ip):
-            log.info("reject: connect from {client}: too many connections", client=self.client)
+            log.info(f"reject: connect from {self.client}: too many connections",
+                     client=self.client.label)
             return Reply(421, "4.7.0", f"{self.config.server.hostname} Error: too many connections")
         self.admitted = True
         name = self.service.rdns.cached(ip) if ip is not None else "localhost"
@@ -105,21 +128,64 @@ class ReceiveHandler:
         return d
 
     def _named(self, name):
-        self.client.name = name
-        log.info("connect from {client}", client=self.client)
+        self.client.set_name(name)
+        log.info(f"connect from {self.client}", client=self.client.label)
         return None
 
     def disconnected(self, proto):
         if self.admitted:
             self.service.limiter.release(self.client.ip)
-            log.info("disconnect from {client} {stats}", client=self.client, stats=proto.stats)
+            stats = str(proto.stats)
+            log.info(f"disconnect from {self.client} {stats}", client=self.client.label, stats=stats)
 
     def helo(self, proto, name, esmtp):
         return None
 
+    def tls_context(self, proto):
+        return self.service.tls
+
+    def authenticate(self, proto, user, password):
+        """Check credentials after this IP's failure penalty; a Reply on failure,
+        else the account's canonical address."""
+        ip = self.client.ip
+        throttle = self.service.auth_throttle
+        creds = credentials.UsernamePassword(user, password)
+
+        def check(_):
+            return self.service.portal.login(creds, None, IMailUser)
+
+        def ok(result):
+            _, address, _ = result
+            throttle.succeeded(ip)
+            log.info(f"{self.client.label}: sasl_method=AUTH, sasl_username={address}",
+                     client=self.client.label, sasl_username=address)
+            return address
+
+        def failed(f):
+            throttle.failed(ip)
+            log.info(f"warning: {self.client.label}: SASL authentication failed",
+                     client=self.client.label)
+            return AUTH_FAILED
+
+        d = throttle.wait(ip)
+        d.addCallback(check)
+        d.addCallbacks(ok, failed)
+        return d
+
     # -- transaction ----------------------------------------------------------
 
     def mail(self, proto, txn):
+        if self.submission:
+            if proto.auth_user is None:
+                return AUTH_REQUIRED
+            if txn.sender is None:
+                return NULL_SENDER_REFUSED
+            if not self.service.accounts.owns(proto.auth_user, str(txn.sender)):
+                log.info(f"NOQUEUE: reject: MAIL from {self.client.label}: 553 5.7.1 "
+                         f"<{txn.sender}>: not owned by user {proto.auth_user}",
+                         client=self.client.label, sender=str(txn.sender), user=proto.auth_user)
+                return Reply(553, "5.7.1", f"<{txn.sender}>: Sender address rejected: "
+                                           f"not owned by user {proto.auth_user}")
         txn.queue_id = self.service.spool.ids.next()
         return None
 
@@ -130,50 +196,82 @@ class ReceiveHandler:
             relay_domains=self.service.relay_domains,
             accounts=self.service.accounts,
             may_relay=self.service.may_relay(self.client.ip) or proto.auth_user is not None)
+        self._held = None
         if refusal is not None:
-            log.info("NOQUEUE: reject: RCPT from {client}: {code} {status} <{rcpt}>: {text}; "
-                     "from=<{sender}> to=<{rcpt}> proto={proto} helo=<{helo}>",
-                     client=self.client, code=refusal.code, status=refusal.status, rcpt=rcpt,
-                     text=refusal.text, sender=txn.sender or "", proto="ESMTP" if proto.esmtp else "SMTP",
-                     helo=proto.helo)
+            sender = str(txn.sender or "")
+            kind = "ESMTP" if proto.esmtp else "SMTP"
+            log.info(f"NOQUEUE: reject: RCPT from {self.client}: {refusal.code} {refusal.status} "
+                     f"<{rcpt}>: {refusal.text}; from=<{sender}> to=<{rcpt}> proto={kind} "
+                     f"helo=<{proto.helo}>",
+                     client=self.client.label, reply=str(refusal), sender=sender, rcpt=str(rcpt))
             return refusal.with_text(f"<{rcpt}>: {refusal.text}") if refusal.code != 452 else refusal
         return None
 
     def data(self, proto, txn):
         self._writer = self.service.spool.new_message(txn.queue_id)
         self._writer.write(self._received_header(proto, txn))
+        self._held = [] if self.submission else None
         return None
 
     def _received_header(self, proto, txn):
         c = self.client
-        ip = f"IPv6:{c.ip}" if c.ip is not None and c.ip.version == 6 else str(c.ip)
-        lines = [f"Received: from {proto.helo} ({c.name} [{ip}])",
-                 f"\tby {self.config.server.hostname} (mailsys) with {protocol_keyword(proto)} id {txn.queue_id}"]
+        ip = f"IPv6:{c.ip_text}" if c.ip is not None and c.ip.version == 6 else c.ip_text
+        lines = [f"Received: from {proto.helo} ({c.name} [{ip}])"]
+        if proto.auth_user:
+            lines[0] += f" (Authenticated sender: {proto.auth_user})"
+        lines += [
+                  f"\tby {self.config.server.hostname} (mailsys) with {protocol_keyword(proto)} "
+                  f"id {txn.queue_id}"]
         if len(txn.recipients) == 1:
             rcpt = txn.recipients[0][0]
-            lines.append(f"\tfor <{rcpt}>; {email.utils.formatdate(localtime=False)}")
+            lines.append(f"\tfor <{rcpt}>; {_now_rfc5322()}")
         else:
             lines[-1] += ";"
-            lines.append(f"\t{email.utils.formatdate(localtime=False)}")
+            lines.append(f"\t{_now_rfc5322()}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     def data_chunk(self, proto, txn, chunk):
-        self._writer.write(chunk)
+        held = self._held
+        if held is None:
+            self._writer.write(chunk)
+            return
+        held.append(chunk)
+        head = b"".join(held)
+        if head.startswith(b"\r\n") or b"\r\n\r\n" in head or len(head) > MAX_HEADER_HOLD:
+            self._release_headers(txn, head)
+
+    def _release_headers(self, txn, head):
+        """RFC 6409 section 8.3/8.4: add Date and Message-ID when the author left them out."""
+        self._held = None
+        end = head.find(b"\r\n\r\n")
+        section = b"\r\n" + (head if end < 0 else head[:end + 2]).lower()
+        extra = []
+        if b"\r\ndate:" not in section:
+            extra.append(f"Date: {_now_rfc5322()}\r\n")
+        if b"\r\nmessage-id:" not in section:
+            extra.append(f"Message-ID: <{txn.queue_id}@{self.config.server.hostname}>\r\n")
+        if extra:
+            self._writer.write("".join(extra).encode("ascii"))
+        self._writer.write(head)
 
     def data_abort(self, proto, txn, refusal):
         if self._writer is not None:
             self._writer.discard()
             self._writer = None
+        self._held = None
         if refusal is not None:
-            log.info("{qid}: reject: DATA from {client}: {reply}; from=<{sender}>",
-                     qid=txn.queue_id, client=self.client, reply=refusal, sender=txn.sender or "")
+            sender = str(txn.sender or "")
+            log.info(f"{txn.queue_id}: reject: DATA from {self.client}: {refusal}; from=<{sender}>",
+                     qid=txn.queue_id, client=self.client.label, reply=str(refusal), sender=sender)
 
     def data_end(self, proto, txn, size):
+        if self._held is not None:
+            self._release_headers(txn, b"".join(self._held))
         writer, self._writer = self._writer, None
         if count_hops(writer.head) > MAX_HOPS + 1:   # ours plus more than 50
             writer.discard()
-            log.info("{qid}: reject: DATA from {client}: {reply}", qid=txn.queue_id,
-                     client=self.client, reply=R.MAIL_LOOP)
+            log.info(f"{txn.queue_id}: reject: DATA from {self.client}: {R.MAIL_LOOP}",
+                     qid=txn.queue_id, client=self.client.label, reply=str(R.MAIL_LOOP))
             return R.MAIL_LOOP
         envelope = {
             "arrival": time.time(),
@@ -181,21 +279,22 @@ class ReceiveHandler:
             "params": txn.params.as_dict(),
             "recipients": [dict(rcpt=str(m), state="queued", **p.as_dict())
                            for m, p in txn.recipients],
-            "client": {"ip": str(self.client.ip), "name": self.client.name, "helo": proto.helo,
+            "client": {"ip": self.client.ip_text, "name": self.client.name, "helo": proto.helo,
                        "proto": protocol_keyword(proto), "role": self.client.role,
                        "auth": proto.auth_user},
         }
         d = self.service.spool.commit(writer, envelope)
 
         def queued(entry):
-            log.info("{qid}: client={client}, from=<{sender}>, size={size}, nrcpt={nrcpt} (queued)",
-                     qid=txn.queue_id, client=self.client, sender=envelope["sender"],
+            log.info(f"{txn.queue_id}: client={self.client}, from=<{envelope['sender']}>, "
+                     f"size={entry.message_size}, nrcpt={len(txn.recipients)} (queued)",
+                     qid=txn.queue_id, client=self.client.label, sender=envelope["sender"],
                      size=entry.message_size, nrcpt=len(txn.recipients))
             return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
 
         def failed(f):
             err = f.value
-            log.error("{qid}: spool write failed: {error}", qid=txn.queue_id, error=str(err))
+            log.error(f"{txn.queue_id}: spool write failed: {err}", qid=txn.queue_id, error=str(err))
             if isinstance(err, SpoolError) and err.nospace:
                 return R.NO_SPACE
             return R.IO_ERROR
@@ -207,6 +306,8 @@ class ReceiveHandler:
 class ReceiveFactory(ServerFactory):
     """Builds one protocol + handler per connection for a listening role."""
 
+    noisy = False
+
     def __init__(self, service, role):
         self.service = service
         self.role = role
@@ -217,10 +318,21 @@ class ReceiveFactory(ServerFactory):
             ip = ipaddress.ip_address(ip) if ip else None
         except ValueError:
             ip = None
-        client = ClientInfo(ip, getattr(addr, "port", None), self.role)
+        client = ClientInfo(ip, getattr(addr, "port", None), self.role, getattr(addr, "host", None))
         handler = ReceiveHandler(self.service, client)
         cfg = self.service.config
-        proto = SMTPServerProtocol(handler, cfg.server.hostname, limits=cfg.limits,
-                                   clock=self.service.clock)
+        tls = self.service.tls
+        submission = self.role in SUBMISSION_ROLES
+        proto = SMTPServerProtocol(
+            handler, cfg.server.hostname, limits=cfg.limits, clock=self.service.clock,
+            tls_available=tls is not None and tls.available and self.role != "submissions",
+            auth_mechanisms=("PLAIN", "LOGIN") if submission else ())
+        if self.role == "submissions":
+            proto.tls = True
         proto.factory = self
         return proto
+
+
+def implicit_tls(factory, tls):
+    """Wrap a role's factory so every connection starts with a TLS handshake (RFC 8314)."""
+    return TLSMemoryBIOFactory(tls, False, factory)

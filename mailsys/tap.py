@@ -54,6 +54,33 @@ class MailHost(service.MultiService):
                                  config.domains.local, clock=reactor)
         self.spool = Spool(os.path.join(config.server.state_dir, "spool"), reactor)
         self._relay_cache = {}
+        self.tls = self._load_tls()
+        from mailsys.auth import FailureThrottle, make_portal
+
+        self.portal = make_portal(self.accounts, reactor)
+        self.auth_throttle = FailureThrottle(reactor)
+
+    def _load_tls(self):
+        """The TLS context for every role, or None: STARTTLS is then not offered.
+
+        The embedded default makes itself a self-signed certificate on first
+        start so a development host offers STARTTLS at once (CONTRACT section 4).
+        """
+        from mailsys.config import EMBEDDED_SOURCE
+        from mailsys.tls import ServerTLS, write_self_signed
+
+        cfg = self.config.tls
+        if self.config.source == EMBEDDED_SOURCE and not os.path.exists(cfg.certificate):
+            write_self_signed(self.config.server.hostname, cfg.certificate, cfg.key)
+            log.info("wrote a self-signed certificate to {path}", path=cfg.certificate)
+        if not (os.path.exists(cfg.certificate) and os.path.exists(cfg.key)):
+            if self.config.listen.submissions:
+                raise TLSNeeded(f"listen.submissions needs a certificate, but {cfg.certificate} "
+                                f"or {cfg.key} does not exist; run 'mailsys tls self-signed' "
+                                f"or point [tls] at your certificate")
+            log.warn("no TLS certificate at {path}: STARTTLS is not offered", path=cfg.certificate)
+            return None
+        return ServerTLS(cfg.certificate, cfg.key, self.reactor)
 
     def may_relay(self, ip):
         hit = self._relay_cache.get(ip)
@@ -85,15 +112,28 @@ class MailHost(service.MultiService):
         return d.addBoth(closed)
 
 
+class TLSNeeded(Exception):
+    pass
+
+
 def build(config, reactor=None):
-    from mailsys.receive import ReceiveFactory
+    from mailsys.receive import ReceiveFactory, implicit_tls
 
     host = MailHost(config, reactor)
-    for endpoint in config.listen.mta:
-        svc = strports.service(endpoint, ReceiveFactory(host, "mta"))
-        svc.setServiceParent(host)
+    roles = [("mta", config.listen.mta), ("submission", config.listen.submission),
+             ("submissions", config.listen.submissions)]
+    for role, endpoints in roles:
+        for endpoint in endpoints:
+            factory = ReceiveFactory(host, role)
+            if role == "submissions":
+                factory = implicit_tls(factory, host.tls)
+            svc = strports.service(endpoint, factory)
+            svc.setServiceParent(host)
     return host
 
 
 def makeService(options):
-    return build(options.config)
+    try:
+        return build(options.config)
+    except TLSNeeded as e:
+        raise usage.UsageError(str(e))

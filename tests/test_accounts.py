@@ -96,6 +96,18 @@ def test_format_parse_round_trip():
     assert accounts.format_users(parsed) == text
 
 
+@pytest.mark.parametrize("user", [
+    User("#x@example.com", "HASH"), User("x@Example.com", "HASH"), User("x y@example.com", "HASH"),
+    User("x@example.com", "{PLAIN}pw"), User("x@example.com", "HASH", store="imap"),
+    User("x@example.com", "HASH", quota=-1), User("x@example.com", "HASH", quota="5"),
+])
+def test_format_user_refuses_what_would_not_read_back(user):
+    from dataclasses import replace
+    user = replace(user, password_hash=user.password_hash.replace("HASH", a_hash()))
+    with pytest.raises(ValueError):
+        accounts.format_user(user)
+
+
 def test_argon2_hash_contains_no_colon():
     assert ":" not in accounts.hash_password("a:b:c")
     assert ":" not in argon2.PasswordHasher().hash("x")
@@ -118,6 +130,7 @@ BCRYPT_BODY = "$2y$05$" + "a" * 53
     ("al ice@example.com:HASH", "local part 'al ice' contains white space, a control character or one of : , / \\ \""),
     ("../x@example.com:HASH", "local part '../x' contains white space, a control character or one of : , / \\ \""),
     (".x@example.com:HASH", "local part '.x' has a misplaced dot"),
+    ("x#@example.com:{PLAIN}x", "unsupported password scheme {PLAIN}: only {ARGON2ID} and {BLF-CRYPT} are accepted; set a new password with `mailsys user passwd`"),
     ("a@exa/mple.com:HASH", "domain 'exa/mple.com' is not a valid domain name"),
     ("a@example.com:$argon2id$v=19", "the password hash has no {SCHEME} prefix (expected {ARGON2ID} or {BLF-CRYPT})"),
     ("a@example.com:{PLAIN}secret", "unsupported password scheme {PLAIN}: only {ARGON2ID} and {BLF-CRYPT} are accepted; set a new password with `mailsys user passwd`"),
@@ -673,7 +686,7 @@ def test_shipped_aliases_resolve(tmp_path):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-_LOCAL = st.from_regex(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~-]{1,12}(\.[A-Za-z0-9_+-]{1,6}){0,2}",
+_LOCAL = st.from_regex(r"[A-Za-z0-9!$%&'*+=?^_`{|}~-][A-Za-z0-9!#$%&'*+=?^_`{|}~-]{0,11}(\.[A-Za-z0-9_+-]{1,6}){0,2}",
                        fullmatch=True)
 _DOMAIN = st.from_regex(r"[a-zA-Z0-9-]{1,10}(\.[a-zA-Z0-9-]{1,10}){0,2}", fullmatch=True)
 

@@ -120,7 +120,8 @@ def test_add_at_non_local_domain_is_usage_error(conf, users_file, monkeypatch, c
     assert not users_file.exists()
 
 
-@pytest.mark.parametrize("address", ["bob", "bob@", "@example.com", "../x@example.com"])
+@pytest.mark.parametrize("address", ["bob", "bob@", "@example.com", "../x@example.com",
+                                     "#bob@example.com"])
 def test_add_invalid_address_is_usage_error(conf, monkeypatch, capsys, address):
     assert add(conf, monkeypatch, address) == 2
     assert "give the address as local@domain" in capsys.readouterr().err
@@ -183,7 +184,7 @@ def test_passwd(conf, users_file, monkeypatch, capsys):
     users_file.write_text("# kept comment\n" + users_file.read_text())
     assert run(conf, "passwd", "ALICE@example.com", "--password-stdin", stdin="new pw\n",
                monkeypatch=monkeypatch) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "changed the password of ALICE@example.com"
+    assert capsys.readouterr().out.splitlines()[-1] == "changed the password of alice@example.com"
     text = users_file.read_text()
     assert text.startswith("# kept comment\n")
     (user,) = accounts.parse_users(text, "u").values()

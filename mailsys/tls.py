@@ -1,0 +1,176 @@
+"""TLS for the listeners: contexts from PEM files, reloaded when they change.
+
+One :class:`ServerTLS` per mail host serves STARTTLS (mta, submission, pop3)
+and the implicit-TLS roles (submissions, pop3s).  ``getContext()`` is asked for
+every new TLS session, so a renewed certificate (Let's Encrypt rewriting the
+files in place, or a symlink switched to a new pair) is used from the next
+connection on, without a restart; the files are looked at no more than once a
+second.  A broken renewal keeps the last good pair and logs why.
+"""
+import datetime
+import ipaddress
+import os
+
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+log = Logger(namespace="mailsys.tls")
+
+# Forward-secret AEAD suites only for TLS 1.2; TLS 1.3 suites are OpenSSL's defaults.
+CIPHERS = ("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+           "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+           "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
+
+
+class TLSError(Exception):
+    pass
+
+
+def _stamp(path):
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def load_context(certificate, key):
+    """An OpenSSL context for a server: TLS 1.2 minimum, our cipher list."""
+    try:
+        with open(certificate, "rb") as f:
+            chain_pem = f.read()
+        with open(key, "rb") as f:
+            key_pem = f.read()
+    except OSError as e:
+        raise TLSError(f"cannot read {e.filename}: {e.strerror}")
+    try:
+        pems = _split_pem(chain_pem)
+        if not pems:
+            raise TLSError(f"{certificate}: no certificate found")
+        leaf = ssl.PrivateCertificate.loadPEM(pems[0] + b"\n" + key_pem)
+        extra = [ssl.Certificate.loadPEM(p).original for p in pems[1:]]
+        options = ssl.CertificateOptions(
+            privateKey=leaf.privateKey.original, certificate=leaf.original,
+            extraCertChain=extra, raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+        )
+        return options.getContext()
+    except TLSError:
+        raise
+    except Exception as e:  # OpenSSL reports problems with many exception types
+        raise TLSError(f"{certificate}/{key}: not a usable certificate and key: {e}")
+
+
+def _split_pem(data):
+    out = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for part in data.split(marker)[1:]:
+        out.append(marker + part.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n")
+    return out
+
+
+class ServerTLS:
+    """Context factory (IOpenSSLContextFactory-style) that follows the PEM files."""
+
+    def __init__(self, certificate, key, clock, check_interval=1.0):
+        self.certificate, self.key = certificate, key
+        self.clock = clock
+        self.check_interval = check_interval
+        self._context = None
+        self._stamp = None
+        self._next_check = 0.0
+        self.reload()
+
+    @property
+    def available(self):
+        return self._context is not None
+
+    def reload(self):
+        try:
+            stamp = (_stamp(self.certificate), _stamp(self.key))
+        except OSError:
+            if self._context is None:
+                return
+            log.warn("TLS files {certificate} or {key} vanished; keeping the loaded certificate",
+                     certificate=self.certificate, key=self.key)
+            return
+        if stamp == self._stamp:
+            return
+        try:
+            ctx = load_context(self.certificate, self.key)
+        except TLSError as e:
+            if self._context is None:
+                raise
+            log.error("TLS reload failed, keeping the previous certificate: {error}", error=str(e))
+            self._stamp = stamp
+            return
+        if self._context is not None:
+            log.info("TLS certificate reloaded from {certificate}", certificate=self.certificate)
+        self._context, self._stamp = ctx, stamp
+
+    def getContext(self):
+        now = self.clock.seconds()
+        if now >= self._next_check:
+            self._next_check = now + self.check_interval
+            self.reload()
+        return self._context
+
+
+def write_self_signed(hostname, certificate, key, days=825):
+    """Create a self-signed certificate for ``hostname`` (key mode 0600, written atomically)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    sans = [x509.DNSName(hostname)]
+    if hostname != "localhost":
+        sans.append(x509.DNSName("localhost"))
+    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(private.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(private, hashes.SHA256()))
+    key_pem = private.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    _write_atomically(key, key_pem, 0o600)
+    _write_atomically(certificate, cert_pem, 0o644)
+
+
+def _write_atomically(path, data, mode):
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def cli_self_signed(args):
+    """``mailsys tls self-signed [--hostname H]``."""
+    from mailsys.cli import CommandError, load_config
+
+    config = load_config(args)
+    hostname = args.hostname or config.server.hostname
+    if os.path.exists(config.tls.certificate) and not args.force:
+        raise CommandError(f"{config.tls.certificate} exists; pass --force to replace it")
+    write_self_signed(hostname, config.tls.certificate, config.tls.key)
+    print(f"wrote {config.tls.certificate} and {config.tls.key} for {hostname}")
+    return 0
