@@ -92,9 +92,16 @@ class MailHost(service.MultiService):
             hit = self._relay_cache[ip] = client_may_relay(ip, self.mynetworks)
         return hit
 
-    def startService(self):
+    def privilegedStartService(self):
+        # Listeners start here (before startService); the state directory holds
+        # the LMTP socket and the spool must be recovered before mail arrives.
         os.makedirs(self.config.server.state_dir, mode=0o700, exist_ok=True)
+        for endpoint in self.config.listen.lmtp:
+            _remove_stale_unix_socket(endpoint)
         self.spool.open()
+        super().privilegedStartService()
+
+    def startService(self):
         super().startService()
         log.info("mailsys started: {hostname}, state in {state_dir}",
                  hostname=self.config.server.hostname, state_dir=self.config.server.state_dir)
@@ -116,12 +123,45 @@ class TLSNeeded(Exception):
     pass
 
 
+def _remove_stale_unix_socket(endpoint):
+    """A socket file left by a killed server blocks the next bind: remove it
+    when nothing answers on it (a live server keeps its socket)."""
+    import socket
+    import stat
+
+    if not endpoint.startswith("unix:"):
+        return
+    path = endpoint[5:].split(":")[0].replace("\\:", ":")
+    if path.startswith("address="):
+        path = path[8:]
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except OSError:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        os.unlink(path)
+    finally:
+        s.close()
+
+
 def build(config, reactor=None):
     from mailsys.receive import ReceiveFactory, implicit_tls
 
     host = MailHost(config, reactor)
     roles = [("mta", config.listen.mta), ("submission", config.listen.submission),
              ("submissions", config.listen.submissions)]
+    if config.listen.lmtp:
+        from mailsys.mda.lmtp import LMTPFactory, MDA
+
+        mda = MDA(config, host.accounts, host.reactor)
+        for endpoint in config.listen.lmtp:
+            factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
+            strports.service(endpoint, factory).setServiceParent(host)
     for role, endpoints in roles:
         for endpoint in endpoints:
             factory = ReceiveFactory(host, role)

@@ -278,6 +278,7 @@ class FakeService:
         self.rdns = rdns or FakeRDNS()
         self.spool = FakeSpool()
         self.limiter = FakeLimiter()
+        self.tls = None
         self.config = SimpleNamespace(
             server=SimpleNamespace(hostname=hostname, state_dir="/nonexistent"),
             domains=SimpleNamespace(local=tuple(local), relay=tuple(relay)),

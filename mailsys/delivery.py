@@ -1,0 +1,47 @@
+"""The one delivery contract: every store and courier answers with one of these.
+
+The queue (and the LMTP server, per recipient) never needs to know how a
+delivery happened, only whether it is done, worth retrying, or hopeless, and
+the reply that says why.  A recipient is recorded as delivered only on
+:class:`Delivered`; anything unexpected is a :class:`TempFail`, never success.
+"""
+from mailsys.smtp.reply import Reply
+
+
+class Outcome:
+    __slots__ = ("reply",)
+    delivered = False
+    permanent = False
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.reply})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.reply == other.reply
+
+
+class Delivered(Outcome):
+    delivered = True
+
+    def __init__(self, reply=None):
+        super().__init__(reply or Reply(250, "2.0.0", "Ok: delivered"))
+
+
+class TempFail(Outcome):
+    pass
+
+
+class PermFail(Outcome):
+    permanent = True
+
+
+def from_os_error(error, what="mailbox"):
+    """Disk trouble is temporary: the sender's MTA keeps the message and retries."""
+    import errno
+
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return TempFail(Reply(452, "4.3.1", f"Insufficient system storage for {what}"))
+    return TempFail(Reply(451, "4.3.0", f"Local I/O error writing {what}"))

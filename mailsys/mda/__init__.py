@@ -1,0 +1,1 @@
+"""The MDA: an LMTP server that delivers into Maildir and mbox stores."""

@@ -1,0 +1,166 @@
+"""mbox (RFC 4155) with mboxrd quoting, locked the way mail readers expect.
+
+An append takes, in order: an in-process lock (POSIX record locks do not
+exclude threads of one process), the dotlock ``mbox.lock`` (created with
+O_EXCL; one older than five minutes is stale and removed) and an fcntl write
+lock on the mbox itself.  Waiting for them is bounded: past ``lock_timeout`` the
+delivery is a temporary failure and the sender's MTA retries.  The append is
+fsynced; on any error the file is truncated back to its size before the append,
+so a reader never sees half a message.
+"""
+import errno
+import fcntl
+import os
+import re
+import threading
+import time
+
+from zope.interface import implementer
+
+from mailsys.delivery import Delivered, PermFail, TempFail, from_os_error
+from mailsys.mda.store import IMailStore, to_lf
+from mailsys.smtp.reply import Reply
+
+OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full: over quota")
+LOCKED = Reply(451, "4.2.0", "Mailbox busy: could not lock it in time")
+STALE_DOTLOCK = 300
+_QUOTE = re.compile(rb"^(>*From )", re.M)
+_SPLIT = re.compile(rb"^From [^\n]*\n", re.M)
+
+
+def quote(body):
+    """mboxrd: every line of zero or more '>' then 'From ' gets one more '>'."""
+    return _QUOTE.sub(rb">\1", body)
+
+
+def unquote(body):
+    return re.sub(rb"^>(>*From )", rb"\1", body, flags=re.M)
+
+
+@implementer(IMailStore)
+class MboxStore:
+    kind = "mbox"
+
+    def __init__(self, lock_timeout=10.0, sleep=time.sleep, clock=time.time):
+        self.lock_timeout = lock_timeout
+        self._sleep = sleep
+        self._clock = clock
+        self._locks = {}
+        self._locks_guard = threading.Lock()
+
+    def _thread_lock(self, path):
+        with self._locks_guard:
+            lock = self._locks.get(path)
+            if lock is None:
+                lock = self._locks[path] = threading.Lock()
+            return lock
+
+    def size(self, path):
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def deliver(self, path, prefix, message, quota, sender="MAILER-DAEMON", when=None):
+        body = to_lf(prefix + message)
+        if not body.endswith(b"\n"):
+            body += b"\n"
+        stamp = time.asctime(time.gmtime(when if when is not None else self._clock()))
+        envelope = "".join("_" if c.isspace() else c for c in (sender or "MAILER-DAEMON"))
+        record = b"From " + envelope.encode("utf-8", "replace") + b" " + \
+            stamp.encode("ascii") + b"\n" + quote(body) + b"\n"
+        lock = self._thread_lock(path)
+        if not lock.acquire(timeout=self.lock_timeout):
+            return TempFail(LOCKED)
+        try:
+            return self._append(path, record, quota)
+        finally:
+            lock.release()
+
+    def _append(self, path, record, quota):
+        directory = os.path.dirname(path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as e:
+            return from_os_error(e)
+        dotlock = path + ".lock"
+        if not self._take_dotlock(dotlock):
+            return TempFail(LOCKED)
+        fd = None
+        start = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            deadline = self._clock() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES) or self._clock() >= deadline:
+                        return TempFail(LOCKED) if e.errno in (errno.EAGAIN, errno.EACCES) \
+                            else from_os_error(e)
+                    self._sleep(0.05)
+            start = os.lseek(fd, 0, os.SEEK_END)
+            if quota and start + len(record) > quota:
+                return PermFail(OVER_QUOTA)
+            view = memoryview(record)
+            while view:
+                view = view[os.pwrite(fd, view, start + len(record) - len(view)):]
+            os.fsync(fd)
+            start = None
+            return Delivered()
+        except OSError as e:
+            return from_os_error(e)
+        finally:
+            if fd is not None:
+                if start is not None:
+                    try:
+                        os.ftruncate(fd, start)
+                        os.fsync(fd)
+                    except OSError:
+                        pass
+                os.close(fd)   # also drops the fcntl lock
+            try:
+                os.unlink(dotlock)
+            except OSError:
+                pass
+
+    def _take_dotlock(self, dotlock):
+        deadline = self._clock() + self.lock_timeout
+        while True:
+            try:
+                fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                os.close(fd)
+                return True
+            except FileExistsError:
+                try:
+                    if self._clock() - os.stat(dotlock).st_mtime > STALE_DOTLOCK:
+                        os.unlink(dotlock)
+                        continue
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    return False
+            except OSError:
+                return False
+            if self._clock() >= deadline:
+                return False
+            self._sleep(0.05)
+
+    def messages(self, path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        starts = [m.start() for m in _SPLIT.finditer(data)]
+        out = []
+        for i, s in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else len(data)
+            chunk = data[s:end]
+            chunk = chunk[chunk.index(b"\n") + 1:]
+            if chunk.endswith(b"\n\n"):
+                chunk = chunk[:-1]
+            out.append(unquote(chunk))
+        return out

@@ -1,0 +1,30 @@
+"""An in-memory store: the fake that the store contract tests also run on."""
+from zope.interface import implementer
+
+from mailsys.delivery import Delivered, PermFail
+from mailsys.mda.store import IMailStore, to_lf
+from mailsys.smtp.reply import Reply
+
+
+@implementer(IMailStore)
+class MemoryStore:
+    kind = "memory"
+
+    def __init__(self):
+        self.boxes = {}
+        self.fail_with = None    # an Outcome to return instead of storing (fault injection)
+
+    def size(self, path):
+        return sum(len(m) for m in self.boxes.get(path, ()))
+
+    def deliver(self, path, prefix, message, quota, sender=None, when=None):
+        if self.fail_with is not None:
+            return self.fail_with
+        data = to_lf(prefix + message)
+        if quota and self.size(path) + len(data) > quota:
+            return PermFail(Reply(552, "5.2.2", "Mailbox full: over quota"))
+        self.boxes.setdefault(path, []).append(data)
+        return Delivered()
+
+    def messages(self, path):
+        return list(self.boxes.get(path, ()))

@@ -1,0 +1,64 @@
+"""The store interface and the one place where a mailbox path is made.
+
+A mailbox path is derived only from a known account's canonical address, and
+every component is checked again here (no separator, no NUL, no leading dot,
+bounded length) and the result confirmed to lie under ``mailbox.root``: the
+raw local part a client sent never becomes a path.
+"""
+import os
+
+from zope.interface import Attribute, Interface
+
+
+class IMailStore(Interface):
+    """Where delivered mail lives.  Implementations: Maildir, mbox, memory."""
+
+    kind = Attribute("'maildir', 'mbox' or 'memory'")
+
+    def deliver(location, prefix, message, quota, sender=None, when=None):
+        """Store ``prefix + message`` (bytes, CRLF line ends) durably.
+
+        ``location`` comes from :func:`mailbox_location`; ``quota`` is bytes (0 =
+        unlimited); ``sender`` and ``when`` feed mbox's ``From`` line.
+        Returns a mailsys.delivery Outcome; never raises for disk
+        trouble (that is a TempFail) and never leaves a partial message visible.
+        """
+
+    def size(location):
+        """Bytes currently stored in the mailbox (0 if it does not exist yet)."""
+
+    def messages(location):
+        """The stored messages' bytes, oldest first (for tests and tools)."""
+
+
+class UnsafeMailbox(Exception):
+    pass
+
+
+MAX_COMPONENT = 255
+
+
+def _check_component(text, what):
+    if (not text or len(text.encode("utf-8")) > MAX_COMPONENT or text.startswith(".")
+            or "/" in text or "\\" in text or "\x00" in text or text != text.strip()):
+        raise UnsafeMailbox(f"unsafe {what} for a mailbox path: {text!r}")
+    return text
+
+
+def mailbox_location(root, address, store):
+    """``ROOT/<domain>/<local>/Maildir`` or ``ROOT/<domain>/<local>/mbox`` for an account."""
+    local, _, domain = address.rpartition("@")
+    local = _check_component(local.lower(), "local part")
+    domain = _check_component(domain.lower(), "domain")
+    root = os.path.abspath(root)
+    home = os.path.join(root, domain, local)
+    leaf = "Maildir" if store == "maildir" else "mbox"
+    path = os.path.normpath(os.path.join(home, leaf))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise UnsafeMailbox(f"mailbox path escapes the root: {path!r}")
+    return path
+
+
+def to_lf(data):
+    """Stores keep Unix line ends, as qmail, Postfix's virtual(8) and Dovecot do."""
+    return data.replace(b"\r\n", b"\n")
