@@ -215,6 +215,10 @@ lmtp = []
 pop3 = []
 pop3s = []
 
+[tls]
+certificate = "{base}/no-tls/fullchain.pem"
+key = "{base}/no-tls/privkey.pem"
+
 [domains]
 local = ["example.com"]
 
@@ -311,9 +315,17 @@ class Mailsys:
         """Stop the server, then count what is durably in its spool."""
         expected += self.warmup
         alive = self.proc is not None and self.proc.poll() is None
+        status = self.proc.returncode if self.proc is not None else None
         self._stop()
+        log_lines = self.log_lines()
         if not alive:
-            result["problems"].append("mailsys exited during the run")
+            why = f"exit status {status}"
+            if status is not None and status < 0:
+                why = f"killed by signal {-status}"
+            if any("Received SIGTERM" in line for line in log_lines):
+                why += ("; its log says 'Received SIGTERM' although this benchmark had not sent one: "
+                        "something else on the machine killed it")
+            result["problems"].append(f"mailsys exited during the run ({why})")
         spool = os.path.join(self.base, "state", "spool")
         try:
             spooled = len(self.read_spool(spool))
@@ -322,22 +334,39 @@ class Mailsys:
             result["problems"].append(f"read_spool({spool}) failed: {e!r}")
         result["spooled"] = spooled
         if spooled < expected:
-            result["problems"].append(f"only {spooled} of {expected} messages sent (with {self.warmup} "
-                                      f"warm-up) are in the spool")
+            result["problems"].append(f"only {spooled} messages in the spool of {expected} that smtp-source "
+                                      f"was told to send ({self.warmup} of them warm-up)")
         elif spooled > expected:
-            result["problems"].append(f"{spooled} messages in the spool, but only {expected} were sent "
-                                      f"(with {self.warmup} warm-up)")
-        errors = [line for line in _read(self.log).splitlines()
-                  if "#error]" in line or "#critical]" in line or "Traceback" in line
-                  or "#warn]" in line and "postmaster@example.com is accepted" not in line]
+            result["problems"].append(f"{spooled} messages in the spool, but smtp-source sent only "
+                                      f"{expected} ({self.warmup} of them warm-up)")
+        errors = [line for line in log_lines
+                  if "#error]" in line or "#critical]" in line or "#failure]" in line
+                  or "Traceback" in line or "Unhandled" in line]
+        warnings = [line for line in log_lines if "#warn]" in line]
         result["log_errors"] = len(errors)
+        result["log_warnings"] = sorted(set(line.split("] ", 1)[-1] for line in warnings))[:10]
         if errors:
-            result["problems"].append(f"{len(errors)} error/warning lines in {self.log}, first: "
+            result["problems"].append(f"{len(errors)} error lines in {self.log}*, first: "
                                       + " | ".join(errors[:3]))
         if result["problems"]:
-            result["log_tail"] = tail(self.log, 20)
+            # the routine per-connection lines say nothing about a failure; show the rest
+            notable = [line for line in log_lines if "[mailsys.smtpd#info]" not in line]
+            result["log_tail"] = "\n".join("    " + line[:300] for line in notable[-25:])
         elif not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
+
+    def log_lines(self):
+        """The run's log, twistd's rotated files (FILE.N, 1 MB each) included, oldest first."""
+        d, name = os.path.split(self.log)
+        rotated = []
+        for f in os.listdir(d):
+            if f.startswith(name + ".") and f[len(name) + 1:].isdigit():
+                rotated.append((int(f[len(name) + 1:]), f))
+        lines = []
+        for _, f in sorted(rotated, reverse=True):
+            lines.extend(_read(os.path.join(d, f)).splitlines())
+        lines.extend(_read(self.log).splitlines())
+        return lines
 
 
 class Sink:

@@ -9,6 +9,7 @@ submission roles.
 import datetime
 import email.utils
 import ipaddress
+import re
 import time
 
 from twisted.cred import credentials
@@ -80,11 +81,14 @@ class ClientInfo:
         return self.label
 
 
+_RECEIVED_FIELD = re.compile(rb"\r\nreceived[ \t]*:", re.I)
+
+
 def count_hops(head):
     """Received headers in the header section of ``head`` (the message's first bytes)."""
     end = head.find(b"\r\n\r\n")
     section = head if end < 0 else head[:end + 2]
-    return (b"\r\n" + section.lower()).count(b"\r\nreceived:")
+    return len(_RECEIVED_FIELD.findall(b"\r\n" + section))
 
 
 def protocol_keyword(proto):
@@ -211,6 +215,7 @@ class ReceiveHandler:
         self._writer = self.service.spool.new_message(txn.queue_id)
         self._writer.write(self._received_header(proto, txn))
         self._held = [] if self.submission else None
+        self._keyword = protocol_keyword(proto)
         return None
 
     def _received_header(self, proto, txn):
@@ -280,7 +285,7 @@ class ReceiveHandler:
             "recipients": [dict(rcpt=str(m), state="queued", **p.as_dict())
                            for m, p in txn.recipients],
             "client": {"ip": self.client.ip_text, "name": self.client.name, "helo": proto.helo,
-                       "proto": protocol_keyword(proto), "role": self.client.role,
+                       "proto": self._keyword, "role": self.client.role,
                        "auth": proto.auth_user},
         }
         d = self.service.spool.commit(writer, envelope)

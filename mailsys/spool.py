@@ -147,45 +147,88 @@ class SpoolEntry:
             return f.read(self.message_size)
 
 
+def _read_record(f, pos, size):
+    """The intact record at ``pos`` as (SpoolEntry, next position), or None."""
+    f.seek(pos)
+    hdr = f.read(HEADER.size)
+    if len(hdr) < HEADER.size:
+        return None
+    magic, elen, mlen, ecrc, mcrc = HEADER.unpack(hdr)
+    if magic != MAGIC or elen > MAX_ENVELOPE or pos + HEADER.size + elen + mlen > size:
+        return None
+    env_bytes = f.read(elen)
+    if zlib.crc32(env_bytes) != ecrc:
+        return None
+    c = 0
+    left = mlen
+    while left:
+        block = f.read(min(left, 1 << 20))
+        if not block:
+            return None
+        c = zlib.crc32(block, c)
+        left -= len(block)
+    if c != mcrc:
+        return None
+    try:
+        envelope = json.loads(env_bytes)
+    except ValueError:
+        return None
+    entry = SpoolEntry(envelope.get("id"), f.name, pos, envelope, pos + HEADER.size + elen, mlen)
+    return entry, pos + HEADER.size + elen + mlen
+
+
+def _next_intact(f, pos, size):
+    """Offset of the first intact record after ``pos``, or None (only a torn tail)."""
+    f.seek(pos)
+    carry = b""
+    base = pos
+    while base < size:
+        block = carry + f.read(1 << 20)
+        if len(block) == len(carry):
+            return None
+        i = block.find(MAGIC)
+        while i >= 0:
+            found = _read_record(f, base - len(carry) + i, size)
+            if found is not None:
+                return base - len(carry) + i
+            i = block.find(MAGIC, i + 1)
+        base += len(block) - len(carry)
+        carry = block[-(len(MAGIC) - 1):]
+        f.seek(base)
+    return None
+
+
 def scan_segment(path, repair=False):
-    """Yield the complete records of one segment; optionally cut a torn tail."""
+    """The intact records of one segment; with ``repair``, cut a torn tail.
+
+    A record that fails its checks at the very end is a write that a crash
+    interrupted (never acknowledged) and is cut off.  One that fails in the
+    middle (damage on disk) is skipped with an error logged, and the intact,
+    acknowledged records after it are kept: nothing after damage is thrown away.
+    """
     entries = []
     with open(path, "r+b" if repair else "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        pos = 0
+        pos = good_end = 0
         while pos < size:
-            hdr = f.read(HEADER.size)
-            if len(hdr) < HEADER.size:
+            found = _read_record(f, pos, size)
+            if found is not None:
+                entry, pos = found
+                entries.append(entry)
+                good_end = pos
+                continue
+            later = _next_intact(f, pos + 1, size)
+            if later is None:
                 break
-            magic, elen, mlen, ecrc, mcrc = HEADER.unpack(hdr)
-            if magic != MAGIC or elen > MAX_ENVELOPE or pos + HEADER.size + elen + mlen > size:
-                break
-            env_bytes = f.read(elen)
-            if zlib.crc32(env_bytes) != ecrc:
-                break
-            c = 0
-            left = mlen
-            while left:
-                block = f.read(min(left, 1 << 20))
-                if not block:
-                    break
-                c = zlib.crc32(block, c)
-                left -= len(block)
-            if left or c != mcrc:
-                break
-            try:
-                envelope = json.loads(env_bytes)
-            except ValueError:
-                break
-            entries.append(SpoolEntry(envelope.get("id"), path, pos, envelope,
-                                      pos + HEADER.size + elen, mlen))
-            pos += HEADER.size + elen + mlen
-        if pos < size and repair:
+            log.error("spool: damaged data in {segment} at {offset}: {count} bytes skipped",
+                      segment=path, offset=pos, count=later - pos)
+            pos = later
+        if good_end < size and repair:
             log.warn("spool: cutting torn tail of {segment} at {offset} ({lost} bytes never acknowledged)",
-                     segment=path, offset=pos, lost=size - pos)
-            f.truncate(pos)
+                     segment=path, offset=good_end, lost=size - good_end)
+            f.truncate(good_end)
             os.fsync(f.fileno())
-    return entries, pos
+    return entries, good_end
 
 
 def read_spool(directory):
@@ -258,8 +301,9 @@ class Spool:
             os.close(self._fd)
         self._seg_no += 1
         self._seg_path = os.path.join(self.segments, f"{self._seg_no:08X}.seg")
-        self._fd = os.open(self._seg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                           | os.O_CLOEXEC, 0o600)
+        # Not O_APPEND: the writer thread owns the position (pwritev at known
+        # offsets), and copy_file_range refuses O_APPEND destinations.
+        self._fd = os.open(self._seg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._seg_size = 0
         _fsync_dir(self.segments)
 
@@ -310,18 +354,11 @@ class Spool:
                 offsets.append(pos)
                 iov = [header, env]
                 iov.extend(chunks)
-                n = sum(len(b) for b in iov)
                 for i in range(0, len(iov), 512):
-                    part = iov[i:i + 512]
-                    written = os.writev(fd, part)
-                    want = sum(len(b) for b in part)
-                    if written != want:
-                        # A short write is legal; finish what is left of this part.
-                        _write_all(fd, b"".join(part)[written:])
+                    pos = _pwrite_all(fd, iov[i:i + 512], pos)
                 if spill_fd is not None:
-                    _copy_spill(spill_fd, fd, size)
-                    n += size
-                pos += n
+                    _copy_spill(spill_fd, fd, size, pos)
+                    pos += size
             if self.fsync:
                 os.fdatasync(fd)
         except OSError as e:
@@ -357,20 +394,35 @@ class Spool:
             self._start_flush()
 
 
-def _copy_spill(src, dst, size):
+def _pwrite_all(fd, buffers, pos):
+    """Write ``buffers`` at ``pos``; a short write (legal) continues where it stopped."""
+    want = sum(len(b) for b in buffers)
+    written = os.pwritev(fd, buffers, pos)
+    if written < want:
+        rest = b"".join(buffers)[written:]
+        view = memoryview(rest)
+        at = pos + written
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+    return pos + want
+
+
+def _copy_spill(src, dst, size, at):
+    """Copy a scratch body into the segment at ``at``, in the kernel when it can."""
     offset = 0
     while offset < size:
         try:
-            n = os.copy_file_range(src, dst, size - offset, offset)
+            n = os.copy_file_range(src, dst, size - offset, offset, at + offset)
         except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
                 raise
             n = 0
         if n == 0:
             block = os.pread(src, min(1 << 20, size - offset), offset)
             if not block:
                 raise OSError(errno.EIO, "scratch file shorter than its message")
-            _write_all(dst, block)
+            _pwrite_all(dst, [block], at + offset)
             n = len(block)
         offset += n
 

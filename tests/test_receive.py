@@ -1,7 +1,6 @@
 """mailsys.receive.ReceiveHandler: the MTA policy, the Received header, the spool handoff."""
 import email.utils
 import re
-import time
 from types import SimpleNamespace
 
 import pytest

@@ -2,7 +2,6 @@
 by a synchronous (or manually stepped) stand-in."""
 import errno
 import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -86,8 +85,6 @@ def commit(s, qid, body, envelope=None, chunks=1):
     step = max(1, len(body) // chunks)
     for i in range(0, len(body), step):
         w.write(body[i:i + step])
-    if not body:
-        pass
     return s.commit(w, envelope if envelope is not None else {"sender": f"{qid}@example.org"})
 
 
@@ -233,7 +230,6 @@ def test_corrupted_last_record_detected_and_cut(sync, tmp_path, where):
     pos = {"header": last.offset + 5, "envelope": last.offset + HEADER.size + 3,
            "message": last.message_offset + 2, "last_byte": len(data) - 1}[where]
     data[pos] ^= 0x01
-    assert read_spool is not None
     s, path = _reopen_with(tmp_path, where, bytes(data))
     assert [e.queue_id for e in s.entries] == ["A", "B"]
     assert path.stat().st_size == last.offset
@@ -333,6 +329,7 @@ def test_failure_refuses_the_whole_batch(manual, tmp_path, monkeypatch):
     d2 = commit(s, "B", b"b\r\n")
     d3 = commit(s, "C", b"c\r\n")
     manual.run()
+    assert result_of(d1).queue_id == "A"
     monkeypatch.setattr(os, "fdatasync", _failing_fdatasync(errno.ENOSPC))
     manual.run()
     for d in (d2, d3):
@@ -391,3 +388,35 @@ def test_queue_ids_sort_by_arrival():
         seq.append(ids.next())
         now[0] += 0.000001
     assert sorted(seq, key=lambda x: (len(x), x)) == seq
+
+
+def test_damage_in_the_middle_keeps_the_acknowledged_records_after_it(tmp_path, monkeypatch):
+    """Bit rot inside one record must not cost the intact records that follow it."""
+    spool_dir = str(tmp_path / "spool")
+    import mailsys.spool as spool_mod
+    from twisted.internet import defer as _defer
+
+    monkeypatch.setattr(spool_mod.threads, "deferToThreadPool",
+                        lambda reactor, pool, f, *a: _defer.maybeDeferred(f, *a))
+    sp = spool_mod.Spool(spool_dir, reactor=None)
+    sp.open()
+    ids = []
+    for i in range(3):
+        w = sp.new_message()
+        w.write(b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i))
+        ids.append(w.queue_id)
+        sp.commit(w, {"sender": "", "recipients": []})
+    sp.close()
+    (seg,) = [e.segment for e in spool_mod.read_spool(spool_dir)][:1]
+    entries = spool_mod.read_spool(spool_dir)
+    middle = entries[1]
+    with open(seg, "r+b") as f:
+        f.seek(middle.message_offset + 2)
+        f.write(b"X")
+    size = os.path.getsize(seg)
+    sp2 = spool_mod.Spool(spool_dir, reactor=None)
+    found = sp2.open()
+    sp2.close()
+    assert [e.queue_id for e in found] == [ids[0], ids[2]]
+    assert os.path.getsize(seg) == size          # nothing cut
+    assert found[1].read_message() == b"Subject: 2\r\n\r\nbody 2\r\n"

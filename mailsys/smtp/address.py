@@ -110,6 +110,8 @@ def _parse_literal(text):
         return None
     inner = text[1:-1]
     if inner[:5].lower() == "ipv6:":
+        if "%" in inner:
+            return None  # RFC 5321's IPv6-addr has no zone index
         try:
             addr = ipaddress.IPv6Address(inner[5:])
         except ValueError:

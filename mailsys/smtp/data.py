@@ -14,8 +14,11 @@ the message after its real end (SMTP smuggling, CVE-2023-51764).
 """
 
 _END = b"\r\n.\r\n"
-_STUFFED = b"\r\n.."
-_UNSTUFFED = b"\r\n."
+# RFC 5321 4.5.2: the first character of any line that starts with a period is
+# deleted.  The end marker was found before this runs, and a "\r\n." at the end
+# of a segment is carried over, so the replace never sees a partial pattern.
+_STUFFED = b"\r\n."
+_UNSTUFFED = b"\r\n"
 
 
 class DataReader:

@@ -24,15 +24,21 @@ def _bad(text, code=501, status="5.5.4"):
 
 
 def decode_xtext(value):
-    """RFC 3461 xtext to text; raises ValueError on malformed input."""
+    """RFC 3461 xtext to text (octets read as UTF-8); ValueError on malformed input."""
     if not _XTEXT.match(value):
         raise ValueError("bad xtext")
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    raw = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value.encode("ascii"))
+    return raw.decode("utf-8")
 
 
 def encode_xtext(text):
-    return "".join(c if 0x21 <= ord(c) <= 0x7e and c not in "+=" else f"+{ord(c):02X}"
-                   for c in text)
+    """Text to RFC 3461 xtext; characters beyond ASCII go as their UTF-8 octets."""
+    return "".join(chr(b) if 0x21 <= b <= 0x7e and b not in b"+=" else f"+{b:02X}"
+                   for b in text.encode("utf-8"))
+
+
+def _printable_ascii(text):
+    return all(0x20 <= ord(c) <= 0x7e for c in text)
 
 
 def _split(text):
@@ -44,7 +50,9 @@ def _split(text):
             continue
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key) or (eq and not value):
-            raise _bad(f"Bad parameter syntax: {item[:40]}")
+            # Echo the item only when it is safe to put on the wire as it is.
+            shown = item[:40] if item.isascii() and item.isprintable() else ""
+            raise _bad(f"Bad parameter syntax: {shown}" if shown else "Bad parameter syntax")
         if any(ord(c) < 33 or ord(c) == 127 for c in value):
             raise _bad("Bad characters in parameter value")
         ukey = key.upper()
@@ -92,7 +100,7 @@ def parse_mail_params(text, max_size):
     p = MailParams()
     for key, value in _split(text):
         if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 raise _bad("Bad SIZE parameter")
             p.size = int(value)
             if max_size and p.size > max_size:
@@ -116,7 +124,7 @@ def parse_mail_params(text, max_size):
                 envid = decode_xtext(value or "")
             except ValueError:
                 raise _bad("Bad ENVID parameter")
-            if not envid or len(envid) > MAX_ENVID or not envid.isprintable():
+            if not envid or len(envid) > MAX_ENVID or not _printable_ascii(envid):
                 raise _bad("Bad ENVID parameter")
             p.envid = envid
         else:
@@ -164,6 +172,7 @@ def _parse_orcpt(value, smtputf8):
             parse_path(f"<{decoded}>", "recipient", smtputf8=smtputf8)
         except AddressError:
             raise _bad("Bad ORCPT address")
-    elif len(decoded) > 500:
+    elif len(decoded) > 500 or not _printable_ascii(decoded):
+        # It ends up in a DSN's Original-Recipient field: no control characters.
         raise _bad("Bad ORCPT parameter")
     return (atype, decoded)

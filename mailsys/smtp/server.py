@@ -28,6 +28,10 @@ from mailsys.smtp import sasl
 MAX_LINE = 2048          # bytes per command line, CRLF included (RFC 5321 4.5.3.1.4 plus extensions)
 MAX_ERRORS = 10          # bad commands before 421 and close
 MAX_BUFFERED = 64 * 1024  # pipelined input held while a reply is pending
+# Replies that mean "the client speaks SMTP wrongly"; they spend the error
+# budget.  Policy refusals (550 unknown user, 554 relay denied) do not: a sender
+# with several stale addresses is no attacker.  535 has its own limit.
+PROTOCOL_ERRORS = frozenset((500, 501, 502, 503, 504, 538, 555))
 
 _HELO_NAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
 _MAIL_FROM = re.compile(r"FROM:", re.I)
@@ -120,7 +124,7 @@ class SMTPServerProtocol(Protocol):
         self._flush()
 
     def _greet(self, refusal):
-        if refusal is not None:
+        if refusal is not None and refusal.code >= 400:
             self._send(refusal)
             self._close()
             return
@@ -141,21 +145,29 @@ class SMTPServerProtocol(Protocol):
         """Set the deadline.  Only complete commands (or the start of DATA) move it,
         so a client trickling bytes cannot hold the connection forever."""
         self._deadline = self.clock.seconds() + seconds
-        if self._timer is None or not self._timer.active():
-            self._timer = self.clock.callLater(seconds, self._check_timeout)
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self._deadline:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(seconds, self._check_timeout)
 
     def _check_timeout(self):
         self._timer = None
         if self._closing:
             return
         left = self._deadline - self.clock.seconds()
+        if self._blocked and left > -self.limits.command_timeout:
+            # We owe the client a reply (a commit in progress): it is not idle, and
+            # closing now could make it resend a message that was in fact queued.
+            # A handler stuck for a whole further timeout is given up on.
+            left = max(left, 1.0)
         if left > 0:
             self._timer = self.clock.callLater(left, self._check_timeout)
             return
         phase = "DATA" if self._reader else "command"
         client = self.handler.client_name(self)
         log.info(f"timeout after {phase} from {client}", phase=phase, client=client)
-        self._send(R.TIMEOUT)
+        self._send(R.TIMEOUT.with_text(f"{self.hostname} {R.TIMEOUT.text}"))
         self._flush()
         self._close()
 
@@ -262,10 +274,9 @@ class SMTPServerProtocol(Protocol):
         ok = reply.code < 400
         self.stats.count(verb, ok)
         self._send(reply)
-        if reply.code >= 500 or (reply.code >= 400 and reply.code != 452 and verb != "data"):
-            if reply.code != 421:
-                self._spend_error()
-        if reply.code == 421:
+        if reply.code in PROTOCOL_ERRORS:
+            self._spend_error()
+        elif reply.code == 421:
             self._close()
 
     def _error(self, reply, verb):
@@ -276,7 +287,7 @@ class SMTPServerProtocol(Protocol):
         if self.errors >= MAX_ERRORS and not self._closing:
             client = self.handler.client_name(self)
             log.info(f"too many errors after {self.stats} from {client}", client=client)
-            self._send(R.TOO_MANY_ERRORS)
+            self._send(R.TOO_MANY_ERRORS.with_text(f"{self.hostname} {R.TOO_MANY_ERRORS.text}"))
             self._close()
 
     def _close(self):
@@ -299,11 +310,14 @@ class SMTPServerProtocol(Protocol):
             self._blocked = False
             if self._closing:
                 return
+            if self._reader is None:
+                # The client's idle time starts when it has our answer.
+                self._arm(self.limits.command_timeout)
             then(value)
-            if self._paused and len(self._buf) <= MAX_BUFFERED:
+            self._process()
+            if self._paused and not self._blocked and len(self._buf) <= MAX_BUFFERED:
                 self._paused = False
                 self.transport.resumeProducing()
-            self._process()
             self._flush()
 
         def failed(f):
@@ -325,7 +339,7 @@ class SMTPServerProtocol(Protocol):
         esmtp = verb != "helo"
 
         def answered(refusal):
-            if refusal is not None:
+            if refusal is not None and refusal.code >= 400:
                 self._reply(refusal, verb)
                 return
             self._abort_transaction()
@@ -416,7 +430,9 @@ class SMTPServerProtocol(Protocol):
 
         def answered(result):
             if result is None or result.code < 400:
-                txn.recipients.append((rcpt, params))
+                # A repeated recipient is acknowledged but kept once (one copy).
+                if all(r != rcpt for r, _ in txn.recipients):
+                    txn.recipients.append((rcpt, params))
             self._reply(result or R.RCPT_OK, "rcpt")
 
         self._run(self.handler.rcpt(self, txn, rcpt, params), answered)
@@ -469,6 +485,8 @@ class SMTPServerProtocol(Protocol):
             return
 
         def answered(result):
+            if result is None:
+                result = R.OK
             replies = result if isinstance(result, list) else [result] * n
             for r in replies:
                 self._reply(r, "data")
@@ -505,8 +523,13 @@ class SMTPServerProtocol(Protocol):
         self._reply(R.EXPN_DISABLED, "expn")
 
     def do_HELP(self, arg):
-        self._reply(Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
-                          "See RFC 5321"), "help")
+        verbs = ["LHLO"] if self.lmtp else ["EHLO", "HELO"]
+        if self.tls_available and not self.tls:
+            verbs.append("STARTTLS")
+        if self.auth_mechanisms:
+            verbs.append("AUTH")
+        verbs += ["MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"]
+        self._reply(Reply(214, "2.0.0", "Commands: " + " ".join(verbs), "See RFC 5321"), "help")
 
     def do_STARTTLS(self, arg):
         if arg.strip():

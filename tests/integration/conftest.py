@@ -1,7 +1,7 @@
 """Fixtures that start real processes on loopback and always clean them up."""
 import pytest
 
-from tests.integration.harness import LOCAL_DOMAINS, HarnessError, MailsysServer, PostfixPeer
+from tests.integration.harness import HarnessError, MailsysServer, PostfixPeer
 
 # Accounts every test server knows; added once per session with the real CLI.
 USERS = ("joe@example.com", "bob@example.net")
@@ -66,5 +66,3 @@ def postfix_peer(tmp_path):
     for peer in peers:
         peer.stop()
 
-
-__all__ = ["LOCAL_DOMAINS", "USERS"]

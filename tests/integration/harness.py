@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -37,11 +38,33 @@ class HarnessError(AssertionError):
     """A process of the test set-up misbehaved; the message carries its log tail."""
 
 
+def _ephemeral_range():
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(kind=socket.SOCK_STREAM):
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing is bound to right now.
+
+    Chosen below the kernel's ephemeral range: a restarted server gets its port
+    back even if the machine opened many client connections meanwhile, and a client
+    connecting while the server is down can never be handed the server's own port
+    as its source port (a TCP self-connection).
+    """
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise HarnessError("no free port on 127.0.0.1 below the ephemeral range")
 
 
 def port_accepts(port, timeout=1.0):
@@ -356,6 +379,10 @@ class PostfixPeer:
             raise HarnessError("Postfix is not installed (no postfix/postconf program); the "
                                "integration tests need the Debian package: run `bash .ci/test-all`, "
                                "which installs it")
+        if os.geteuid() != 0:
+            raise HarnessError("the Postfix peer needs root (it registers an alternate "
+                               "configuration directory in /etc/postfix/main.cf and its daemons "
+                               "drop to the postfix user); run the tests as root")
         self.base = Path(base)
         self.etc = self.base / "etc"
         self.queue = self.base / "spool"

@@ -281,3 +281,49 @@ def test_log_lines(server):
     assert smtpd[at - 1] == "connect from localhost[127.0.0.1]"
     assert smtpd[at + 1] == "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1"
     assert sum(qid in line for line in lines) == 1
+
+
+def test_mail_loop_refused(server):
+    hops = b"".join(b"Received: from hop%d.example.org by hop%d.example.org; "
+                    b"Fri, 27 Nov 2026 12:00:00 +0000\r\n" % (i, i + 1) for i in range(60))
+    client = server.smtp()
+    try:
+        client.mail("alice@example.org")
+        client.rcpt("joe@example.com")
+        code, text = client.data(hops + message("looping"))
+        assert (code, text[:6]) == (554, b"5.4.6 "), (code, text)
+        # The connection stays usable and a normal message still goes through.
+        client.mail("alice@example.org")
+        client.rcpt("joe@example.com")
+        qid = queued_id(client.data(message("after-the-loop")))
+    finally:
+        client.quit()
+    assert [e.queue_id for e in server.spool()] == [qid]
+
+
+def test_leading_dot_is_always_removed(server):
+    """RFC 5321 4.5.2: a line that starts with a period and has more characters loses
+    that first period, whether the client stuffed it ("..x") or not (".x")."""
+    sent = (b"Subject: dots\r\n\r\n"
+            b"..stuffed\r\n"
+            b".unstuffed\r\n"
+            b"...\r\n"
+            b". space\r\n"
+            b"end\r\n")
+    client = server.smtp()
+    try:
+        client.mail("alice@example.org")
+        client.rcpt("joe@example.com")
+        assert client.docmd("DATA")[0] == 354
+        client.send(sent + b".\r\n")    # raw: smtplib would stuff every leading dot
+        qid = queued_id(client.getreply())
+    finally:
+        client.quit()
+    (entry,) = server.spool()
+    assert entry.queue_id == qid
+    assert split_received(entry.read_message())[1] == (b"Subject: dots\r\n\r\n"
+                                                       b".stuffed\r\n"
+                                                       b"unstuffed\r\n"
+                                                       b"..\r\n"
+                                                       b" space\r\n"
+                                                       b"end\r\n")

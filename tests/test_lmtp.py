@@ -1,0 +1,156 @@
+"""The MDA's LMTP side on StringTransport: one reply per recipient, in RCPT order."""
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransportWithDisconnection
+
+from mailsys.accounts import Expansion, User
+from mailsys.delivery import TempFail
+from mailsys.mda import lmtp as lmtp_mod
+from mailsys.mda.lmtp import MDA, LMTPFactory, delivered_to
+from mailsys.mda.memory import MemoryStore
+from mailsys.smtp.reply import Reply
+
+
+class Accounts:
+    def __init__(self):
+        self.users = {
+            "joe@example.com": User("joe@example.com", "{ARGON2ID}x"),
+            "ann@example.com": User("ann@example.com", "{ARGON2ID}x", quota=200),
+            "box@example.com": User("box@example.com", "{ARGON2ID}x", store="mbox"),
+        }
+        self.aliases = {"team@example.com": ("joe@example.com", "ann@example.com"),
+                        "postmaster@example.com": ("joe@example.com",)}
+
+    def user(self, address):
+        local, _, domain = address.rpartition("@")
+        return self.users.get(f"{local.split('+')[0].lower()}@{domain.lower()}")
+
+    def expand(self, address):
+        key = address.lower()
+        if key in self.aliases:
+            return Expansion(local_users=self.aliases[key])
+        user = self.user(address)
+        return Expansion(local_users=(user.address,)) if user else Expansion()
+
+
+@pytest.fixture
+def session(monkeypatch, tmp_path):
+    # Deliveries run on a worker thread in production; here, synchronously.
+    monkeypatch.setattr(lmtp_mod.threads, "deferToThreadPool",
+                        lambda reactor, pool, f, *a: defer.maybeDeferred(f, *a))
+    config = SimpleNamespace(
+        mailbox=SimpleNamespace(root=str(tmp_path), default_store="maildir", quota=0),
+        domains=SimpleNamespace(local=("example.com",)))
+    stores = {"maildir": MemoryStore(), "mbox": MemoryStore()}
+    clock = task.Clock()
+    mda = MDA(config, Accounts(), reactor=SimpleNamespace(getThreadPool=lambda: None), stores=stores)
+    limits = SimpleNamespace(message_size=10000, recipients=100, command_timeout=300,
+                             data_timeout=600, auth_failures=3)
+    proto = LMTPFactory(mda, limits, "mda.example.com", clock).buildProtocol(None)
+    t = StringTransportWithDisconnection()
+    t.protocol = proto
+    proto.makeConnection(t)
+    return SimpleNamespace(proto=proto, t=t, stores=stores, root=str(tmp_path))
+
+
+def run(s, data):
+    s.t.clear()
+    s.proto.dataReceived(data)
+    return s.t.value()
+
+
+def test_lhlo_and_no_ehlo(session):
+    assert session.t.value() == b"220 mda.example.com LMTP\r\n"
+    assert run(session, b"EHLO x\r\n") == b"500 5.5.2 Error: command not recognized\r\n"
+    assert run(session, b"LHLO x\r\n") == (
+        b"250-mda.example.com\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-ENHANCEDSTATUSCODES\r\n"
+        b"250-8BITMIME\r\n250-SMTPUTF8\r\n250 HELP\r\n")
+
+
+def test_one_reply_per_recipient_in_rcpt_order(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<box@example.com>\r\n"
+                       b"RCPT TO:<joe+tag@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhello\r\n.\r\n")
+    assert out.split(b"\r\n")[-10:] == [
+        b"250 2.1.0 Ok",
+        b"250 2.1.5 Ok",
+        b"550 5.1.1 <nobody@example.com>: User unknown in local recipient table",
+        b"250 2.1.5 Ok",
+        b"250 2.1.5 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>",
+        b"250 2.0.0 Ok: delivered",
+        b"250 2.0.0 Ok: delivered",
+        b"250 2.0.0 Ok: delivered",
+        b"",
+    ]
+    joe = session.stores["maildir"].messages(f"{session.root}/example.com/joe/Maildir")
+    assert joe == [b"Return-Path: <a@b.org>\nDelivered-To: joe@example.com\nSubject: x\n\nhello\n"] * 2
+    box = session.stores["mbox"].messages(f"{session.root}/example.com/box/mbox")
+    assert box == [b"Return-Path: <a@b.org>\nDelivered-To: box@example.com\nSubject: x\n\nhello\n"]
+
+
+def test_over_quota_fails_that_recipient_alone(session):
+    body = b"Subject: big\r\n\r\n" + b"x" * 300 + b"\r\n.\r\n"
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"RCPT TO:<ann@example.com>\r\nDATA\r\n" + body)
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                        b"250 2.0.0 Ok: delivered\r\n"
+                        b"552 5.2.2 <ann@example.com>: Mailbox full: over quota\r\n")
+    assert session.stores["maildir"].messages(f"{session.root}/example.com/ann/Maildir") == []
+
+
+def test_alias_fans_out_and_one_failure_fails_the_recipient(session):
+    body = b"Subject: big\r\n\r\n" + b"x" * 300 + b"\r\n.\r\n"
+    out = run(session, b"LHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<team@example.com>\r\nDATA\r\n" + body)
+    assert out.endswith(b"552 5.2.2 <team@example.com>: Mailbox full: over quota\r\n")
+
+
+def test_disk_trouble_is_temporary_for_affected_recipients(session):
+    session.stores["mbox"].fail_with = TempFail(Reply(452, "4.3.1", "Insufficient system storage for mailbox"))
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<box@example.com>\r\n"
+                       b"RCPT TO:<joe@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert out.endswith(b"452 4.3.1 <box@example.com>: Insufficient system storage for mailbox\r\n"
+                        b"250 2.0.0 Ok: delivered\r\n")
+
+
+def test_store_exception_is_never_reported_as_delivered(session, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(session.stores["maildir"], "deliver", boom)
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert out.endswith(b"451 4.3.0 <joe@example.com>: Local delivery error: RuntimeError\r\n")
+
+
+def test_delivered_to_loop(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"RCPT TO:<box@example.com>\r\nDATA\r\n"
+                       b"Delivered-To: JOE@example.com\r\nSubject: x\r\n\r\nDelivered-To: box@example.com\r\n.\r\n")
+    assert out.endswith(b"554 5.4.6 <joe@example.com>: Mail loop: already delivered to this mailbox\r\n"
+                        b"250 2.0.0 Ok: delivered\r\n")
+
+
+def test_foreign_domain_and_bare_postmaster(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.org>\r\n"
+                       b"RCPT TO:<postmaster>\r\n")
+    assert out.endswith(b"550 5.1.1 <joe@example.org>: User unknown in local recipient table\r\n"
+                        b"250 2.1.5 Ok\r\n")
+
+
+def test_notify_is_not_an_lmtp_parameter(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com> NOTIFY=NEVER\r\n")
+    assert out.endswith(b"555 5.5.4 Unsupported option: NOTIFY\r\n")
+
+
+def test_too_big_refused_for_every_recipient(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"RCPT TO:<box@example.com>\r\nDATA\r\n" + b"x" * 20000 + b"\r\n.\r\n")
+    assert out.endswith(b"552 5.3.4 Error: message file too big\r\n" * 2)
+
+
+def test_delivered_to_parser():
+    head = b"Delivered-To: <A@B.c>\r\nX: y\r\ndelivered-to:  d@e.f \r\n\r\nDelivered-To: no@x\r\n"
+    assert delivered_to(head) == {"a@b.c", "d@e.f"}

@@ -1,0 +1,188 @@
+"""The store contract: the same tests on Maildir, mbox and the in-memory fake."""
+import errno
+import mailbox
+import os
+
+import pytest
+
+from mailsys.delivery import Delivered, PermFail, TempFail
+from mailsys.mda.maildir import MaildirStore
+from mailsys.mda.mbox import MboxStore, quote, unquote
+from mailsys.mda.memory import MemoryStore
+from mailsys.mda.store import IMailStore, UnsafeMailbox, mailbox_location
+from mailsys.smtp.reply import Reply
+
+PREFIX = b"Return-Path: <a@b.org>\r\nDelivered-To: joe@example.com\r\n"
+MESSAGE = b"Subject: hi\r\n\r\nline one\r\nFrom here\r\n>From there\r\n.dot\r\n"
+STORED = (PREFIX + MESSAGE).replace(b"\r\n", b"\n")
+
+
+@pytest.fixture(params=["maildir", "mbox", "memory"])
+def store(request, tmp_path):
+    kind = request.param
+    s = {"maildir": MaildirStore, "mbox": lambda: MboxStore(lock_timeout=0.2),
+         "memory": MemoryStore}[kind]()
+    location = mailbox_location(str(tmp_path), "joe@example.com", "maildir" if kind != "mbox" else "mbox")
+    return s, location
+
+
+def test_provides_interface(store):
+    s, _ = store
+    assert IMailStore.providedBy(s)
+
+
+def test_deliver_then_read_back_exactly(store):
+    s, loc = store
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender="a@b.org") == Delivered()
+    assert s.messages(loc) == [STORED]
+
+
+def test_many_messages_keep_order_and_bytes(store):
+    s, loc = store
+    bodies = [b"Subject: %d\r\n\r\nFrom %d\r\n" % (i, i) for i in range(30)]
+    for b in bodies:
+        assert s.deliver(loc, b"", b, 0).delivered
+    got = s.messages(loc)
+    assert len(got) == 30
+    assert sorted(got) == sorted(b.replace(b"\r\n", b"\n") for b in bodies)
+
+
+def test_size_grows_with_deliveries(store):
+    s, loc = store
+    assert s.size(loc) == 0
+    s.deliver(loc, PREFIX, MESSAGE, 0)
+    first = s.size(loc)
+    assert first >= len(STORED)
+    s.deliver(loc, PREFIX, MESSAGE, 0)
+    assert s.size(loc) >= 2 * len(STORED)
+
+
+def test_quota_refuses_only_the_message_that_would_exceed_it(store):
+    s, loc = store
+    assert s.deliver(loc, PREFIX, MESSAGE, 0).delivered
+    cost = s.size(loc)                 # one message as this store keeps it
+    quota = cost * 2 + cost // 2       # room for two, not three
+    assert s.deliver(loc, PREFIX, MESSAGE, quota).delivered
+    outcome = s.deliver(loc, PREFIX, MESSAGE, quota)
+    assert outcome == PermFail(Reply(552, "5.2.2", "Mailbox full: over quota"))
+    assert len(s.messages(loc)) == 2
+
+
+def test_maildir_layout_and_names(tmp_path):
+    s = MaildirStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    assert loc == str(tmp_path / "example.com" / "joe" / "Maildir")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0).delivered
+    for sub in ("tmp", "new", "cur"):
+        assert oct(os.stat(os.path.join(loc, sub)).st_mode & 0o777) == "0o700"
+    assert os.listdir(os.path.join(loc, "tmp")) == []
+    (name,) = os.listdir(os.path.join(loc, "new"))
+    sec, rest = name.split(".", 1)
+    assert sec.isdigit() and rest.startswith("M") and "P%d" % os.getpid() in rest
+    vsize = len(STORED) + STORED.count(b"\n")
+    assert name.endswith(f",S={len(STORED)},W={vsize}")
+    # Python's own Maildir reader sees exactly our bytes.
+    (msg,) = list(mailbox.Maildir(loc, factory=None))
+    assert msg.as_bytes().replace(b"\r\n", b"\n") == STORED or bytes(msg) == STORED
+
+
+def test_maildir_never_overwrites(tmp_path, monkeypatch):
+    s = MaildirStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    names = iter(["1.M1P1Q1.h,S=1,W=1", "1.M1P1Q1.h,S=1,W=1", "1.M1P1Q2.h,S=1,W=1"])
+    monkeypatch.setattr(s, "_unique", lambda size, vsize: next(names))
+    assert s.deliver(loc, b"", b"a\r\n", 0).delivered
+    assert s.deliver(loc, b"", b"b\r\n", 0).delivered   # first pick collides, second is new
+    assert sorted(os.listdir(os.path.join(loc, "new"))) == ["1.M1P1Q1.h,S=1,W=1", "1.M1P1Q2.h,S=1,W=1"]
+    with open(os.path.join(loc, "new", "1.M1P1Q1.h,S=1,W=1"), "rb") as f:
+        assert f.read() == b"a\n"
+
+
+def test_mbox_format_and_mboxrd_quoting(tmp_path):
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    s.deliver(loc, PREFIX, MESSAGE, 0, sender="a@b.org", when=0)
+    s.deliver(loc, b"", b"Subject: 2\r\n\r\nFrom x\r\n", 0, sender="", when=0)
+    with open(loc, "rb") as f:
+        data = f.read()
+    assert data.startswith(b"From a@b.org Thu Jan  1 00:00:00 1970\n")
+    assert b"\n>From here\n>>From there\n" in data
+    assert b"\n\nFrom MAILER-DAEMON Thu Jan  1 00:00:00 1970\n" in data
+    assert data.endswith(b"\n>From x\n\n")
+    got = list(mailbox.mbox(loc))
+    assert len(got) == 2
+    assert got[0]["Subject"] == "hi"
+    assert s.messages(loc)[0] == STORED
+
+
+@pytest.mark.parametrize("line", [b"From x", b">From x", b">>>From x", b"Fromx", b" From x"])
+def test_mboxrd_quote_round_trip(line):
+    assert unquote(quote(line + b"\n")) == line + b"\n"
+
+
+def test_mbox_truncates_back_on_write_error(tmp_path, monkeypatch):
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0).delivered
+    before = os.path.getsize(loc)
+
+    def failing_fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    outcome = s.deliver(loc, PREFIX, MESSAGE, 0)
+    monkeypatch.undo()
+    assert outcome == TempFail(Reply(452, "4.3.1", "Insufficient system storage for mailbox"))
+    assert os.path.getsize(loc) == before
+    assert not os.path.exists(loc + ".lock")
+    assert len(s.messages(loc)) == 1
+
+
+def test_mbox_lock_wait_is_bounded(tmp_path):
+    s = MboxStore(lock_timeout=0.1)
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    os.makedirs(os.path.dirname(loc))
+    open(loc + ".lock", "w").close()   # someone else holds the dotlock
+    outcome = s.deliver(loc, PREFIX, MESSAGE, 0)
+    assert outcome == TempFail(Reply(451, "4.2.0", "Mailbox busy: could not lock it in time"))
+    assert not os.path.exists(loc)
+
+
+def test_mbox_stale_dotlock_is_removed(tmp_path):
+    s = MboxStore(lock_timeout=0.1)
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    os.makedirs(os.path.dirname(loc))
+    open(loc + ".lock", "w").close()
+    old = os.path.getmtime(loc + ".lock") - 301
+    os.utime(loc + ".lock", (old, old))
+    assert s.deliver(loc, PREFIX, MESSAGE, 0).delivered
+    assert not os.path.exists(loc + ".lock")
+
+
+def test_maildir_enospc_leaves_nothing_visible(tmp_path, monkeypatch):
+    s = MaildirStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    assert s.deliver(loc, b"", b"ok\r\n", 0).delivered
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    outcome = s.deliver(loc, PREFIX, MESSAGE, 0)
+    monkeypatch.undo()
+    assert outcome == TempFail(Reply(451, "4.3.0", "Local I/O error writing mailbox"))
+    assert os.listdir(os.path.join(loc, "tmp")) == []
+    assert len(os.listdir(os.path.join(loc, "new"))) == 1
+
+
+@pytest.mark.parametrize("address", ["../x@example.com", "a/b@example.com", ".hidden@example.com",
+                                     "a\x00b@example.com", "x@../etc", "x@a/b", "x@.", "@example.com",
+                                     "a" * 300 + "@example.com"])
+def test_mailbox_location_refuses_escapes(tmp_path, address):
+    with pytest.raises(UnsafeMailbox):
+        mailbox_location(str(tmp_path), address, "maildir")
+
+
+def test_mailbox_location_is_lowercase_and_under_root(tmp_path):
+    assert mailbox_location(str(tmp_path), "Joe@Example.COM", "mbox") == \
+        str(tmp_path / "example.com" / "joe" / "mbox")
