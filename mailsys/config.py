@@ -47,6 +47,7 @@ class ConfigError(Exception):
 class ServerConfig:
     hostname: str
     state_dir: str
+    workers: int
 
 
 @dataclass(frozen=True)
@@ -476,6 +477,7 @@ _SCHEMA = {
     "server": (ServerConfig, {
         "hostname": (None, _hostname),
         "state_dir": ("/var/lib/mailsys", _path),
+        "workers": (0, _integer(0)),
     }),
     "listen": (ListenConfig, {
         "mta": (["tcp:25"], _ENDPOINTS),
@@ -781,6 +783,16 @@ def cli_check(args):
     return EXIT_OK
 
 
+def default_workers():
+    """``server.workers = 0``: one process per CPU, at most 4 (more buys little: the
+    spool's group commit and the shared disk become the limit)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def workers(config):
+    return config.server.workers or default_workers()
+
+
 def summary(config):
     """One screen (under 25 lines) answering "what will this host do?" for an operator."""
     def joined(items, empty):
@@ -793,6 +805,8 @@ def summary(config):
     rows = [
         ("hostname", config.server.hostname),
         ("state_dir", config.server.state_dir),
+        ("workers", f"{config.server.workers}" if config.server.workers else
+         f"auto ({default_workers()} on this machine)"),
     ]
     rows += [(f"listen {f.name}", joined(getattr(config.listen, f.name), "disabled"))
              for f in fields(config.listen)]

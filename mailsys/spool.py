@@ -47,21 +47,23 @@ class SpoolError(Exception):
 class QueueIds:
     """Unique, sortable, filename-safe queue ids (hex, as Postfix's short ids).
 
-    Microseconds since the epoch times 1024 plus a counter: unique within the
-    process even when the clock stalls, sortable by arrival, and never reused
-    after a restart unless the clock goes back.
+    Microseconds since the epoch times 1024 plus a counter, times 16 plus the
+    worker number: unique across worker processes even when the clock stalls,
+    sortable by arrival, and never reused after a restart unless the clock goes
+    back.
     """
 
-    def __init__(self, clock=time.time):
+    def __init__(self, clock=time.time, worker=0):
         self._clock = clock
         self._last = 0
+        self._worker = worker   # low four bits: ids of concurrent workers never collide
 
     def next(self):
         n = int(self._clock() * 1_000_000) << 10
         if n <= self._last:
             n = self._last + 1
         self._last = n
-        return f"{n:X}"
+        return f"{n * 16 + self._worker:X}"
 
 
 class MessageWriter:
@@ -96,7 +98,7 @@ class MessageWriter:
         _write_all(self.spill_fd, chunk)
 
     def _spill(self):
-        path = os.path.join(self.spool.incoming, self.queue_id)
+        path = os.path.join(self.spool.incoming, f"{self.queue_id}.{self.spool.worker:02d}")
         self.spill_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self.spill_path = path
         for c in self.chunks:
@@ -246,14 +248,15 @@ def read_spool(directory):
 class Spool:
     """Appends messages to segment files with group commit; see the module docstring."""
 
-    def __init__(self, directory, reactor, *, segment_limit=SEGMENT_LIMIT, fsync=True):
+    def __init__(self, directory, reactor, *, segment_limit=SEGMENT_LIMIT, fsync=True, worker=0):
         self.directory = directory
         self.reactor = reactor
+        self.worker = worker
         self.segments = os.path.join(directory, "segments")
         self.incoming = os.path.join(directory, "incoming")
         self.segment_limit = segment_limit
         self.fsync = fsync and not os.environ.get("XX_NOFSYNC")
-        self.ids = QueueIds()
+        self.ids = QueueIds(worker=worker)
         self.entries = []
         self._memory = 0
         self._pending = []
@@ -267,25 +270,35 @@ class Spool:
 
     # -- start-up ---------------------------------------------------------------
 
-    def open(self):
-        """Create the layout, cut torn tails, drop scratch files, index the queue."""
+    def open(self, everything=True):
+        """Create the layout, cut torn tails, drop scratch files, index the queue.
+
+        Each worker process appends only to segments named after it.  The first
+        process (``everything``) repairs and indexes every segment before any
+        worker runs; a worker restarted on its own repairs only its own.
+        """
         for d in (self.directory, self.segments, self.incoming):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        mine = f"{self.worker:02d}-"
         for name in os.listdir(self.incoming):
-            os.unlink(os.path.join(self.incoming, name))
-        names = sorted(n for n in os.listdir(self.segments) if n.endswith(".seg"))
+            if everything or name.endswith(f".{self.worker:02d}"):
+                os.unlink(os.path.join(self.incoming, name))
+        names = sorted(n for n in os.listdir(self.segments)
+                       if n.endswith(".seg") and not n.startswith(".")
+                       and (everything or n.startswith(mine)))
         for name in names:
-            if name.startswith("."):
-                continue
             entries, _ = scan_segment(os.path.join(self.segments, name), repair=True)
-            self.entries.extend(entries)
-            self._seg_no = max(self._seg_no, int(name.split(".")[0], 16))
+            if everything:
+                self.entries.extend(entries)
+            if name.startswith(mine):
+                self._seg_no = max(self._seg_no, int(name[len(mine):-4], 16))
         _fsync_dir(self.segments)
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mailsys-spool")
         self._pool.start()
         self._new_segment()
-        log.info("spool: {count} queued messages in {segments} segments",
-                 count=len(self.entries), segments=len(names))
+        if everything:
+            log.info("spool: {count} queued messages in {segments} segments",
+                     count=len(self.entries), segments=len(names))
         return self.entries
 
     def close(self):
@@ -300,7 +313,7 @@ class Spool:
         if self._fd is not None:
             os.close(self._fd)
         self._seg_no += 1
-        self._seg_path = os.path.join(self.segments, f"{self._seg_no:08X}.seg")
+        self._seg_path = os.path.join(self.segments, f"{self.worker:02d}-{self._seg_no:08X}.seg")
         # Not O_APPEND: the writer thread owns the position (pwritev at known
         # offsets), and copy_file_range refuses O_APPEND destinations.
         self._fd = os.open(self._seg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -3,17 +3,27 @@
 Configuration is loaded and validated before anything listens: a bad file makes
 twistd refuse to start with the same ``FILE:LINE: key: problem`` lines that
 ``mailsys config check`` prints.
-"""
-import os
-import sys
 
-from twisted.application import service, strports
+The twistd process is worker 0.  It takes the state directory's lock, recovers
+the spool, opens every listening socket, then starts ``server.workers - 1``
+more worker processes (mailsys.workers) that inherit the sockets and serve them
+too; see docs/processes.rst.
+"""
+import fcntl
+import math
+import os
+import time
+
+from twisted.application import service
+from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailsys.config import ConfigError, load
+from mailsys.config import ConfigError, load, workers as worker_count
 
 log = Logger(namespace="mailsys")
+
+LOCK_WAIT = 10.0   # seconds to wait for a previous instance's processes to be gone
 
 
 class Options(usage.Options):
@@ -22,22 +32,31 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        path = self["config"] or os.environ.get("MAILSYS_CONFIG") or None
+        self.path = self["config"] or os.environ.get("MAILSYS_CONFIG") or None
         try:
-            self.config = load(path)
+            self.config = load(self.path)
         except ConfigError as e:
             # usage.UsageError makes twistd print this and exit non-zero.
             raise usage.UsageError("configuration problems:\n" + str(e))
 
 
-class MailHost(service.MultiService):
-    """Owns the shared state (spool, accounts, limits) of all listeners."""
+class TLSNeeded(Exception):
+    pass
 
-    def __init__(self, config, reactor=None):
+
+class StateLocked(Exception):
+    pass
+
+
+class MailHost(service.MultiService):
+    """Owns the shared state (spool, accounts, limits) of the listeners of one process."""
+
+    def __init__(self, config, reactor=None, *, worker=0, nworkers=1):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         from mailsys.accounts import Accounts
+        from mailsys.auth import FailureThrottle, make_portal
         from mailsys.rdns import ReverseLookup
         from mailsys.receive import ConnectionLimiter
         from mailsys.spool import Spool
@@ -45,20 +64,30 @@ class MailHost(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.clock = reactor
+        self.worker = worker
+        self.nworkers = nworkers
         self.local_domains = frozenset(config.domains.local)
         self.relay_domains = frozenset(config.domains.relay)
         self.mynetworks = config.relay.mynetworks
-        self.limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
+        # Each process enforces its share of the total (the kernel spreads
+        # connections over the processes accepting on a socket), but the whole
+        # per-IP limit: the spread is uneven over a few connections, and a busy
+        # peer refused early would be worse than one let in twice over.
+        self.limiter = ConnectionLimiter(max(1, math.ceil(config.limits.connections / nworkers)),
+                                         config.limits.connections_per_ip)
         self.rdns = ReverseLookup(reactor, reactor, config.dns.nameservers, config.dns.timeout)
         self.accounts = Accounts(config.accounts.users, config.accounts.aliases,
                                  config.domains.local, clock=reactor)
-        self.spool = Spool(os.path.join(config.server.state_dir, "spool"), reactor)
+        self.spool = Spool(os.path.join(config.server.state_dir, "spool"), reactor, worker=worker)
         self._relay_cache = {}
         self.tls = self._load_tls()
-        from mailsys.auth import FailureThrottle, make_portal
-
         self.portal = make_portal(self.accounts, reactor)
         self.auth_throttle = FailureThrottle(reactor)
+        self.listeners = []      # (role, endpoint string, factory)
+        self.ports = []          # listening ports of this process, same order
+        self.adopt = None        # worker processes: [(role, endpoint, fd, family)]
+        self.lock_fd = None
+        self.pool = None
 
     def _load_tls(self):
         """The TLS context for every role, or None: STARTTLS is then not offered.
@@ -70,7 +99,8 @@ class MailHost(service.MultiService):
         from mailsys.tls import ServerTLS, write_self_signed
 
         cfg = self.config.tls
-        if self.config.source == EMBEDDED_SOURCE and not os.path.exists(cfg.certificate):
+        if (self.config.source == EMBEDDED_SOURCE and self.worker == 0
+                and not os.path.exists(cfg.certificate)):
             write_self_signed(self.config.server.hostname, cfg.certificate, cfg.key)
             log.info("wrote a self-signed certificate to {path}", path=cfg.certificate)
         if not (os.path.exists(cfg.certificate) and os.path.exists(cfg.key)):
@@ -78,7 +108,8 @@ class MailHost(service.MultiService):
                 raise TLSNeeded(f"listen.submissions needs a certificate, but {cfg.certificate} "
                                 f"or {cfg.key} does not exist; run 'mailsys tls self-signed' "
                                 f"or point [tls] at your certificate")
-            log.warn("no TLS certificate at {path}: STARTTLS is not offered", path=cfg.certificate)
+            if self.worker == 0:
+                log.warn("no TLS certificate at {path}: STARTTLS is not offered", path=cfg.certificate)
             return None
         return ServerTLS(cfg.certificate, cfg.key, self.reactor)
 
@@ -92,35 +123,75 @@ class MailHost(service.MultiService):
             hit = self._relay_cache[ip] = client_may_relay(ip, self.mynetworks)
         return hit
 
+    # -- start and stop -------------------------------------------------------------
+
     def privilegedStartService(self):
-        # Listeners start here (before startService); the state directory holds
-        # the LMTP socket and the spool must be recovered before mail arrives.
-        os.makedirs(self.config.server.state_dir, mode=0o700, exist_ok=True)
-        for endpoint in self.config.listen.lmtp:
-            _remove_stale_unix_socket(endpoint)
-        self.spool.open()
+        # Listening happens here, before startService (and before twistd drops
+        # privileges): recover the spool first so no mail arrives half-recovered.
+        state = self.config.server.state_dir
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        if self.adopt is None:
+            self._lock_state(state)
+            for endpoint in self.config.listen.lmtp:
+                _remove_stale_unix_socket(endpoint)
+        self.spool.open(everything=self.adopt is None)
+        if self.adopt is None:
+            for role, endpoint, factory in self.listeners:
+                d = endpoints.serverFromString(self.reactor, endpoint).listen(factory)
+                failure = []
+                d.addCallbacks(self.ports.append, failure.append)
+                if failure:
+                    failure[0].raiseException()
+        else:
+            for (role, endpoint, fd, family), (_, _, factory) in zip(self.adopt, self.listeners):
+                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                os.close(fd)
         super().privilegedStartService()
+
+    def _lock_state(self, state):
+        """One mail host per state directory.  Worker processes inherit the lock,
+        so a restart after kill -9 also waits until the old workers are gone."""
+        fd = os.open(os.path.join(state, "mailsys.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StateLocked(f"another mailsys is running on {state} "
+                                      f"(it holds {state}/mailsys.lock); stop it first")
+                time.sleep(0.1)
+        self.lock_fd = fd
 
     def startService(self):
         super().startService()
-        log.info("mailsys started: {hostname}, state in {state_dir}",
-                 hostname=self.config.server.hostname, state_dir=self.config.server.state_dir)
+        if self.adopt is None and self.nworkers > 1:
+            from mailsys.workers import WorkerPool
+
+            self.pool = WorkerPool(self, self.nworkers - 1)
+            self.pool.start()
+        if self.worker == 0:
+            log.info("mailsys started: {hostname}, state in {state_dir}, {n} worker process(es)",
+                     hostname=self.config.server.hostname, state_dir=self.config.server.state_dir,
+                     n=self.nworkers)
 
     def stopService(self):
-        d = super().stopService()
+        from twisted.internet import defer
+
+        waits = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        self.ports = []
+        if self.pool is not None:
+            waits.append(self.pool.stop())
+        waits.append(defer.maybeDeferred(super().stopService))
+        d = defer.DeferredList(waits)
 
         def closed(result):
             self.spool.close()
-            return result
-
-        if d is None:
-            closed(None)
             return None
+
         return d.addBoth(closed)
-
-
-class TLSNeeded(Exception):
-    pass
 
 
 def _remove_stale_unix_socket(endpoint):
@@ -131,7 +202,7 @@ def _remove_stale_unix_socket(endpoint):
 
     if not endpoint.startswith("unix:"):
         return
-    path = endpoint[5:].split(":")[0].replace("\\:", ":")
+    path = endpoint[5:].split(":")[0].replace("\\\\:", ":")
     if path.startswith("address="):
         path = path[8:]
     try:
@@ -149,31 +220,34 @@ def _remove_stale_unix_socket(endpoint):
         s.close()
 
 
-def build(config, reactor=None):
+def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
+    """The mail host of one process with every configured role's factory."""
     from mailsys.receive import ReceiveFactory, implicit_tls
 
-    host = MailHost(config, reactor)
-    roles = [("mta", config.listen.mta), ("submission", config.listen.submission),
-             ("submissions", config.listen.submissions)]
+    if nworkers is None:
+        nworkers = worker_count(config)
+    host = MailHost(config, reactor, worker=worker, nworkers=nworkers)
+    host.config_path = config_path
     if config.listen.lmtp:
         from mailsys.mda.lmtp import LMTPFactory, MDA
 
-        mda = MDA(config, host.accounts, host.reactor)
+        mda = MDA(config, host.accounts, host.reactor, worker=worker)
         for endpoint in config.listen.lmtp:
             factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
-            strports.service(endpoint, factory).setServiceParent(host)
-    for role, endpoints in roles:
-        for endpoint in endpoints:
+            host.listeners.append(("lmtp", endpoint, factory))
+    roles = [("mta", config.listen.mta), ("submission", config.listen.submission),
+             ("submissions", config.listen.submissions)]
+    for role, endpoints_ in roles:
+        for endpoint in endpoints_:
             factory = ReceiveFactory(host, role)
             if role == "submissions":
                 factory = implicit_tls(factory, host.tls)
-            svc = strports.service(endpoint, factory)
-            svc.setServiceParent(host)
+            host.listeners.append((role, endpoint, factory))
     return host
 
 
 def makeService(options):
     try:
-        return build(options.config)
+        return build(options.config, config_path=options.path)
     except TLSNeeded as e:
         raise usage.UsageError(str(e))

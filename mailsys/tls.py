@@ -12,7 +12,9 @@ import ipaddress
 import os
 
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger(namespace="mailsys.tls")
 
@@ -66,6 +68,7 @@ def _split_pem(data):
     return out
 
 
+@implementer(IOpenSSLContextFactory)
 class ServerTLS:
     """Context factory (IOpenSSLContextFactory-style) that follows the PEM files."""
 

@@ -33,7 +33,8 @@ def problems(path):
 def test_empty_file_gives_the_contract_defaults(tmp_path):
     c = load(write(tmp_path, ""))
     assert c.source == str(tmp_path / "mailsys.toml")
-    assert c.server == cfg.ServerConfig(hostname=socket.getfqdn(), state_dir="/var/lib/mailsys")
+    assert c.server == cfg.ServerConfig(hostname=socket.getfqdn(), state_dir="/var/lib/mailsys",
+                                        workers=0)
     assert c.listen == cfg.ListenConfig(
         mta=("tcp:25",), submission=("tcp:587",), submissions=("tcp:465",),
         lmtp=("unix:/var/lib/mailsys/lmtp.sock",), pop3=("tcp:110",), pop3s=("tcp:995",))

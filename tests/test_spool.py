@@ -195,7 +195,7 @@ def _three_records(tmp_path):
 def _reopen_with(tmp_path, name, seg_bytes):
     d = tmp_path / name
     (d / "segments").mkdir(parents=True)
-    seg = d / "segments" / "00000001.seg"
+    seg = d / "segments" / "00-00000001.seg"
     seg.write_bytes(seg_bytes)
     s = open_spool(d)
     return s, seg
@@ -266,7 +266,7 @@ def test_large_message_spills_and_is_copied_intact(sync, tmp_path, monkeypatch):
     assert w.spill_fd is None and s._memory == 800
     w.write(body[800:1600])
     assert w.spill_fd is not None
-    scratch = tmp_path / "incoming" / "BIG"
+    scratch = tmp_path / "incoming" / "BIG.00"
     assert scratch.read_bytes() == body[:1600]
     assert s._memory == 0
     for i in range(1600, len(body), 4096):
@@ -288,9 +288,9 @@ def test_spilled_message_discarded_removes_its_scratch_file(sync, tmp_path, monk
     s = open_spool(tmp_path)
     w = s.new_message("X")
     w.write(b"a" * 100)
-    assert (tmp_path / "incoming" / "X").exists()
+    assert (tmp_path / "incoming" / "X.00").exists()
     w.discard()
-    assert not (tmp_path / "incoming" / "X").exists()
+    assert not (tmp_path / "incoming" / "X.00").exists()
     w.discard()   # twice is harmless
 
 

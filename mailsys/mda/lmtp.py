@@ -45,7 +45,7 @@ def delivered_to(head):
 class MDA:
     """What every LMTP session shares: stores, accounts, mailbox settings."""
 
-    def __init__(self, config, accounts, reactor, stores=None):
+    def __init__(self, config, accounts, reactor, stores=None, worker=0):
         self.config = config
         self.accounts = accounts
         self.reactor = reactor
@@ -54,7 +54,7 @@ class MDA:
         self.default_quota = config.mailbox.quota
         self.local_domains = frozenset(config.domains.local)
         self.stores = stores or {"maildir": MaildirStore(), "mbox": MboxStore()}
-        self.ids = QueueIds()
+        self.ids = QueueIds(worker=worker)
 
     def targets(self, address):
         """[(account, store kind, quota, location)] for a recipient, or a Reply."""

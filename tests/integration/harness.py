@@ -10,6 +10,7 @@ Nothing here contacts an address outside 127.0.0.0/8.
 """
 from __future__ import annotations
 
+import imaplib
 import json
 import os
 import random
@@ -21,6 +22,8 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -549,3 +552,464 @@ def _alive(pid):
         return True
     # A zombie child of ours would look alive; Postfix's master is not our child.
     return True
+
+
+# --- TLS and the submission roles (issue 3) ------------------------------------------
+
+TLS_NAME = "localhost"   # the name in the test certificates (write_self_signed also adds 127.0.0.1)
+
+
+def free_ports(count):
+    """``count`` distinct free ports on 127.0.0.1 (see :func:`free_port`)."""
+    ports = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def tls_server(make_server, overrides=None, *, roles=("submission", "submissions"),
+               certificate=True, hostname=TLS_NAME, start=True, name=None):
+    """A MailsysServer with the mta listener and the given submission ``roles`` on free
+    ports of 127.0.0.1, and (``certificate=True``) a self-signed certificate for
+    ``hostname`` written with ``mailsys.tls.write_self_signed`` where ``[tls]`` points.
+
+    The server gets ``submission_port`` and ``submissions_port`` attributes (None for
+    a role not enabled), and ``certificate``/``key`` (the paths).
+    """
+    from mailsys.tls import write_self_signed
+
+    ports = dict(zip(roles, free_ports(len(roles))))
+    listen = {role: ([f"tcp:{ports[role]}:interface={LOOPBACK}"] if role in ports else [])
+              for role in ("submission", "submissions")}
+    server = make_server(merge({"listen": listen}, overrides), start=False, name=name)
+    server.submission_port = ports.get("submission")
+    server.submissions_port = ports.get("submissions")
+    server.certificate = Path(server.config["tls"]["certificate"])
+    server.key = Path(server.config["tls"]["key"])
+    if certificate:
+        write_self_signed(hostname, str(server.certificate), str(server.key))
+    if start:
+        server.start()
+    return server
+
+
+# --- LMTP, the MDA and its real readers (issue 4) -------------------------------------
+#
+# Added for tests/integration/test_lmtp.py, test_dovecot_reader.py, test_postfix_lmtp.py
+# and test_mda_concurrency.py.  Nothing above this line is changed by them.
+
+UNIX_PATH_MAX = 100   # sun_path is 108 bytes; keep a margin
+
+
+def lmtp_socket_path(base, name="lmtp.sock"):
+    """A path for the LMTP unix socket under ``base``, or under a short new directory
+    in /tmp when ``base`` is too deep for a unix socket address (108 bytes)."""
+    path = Path(base) / name
+    if len(os.fsencode(path)) < UNIX_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="mailsys-lmtp-", dir="/tmp")) / name
+
+
+def lmtp_overrides(*endpoints, **sections):
+    """Configuration overrides with ``listen.lmtp`` set to ``endpoints`` (strings or socket paths)."""
+    lmtp = [e if isinstance(e, str) else f"unix:{os.fspath(e)}" for e in endpoints]
+    overrides = {"listen": {"lmtp": lmtp}}
+    for section, keys in sections.items():
+        overrides.setdefault(section, {}).update(keys)
+    return overrides
+
+
+_CLI_USERS = {}
+_CLI_USERS_LOCK = threading.Lock()
+
+
+def cli_users_text(accounts, password="integration test password"):
+    """A users file written by the real CLI for ``accounts``: ``[(address, [extra args])]``,
+    e.g. ``[("joe@example.com", []), ("box@example.com", ["--store", "mbox"])]``.
+
+    ``mailsys user add ... --password-stdin`` hashes with Argon2id (slow), so the text
+    is made once per set of accounts per test session and copied to each server.
+    """
+    key = tuple((address, tuple(extra)) for address, extra in accounts)
+    with _CLI_USERS_LOCK:
+        if key not in _CLI_USERS:
+            base = Path(tempfile.mkdtemp(prefix="mailsys-users-"))
+            try:
+                server = MailsysServer(base)   # for its configuration only
+                for address, extra in key:
+                    p = server.mailsys_cli("user", "add", address, "--password-stdin", *extra,
+                                           input=password + "\n")
+                    if p.returncode != 0:
+                        raise HarnessError(f"`mailsys user add {address} --password-stdin "
+                                           f"{' '.join(extra)}` exited {p.returncode}:\n"
+                                           f"{p.stdout}{p.stderr}")
+                _CLI_USERS[key] = server.users_path.read_text()
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+        return _CLI_USERS[key]
+
+
+def dot_stuff(message):
+    """CRLF message bytes as they go on the wire after DATA, final dot included."""
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    lines = message.split(b"\r\n")[:-1]
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                    for line in lines) + b".\r\n"
+
+
+class LMTPClient:
+    """A plain LMTP client (RFC 2033) over a unix socket path or ``(host, port)``.
+
+    smtplib.LMTP reads one reply after DATA; LMTP gives one per accepted recipient,
+    so the tests speak the protocol themselves.  Replies are returned as text, one
+    reply line per element for multi-line replies, e.g. ``"250 2.1.5 Ok"``.
+    """
+
+    def __init__(self, address, timeout=60.0, lhlo="client.example.org"):
+        if isinstance(address, tuple):
+            self.sock = socket.create_connection(address, timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(os.fspath(address))
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+        self.lhlo = self.command(f"LHLO {lhlo}") if lhlo else None
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self.file.readline(4096)
+            if not line:
+                raise ConnectionError(f"connection closed by the server after {lines!r}")
+            text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                return "\n".join(lines)
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def command(self, line):
+        self.send_raw(line.encode("utf-8") + b"\r\n")
+        return self.reply()
+
+    def transaction(self, sender, rcpts, message, on_sent=None):
+        """One MAIL/RCPT.../DATA: ``(mail reply, [RCPT replies], [replies after DATA])``.
+
+        The replies after DATA are one per accepted recipient in RCPT order (empty when
+        no recipient was accepted: then the transaction is reset instead of sending
+        DATA).  ``on_sent`` is called once the final dot has been handed to the kernel.
+        """
+        mail = self.command(f"MAIL FROM:<{sender}>")
+        if not mail.startswith("250"):
+            return mail, [], []
+        rcpt_replies = [self.command(f"RCPT TO:<{r}>") for r in rcpts]
+        accepted = sum(1 for r in rcpt_replies if r.startswith("250"))
+        if not accepted:
+            self.command("RSET")
+            return mail, rcpt_replies, []
+        data = self.command("DATA")
+        if not data.startswith("354"):
+            return mail, rcpt_replies, [data]
+        self.send_raw(dot_stuff(message))
+        if on_sent is not None:
+            on_sent()
+        return mail, rcpt_replies, [self.reply() for _ in range(accepted)]
+
+    def quit(self):
+        try:
+            return self.command("QUIT")
+        except OSError:
+            return None
+        finally:
+            self.close()
+
+    def close(self):
+        try:
+            self.file.close()
+        finally:
+            self.sock.close()
+
+
+def lmtp_deliver(address, sender, rcpts, message, timeout=60.0):
+    """One transaction on a new connection; see :meth:`LMTPClient.transaction`."""
+    client = LMTPClient(address, timeout=timeout)
+    try:
+        return client.transaction(sender, rcpts, message)
+    finally:
+        client.quit()
+
+
+MAILDIR_NAME = re.compile(r"^(?P<sec>[0-9]+)\.M(?P<usec>[0-9]+)P(?P<pid>[0-9]+)Q(?P<q>[0-9]+)\."
+                          r"(?P<host>[^,/:]+),S=(?P<size>[0-9]+),W=(?P<vsize>[0-9]+)$")
+
+
+def maildir_files(maildir, sub="new"):
+    """``{name: bytes}`` of the files in ``maildir/sub`` ({} when it does not exist)."""
+    d = Path(maildir) / sub
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return {}
+    return {name: (d / name).read_bytes() for name in names}
+
+
+def wait_for_files(maildir, count, timeout=60.0, sub="new"):
+    """Poll ``maildir/sub`` (bounded) until it holds at least ``count`` files."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            n = len(os.listdir(Path(maildir) / sub))
+        except FileNotFoundError:
+            n = 0
+        if n >= count:
+            return maildir_files(maildir, sub)
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{n} files in {maildir}/{sub} after {timeout:.0f} s, expected {count}")
+        time.sleep(0.05)
+
+
+def mboxrd_unquote(body):
+    """mboxrd reading: one '>' less on every line that is '>'s then 'From '."""
+    return re.sub(rb"(?m)^>(>*From )", rb"\1", body)
+
+
+def _open_traversal(path):
+    """Give "others" the search bit on ``path`` and every directory above it, so that
+    a daemon's unprivileged user can reach it; returns what to put back."""
+    changed = []
+    d = Path(path)
+    while True:
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            changed.append((d, stat.S_IMODE(mode)))
+            d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+        if d.parent == d:
+            return changed
+        d = d.parent
+
+
+def _restore_modes(changed):
+    for d, mode in reversed(changed):
+        try:
+            d.chmod(mode)
+        except OSError:
+            pass
+
+
+class DovecotPeer:
+    """A stock Dovecot (IMAP only) on 127.0.0.1 reading the Maildirs under ``mail_root``.
+
+    ``mail_location = maildir:ROOT/%d/%n/Maildir`` (mailsys's layout), any user with
+    password ``pw`` (passdb static), ``ssl = no``, logs to ``base/dovecot.log``.  Dovecot
+    refuses to access mail as uid 0 ("userdb returned 0 as uid", even with
+    ``first_valid_uid = 0``), so ``start()`` hands the mailbox tree to ``uid:gid`` (5000,
+    as ../shared/anchors/dovecot.sh does) and gives every directory above it the search
+    bit for others; ``stop()`` puts those directory modes back (the tree stays chowned).
+    Its base_dir (sockets) is a short directory under /tmp, removed at ``stop()``.
+    """
+
+    PASSWORD = "pw"
+
+    def __init__(self, base, mail_root, uid=5000, gid=5000):
+        self.dovecot = find_program("dovecot")
+        self.doveadm = find_program("doveadm")
+        if not self.dovecot or not self.doveadm:
+            raise HarnessError("Dovecot is not installed (no dovecot/doveadm program); the "
+                               "integration tests need Debian's dovecot-core and dovecot-imapd: "
+                               "run `bash .ci/test-all`, which installs them")
+        if os.geteuid() != 0:
+            raise HarnessError("the Dovecot peer needs root (its processes change uid); run the "
+                               "tests as root")
+        self.base = Path(base)
+        self.mail_root = Path(mail_root).resolve()
+        self.uid, self.gid = uid, gid
+        self.conf = self.base / "dovecot.conf"
+        self.log = self.base / "dovecot.log"
+        self.imap_port = free_port()
+        self.run_dir = None
+        self._chmodded = []
+
+    def config_text(self):
+        return f"""\
+# written by tests/integration/harness.py (DovecotPeer)
+base_dir = {self.run_dir}
+instance_name = mailsys-test-{self.imap_port}
+protocols = imap
+listen = {LOOPBACK}
+log_path = {self.log}
+info_log_path = {self.log}
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{self.mail_root}/%d/%n/Maildir
+first_valid_uid = 1000
+passdb {{
+  driver = static
+  args = password={self.PASSWORD}
+}}
+userdb {{
+  driver = static
+  args = uid={self.uid} gid={self.gid} home={self.mail_root}/%d/%n
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {LOOPBACK}
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+"""
+
+    def start(self, timeout=START_TIMEOUT):
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.mail_root.mkdir(parents=True, exist_ok=True)
+        for dirpath, dirnames, filenames in os.walk(self.mail_root):
+            os.chown(dirpath, self.uid, self.gid)
+            for name in filenames:
+                os.chown(os.path.join(dirpath, name), self.uid, self.gid)
+        self._chmodded = _open_traversal(self.mail_root.parent)
+        self.run_dir = Path(tempfile.mkdtemp(prefix="mailsys-dovecot-", dir="/tmp"))
+        self.conf.write_text(self.config_text())
+        p = subprocess.run([self.dovecot, "-c", str(self.conf)], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+        if p.returncode:
+            self._cleanup()
+            raise HarnessError(f"dovecot -c {self.conf} exited {p.returncode}\n{p.stdout}{p.stderr}"
+                               f"\n--- {self.log}\n{tail(self.log)}")
+        deadline = time.monotonic() + timeout
+        while not port_accepts(self.imap_port):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise HarnessError(f"Dovecot does not accept IMAP on 127.0.0.1:{self.imap_port}\n"
+                                   f"--- {self.log}\n{tail(self.log)}")
+            time.sleep(0.1)
+        return self
+
+    def master_pid(self):
+        try:
+            return int((self.run_dir / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError, TypeError):
+            return None
+
+    def stop(self):
+        try:
+            pid = self.master_pid()
+            if self.conf.exists():
+                subprocess.run([self.doveadm, "-c", str(self.conf), "stop"], capture_output=True,
+                               timeout=60, stdin=subprocess.DEVNULL)
+            if pid is not None:
+                deadline = time.monotonic() + STOP_TIMEOUT
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        finally:
+            self._cleanup()
+
+    def _cleanup(self):
+        _restore_modes(self._chmodded)
+        self._chmodded = []
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def imap(self, user, timeout=30):
+        """An imaplib client logged in as ``user``."""
+        client = imaplib.IMAP4(LOOPBACK, self.imap_port, timeout=timeout)
+        client.login(user, self.PASSWORD)
+        return client
+
+    def log_text(self):
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class PostfixLMTPPeer(PostfixPeer):
+    """The Postfix peer as a front end that hands its virtual domains to mailsys over LMTP:
+    ``virtual_mailbox_domains = DOMAINS``, ``virtual_mailbox_maps`` listing ``mailboxes``
+    (other recipients are refused at RCPT) and ``virtual_transport = lmtp:inet:127.0.0.1:PORT``.
+    Nothing is relayed (``relayhost`` empty, no relay domains)."""
+
+    def __init__(self, base, lmtp_port, domains, mailboxes):
+        super().__init__(base, relayhost="")
+        self.lmtp_port = lmtp_port
+        self.domains = list(domains)
+        self.mailboxes = list(mailboxes)
+
+    def write_config(self):
+        super().write_config()
+        maps = ", ".join(f"{m}=lmtp" for m in self.mailboxes)
+        extra = {
+            "virtual_mailbox_domains": " ".join(self.domains),
+            "virtual_mailbox_maps": f"inline:{{ {maps} }}",
+            "virtual_transport": f"lmtp:inet:{LOOPBACK}:{self.lmtp_port}",
+            "lmtp_host_lookup": "native",
+            "lmtp_tls_security_level": "none",
+        }
+        with open(self.etc / "main.cf", "a") as f:
+            f.write("".join(f"{k} = {v}\n" for k, v in extra.items()))
+        with open(self.etc / "master.cf", "a") as f:
+            f.write("lmtp      unix  -       -       n       -       -       lmtp\n")
+
+    def log_lines(self, pattern):
+        rx = re.compile(pattern)
+        return [line for line in self.log_text().splitlines() if rx.search(line)]
+
+
+# Accounts of the MDA tests, made by `mailsys user add` (see cli_users_text).
+MDA_ACCOUNTS = (
+    ("joe@example.com", ()),                      # Maildir (the default store)
+    ("ann@example.com", ()),                      # Maildir
+    ("box@example.com", ("--store", "mbox")),     # mbox
+    ("tiny@example.com", ("--quota", "2000")),    # Maildir, 2000-byte quota
+    ("bounces@example.com", ()),                  # Maildir: a sender that gets bounces
+)
+
+
+def start_mda(make_server, unix=True, tcp=False, aliases=None, overrides=None, name=None,
+              accounts=MDA_ACCOUNTS):
+    """A running mailsys (via the ``make_server`` fixture) with the LMTP role on a unix
+    socket (``server.lmtp_socket``) and/or TCP on 127.0.0.1 (``server.lmtp_port``), the
+    ``accounts`` made by the CLI and ``aliases`` (text) as its aliases file."""
+    server = make_server(overrides, start=False, name=name)
+    endpoints = []
+    server.lmtp_socket = server.lmtp_port = None
+    if unix:
+        server.lmtp_socket = lmtp_socket_path(server.base)
+        endpoints.append(f"unix:{server.lmtp_socket}")
+    if tcp:
+        server.lmtp_port = free_port()
+        endpoints.append(f"tcp:{server.lmtp_port}:interface={LOOPBACK}")
+    server.config["listen"]["lmtp"] = endpoints
+    server.config_path.write_text(to_toml(server.config))
+    server.users_path.write_text(cli_users_text(accounts))
+    server.users_path.chmod(0o600)
+    if aliases is not None:
+        server.aliases_path.write_text(aliases)
+    server.mail_root = Path(server.config["mailbox"]["root"])
+    return server.start()
+
+
+def maildir_of(server, address):
+    local, _, domain = address.rpartition("@")
+    return server.mail_root / domain.lower() / local.lower() / "Maildir"
+
+
+def mbox_of(server, address):
+    local, _, domain = address.rpartition("@")
+    return server.mail_root / domain.lower() / local.lower() / "mbox"
+
+
+def stored_form(sender, account, message):
+    """What a store holds for ``message`` (CRLF bytes as accepted): our delivery headers
+    in front, every line end LF."""
+    head = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
+    return (head + message).replace(b"\r\n", b"\n")

@@ -1,0 +1,205 @@
+"""Worker processes: more processes serving the same listening sockets.
+
+One Python process saturates one CPU with SMTP work long before the disk is
+busy, so the twistd process (worker 0) starts ``server.workers - 1`` copies of
+itself that inherit every listening socket and accept on them too; the kernel
+spreads the connections.  A worker is the same MailHost minus the listening:
+it adopts the inherited sockets, appends to spool segments of its own (so no
+two processes ever write one file) and sends its log events to the parent as
+JSON lines on its stdout, which the parent re-emits: one log, as before.
+
+Workers die with the parent (PR_SET_PDEATHSIG), so ``kill -9`` of twistd takes
+them along; they also hold the state directory's lock (inherited), so a new
+instance starts only when all of the old one is gone.  The parent restarts a
+worker that exits unexpectedly, with a growing pause if it keeps failing.
+"""
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+
+from twisted.internet import defer, protocol
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import Logger, LogLevel
+
+log = Logger(namespace="mailsys.workers")
+
+FIRST_FD = 3
+
+
+def _family(port):
+    host = port.getHost()
+    if isinstance(host, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(host, UNIXAddress):
+        return socket.AF_UNIX
+    if isinstance(host, IPv4Address):
+        return socket.AF_INET
+    raise ValueError(f"cannot pass a {type(host).__name__} listener to a worker")
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, pool, index):
+        self.pool, self.index = pool, index
+        self._out = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self._out += data
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            self._relay(line)
+
+    def _relay(self, line):
+        try:
+            event = json.loads(line)
+            level = LogLevel.levelWithName(event["level"])
+            text, namespace = str(event["text"]), str(event["namespace"])
+        except (ValueError, KeyError, TypeError, Exception):
+            level, namespace, text = LogLevel.info, "mailsys.workers", line.decode("utf-8", "replace")
+        Logger(namespace=namespace).emit(level, "{text}", text=text, worker=self.index)
+
+    def errReceived(self, data):
+        for line in data.decode("utf-8", "replace").splitlines():
+            log.error("worker {index}: {line}", index=self.index, line=line)
+
+    def processEnded(self, reason):
+        if self._out:
+            self._relay(self._out)
+        self.ended.callback(None)
+        self.pool.ended(self, reason)
+
+
+class WorkerPool:
+    """The parent's side: start, watch and stop the extra worker processes."""
+
+    def __init__(self, host, count):
+        self.host = host
+        self.count = count
+        self.reactor = host.reactor
+        self.processes = {}
+        self.stopping = False
+        self._failures = {}
+
+    def start(self):
+        for index in range(1, self.count + 1):
+            self.spawn(index)
+
+    def spawn(self, index):
+        host = self.host
+        child_fds = {0: "w", 1: "r", 2: "r"}
+        listen = []
+        for n, ((role, endpoint, _), port) in enumerate(zip(host.listeners, host.ports)):
+            child_fds[FIRST_FD + n] = port.fileno()
+            listen.append([role, endpoint, FIRST_FD + n, int(_family(port))])
+        lock_fd = FIRST_FD + len(listen)
+        child_fds[lock_fd] = host.lock_fd
+        spec = json.dumps({"worker": index, "workers": self.count + 1,
+                           "config": host.config_path, "listen": listen})
+        args = [sys.executable, "-m", "mailsys.workers", spec]
+        proto = WorkerProcess(self, index)
+        self.processes[index] = proto
+        self.reactor.spawnProcess(proto, sys.executable, args, env=dict(os.environ),
+                                  path=os.getcwd(), childFDs=child_fds)
+        log.info("worker {index} started (pid {pid})", index=index, pid=proto.transport.pid)
+
+    def ended(self, proto, reason):
+        if self.processes.get(proto.index) is proto:
+            del self.processes[proto.index]
+        if self.stopping:
+            return
+        n = self._failures.get(proto.index, 0) + 1
+        self._failures[proto.index] = n
+        pause = min(2 ** (n - 1), 30)
+        log.error("worker {index} exited ({reason}); restarting in {pause} s",
+                  index=proto.index, reason=reason.getErrorMessage(), pause=pause)
+        self.reactor.callLater(pause, self._respawn, proto.index)
+
+    def _respawn(self, index):
+        if not self.stopping and index not in self.processes:
+            self.spawn(index)
+
+    def stop(self, grace=10.0):
+        self.stopping = True
+        waits = []
+        for proto in list(self.processes.values()):
+            waits.append(proto.ended)
+            try:
+                proto.transport.signalProcess("TERM")
+            except Exception:
+                pass
+        if not waits:
+            return defer.succeed(None)
+        done = defer.DeferredList(waits)
+        timer = self.reactor.callLater(grace, self._kill)
+        done.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return done
+
+    def _kill(self):
+        for proto in list(self.processes.values()):
+            try:
+                proto.transport.signalProcess("KILL")
+            except Exception:
+                pass
+
+
+# -- the worker process ------------------------------------------------------------
+
+def _die_with_parent():
+    """PR_SET_PDEATHSIG: the kernel kills us when the parent dies, even by kill -9."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _stdout_observer(stream):
+    from twisted.logger import eventAsText
+
+    def observe(event):
+        try:
+            text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+            line = json.dumps({"level": event.get("log_level", LogLevel.info).name,
+                               "namespace": event.get("log_namespace", "-"), "text": text})
+            stream.write(line + "\n")
+            stream.flush()
+        except Exception:
+            pass
+    return observe
+
+
+def main(argv=None):
+    _die_with_parent()
+    spec = json.loads((argv or sys.argv[1:])[0])
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from mailsys.config import load
+    from mailsys.tap import build
+
+    out = os.fdopen(1, "w", buffering=1, encoding="utf-8", errors="replace")
+    globalLogBeginner.beginLoggingTo([_stdout_observer(out)], redirectStandardIO=False)
+    config = load(spec["config"])
+    host = build(config, reactor, worker=spec["worker"], nworkers=spec["workers"],
+                 config_path=spec["config"])
+    listen = spec["listen"]
+    if [(r, e) for r, e, _ in host.listeners] != [(r, e) for r, e, _, _ in listen]:
+        raise SystemExit("worker: listeners differ from the parent's; restart mailsys")
+    host.adopt = [tuple(x) for x in listen]
+    host.privilegedStartService()
+    host.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", host.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
