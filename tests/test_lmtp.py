@@ -7,7 +7,6 @@ from twisted.internet.testing import StringTransportWithDisconnection
 
 from mailsys.accounts import Expansion, User
 from mailsys.delivery import TempFail
-from mailsys.mda import lmtp as lmtp_mod
 from mailsys.mda.lmtp import MDA, LMTPFactory, delivered_to
 from mailsys.mda.memory import MemoryStore
 from mailsys.smtp.reply import Reply
@@ -37,15 +36,13 @@ class Accounts:
 
 @pytest.fixture
 def session(monkeypatch, tmp_path):
-    # Deliveries run on a worker thread in production; here, synchronously.
-    monkeypatch.setattr(lmtp_mod.threads, "deferToThreadPool",
-                        lambda reactor, pool, f, *a: defer.maybeDeferred(f, *a))
     config = SimpleNamespace(
         mailbox=SimpleNamespace(root=str(tmp_path), default_store="maildir", quota=0),
         domains=SimpleNamespace(local=("example.com",)))
     stores = {"maildir": MemoryStore(), "mbox": MemoryStore()}
     clock = task.Clock()
-    mda = MDA(config, Accounts(), reactor=SimpleNamespace(getThreadPool=lambda: None), stores=stores)
+    # Deliveries run on a worker thread in production; here, synchronously.
+    mda = MDA(config, Accounts(), reactor=None, stores=stores, run=defer.maybeDeferred)
     limits = SimpleNamespace(message_size=10000, recipients=100, command_timeout=300,
                              data_timeout=600, auth_failures=3)
     proto = LMTPFactory(mda, limits, "mda.example.com", clock).buildProtocol(None)
@@ -154,3 +151,35 @@ def test_too_big_refused_for_every_recipient(session):
 def test_delivered_to_parser():
     head = b"Delivered-To: <A@B.c>\r\nX: y\r\ndelivered-to:  d@e.f \r\n\r\nDelivered-To: no@x\r\n"
     assert delivered_to(head) == {"a@b.c", "d@e.f"}
+
+
+def test_messages_finishing_together_are_delivered_as_one_batch(tmp_path):
+    """While one batch is being written, the next gathers: the stores then make
+    several messages durable with one flush."""
+    from mailsys.mda.lmtp import DeliveryBatcher
+
+    calls = []
+    store = MemoryStore()
+    original = store.deliver_many
+    store.deliver_many = lambda items: calls.append(len(items)) or original(items)
+    held = []
+
+    def run(f, *args):
+        d = defer.Deferred()
+        held.append((d, f, args))
+        return d
+
+    b = DeliveryBatcher(None, {"maildir": store}, run=run)
+    target = [("joe@example.com", [("joe@example.com", "maildir", 0, "/m/joe")])]
+    results = []
+    for i in range(4):
+        b.submit(target, b"Subject: %d\r\n\r\n" % i, "a@b.org").addCallback(results.append)
+    assert len(held) == 1                # the first went at once, three wait
+    d, f, args = held.pop()
+    d.callback(f(*args))
+    assert len(held) == 1                # the three waiting ones go together
+    d, f, args = held.pop()
+    d.callback(f(*args))
+    assert calls == [1, 3]
+    assert [[o.delivered for o in r] for r in results] == [[True]] * 4
+    assert len(store.messages("/m/joe")) == 4

@@ -159,20 +159,50 @@ def test_mbox_stale_dotlock_is_removed(tmp_path):
     assert not os.path.exists(loc + ".lock")
 
 
-def test_maildir_enospc_leaves_nothing_visible(tmp_path, monkeypatch):
-    s = MaildirStore()
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_maildir_disk_error_leaves_nothing_visible(tmp_path, fail_on):
+    """The fault is injected at the store's flush seam: the first flush (message
+    data in tmp/) or the second (the new/ entry)."""
+    calls = []
+
+    def flush(paths):
+        calls.append(paths)
+        if len(calls) == fail_on:
+            raise OSError(errno.EIO, "Input/output error")
+
     loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
-    assert s.deliver(loc, b"", b"ok\r\n", 0).delivered
-
-    def failing_fsync(fd):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    outcome = s.deliver(loc, PREFIX, MESSAGE, 0)
-    monkeypatch.undo()
+    assert MaildirStore().deliver(loc, b"", b"ok\r\n", 0).delivered
+    outcome = MaildirStore(flush=flush).deliver(loc, PREFIX, MESSAGE, 0)
     assert outcome == TempFail(Reply(451, "4.3.0", "Local I/O error writing mailbox"))
     assert os.listdir(os.path.join(loc, "tmp")) == []
-    assert len(os.listdir(os.path.join(loc, "new"))) == 1
+    assert len(os.listdir(os.path.join(loc, "new"))) == (1 if fail_on == 1 else 2)
+
+
+def test_maildir_batch_flushes_twice_for_many_messages(tmp_path):
+    calls = []
+
+    def flush(paths):
+        calls.append(list(paths))
+
+    s = MaildirStore(flush=flush)
+    locs = [mailbox_location(str(tmp_path), f"u{i}@example.com", "maildir") for i in range(3)]
+    items = [(loc, PREFIX, MESSAGE, 0, "a@b.org", None) for loc in locs for _ in range(4)]
+    assert all(o.delivered for o in s.deliver_many(items))
+    assert len(calls) == 2
+    assert len(calls[0]) == 12 and all("/tmp/" in p for p in calls[0])
+    assert calls[1] == sorted(os.path.join(loc, "new") for loc in locs)
+    assert [len(os.listdir(os.path.join(loc, "new"))) for loc in locs] == [4, 4, 4]
+
+
+def test_maildir_recreated_after_removal(tmp_path):
+    import shutil
+
+    s = MaildirStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    assert s.deliver(loc, b"", b"a\r\n", 0).delivered
+    shutil.rmtree(os.path.dirname(loc))
+    assert s.deliver(loc, b"", b"b\r\n", 0).delivered
+    assert s.messages(loc) == [b"b\n"]
 
 
 @pytest.mark.parametrize("address", ["../x@example.com", "a/b@example.com", ".hidden@example.com",

@@ -11,8 +11,9 @@ duplicates a copy is better than a copy lost.
 """
 import time
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.internet.protocol import ServerFactory
+from twisted.python.threadpool import ThreadPool
 
 from mailsys.delivery import Delivered, PermFail, TempFail
 from mailsys.logs import MailLog
@@ -45,7 +46,7 @@ def delivered_to(head):
 class MDA:
     """What every LMTP session shares: stores, accounts, mailbox settings."""
 
-    def __init__(self, config, accounts, reactor, stores=None, worker=0):
+    def __init__(self, config, accounts, reactor, stores=None, worker=0, run=None):
         self.config = config
         self.accounts = accounts
         self.reactor = reactor
@@ -55,6 +56,7 @@ class MDA:
         self.local_domains = frozenset(config.domains.local)
         self.stores = stores or {"maildir": MaildirStore(), "mbox": MboxStore()}
         self.ids = QueueIds(worker=worker)
+        self.batcher = DeliveryBatcher(reactor, self.stores, run=run)
 
     def targets(self, address):
         """[(account, store kind, quota, location)] for a recipient, or a Reply."""
@@ -137,8 +139,7 @@ class LMTPHandler:
         targets, self._targets = self._targets, []
         sender = str(txn.sender) if txn.sender else ""
         arrival = time.time()
-        d = threads.deferToThreadPool(self.mda.reactor, self.mda.reactor.getThreadPool(),
-                                      deliver_all, self.mda.stores, targets, message, sender)
+        d = self.mda.batcher.submit(targets, message, sender)
 
         def done(outcomes):
             replies = []
@@ -158,25 +159,85 @@ class LMTPHandler:
         return d
 
 
-def deliver_all(stores, targets, message, sender):
-    """Worker thread: every recipient's mailboxes, in RCPT order; one Outcome each."""
-    seen_loop = delivered_to(message[:65536])
+class DeliveryBatcher:
+    """Runs the deliveries of every message that finished DATA at about the same
+    time as one batch on a dedicated thread, so the stores can make them durable
+    together (mailsys.mda.durable).  Like the spool's group commit: while one batch
+    is being written, the next one gathers."""
+
+    def __init__(self, reactor, stores, run=None):
+        self.reactor = reactor
+        self.stores = stores
+        self._pending = []
+        self._running = False
+        self._pool = None
+        self._run = run or self._in_thread
+
+    def _in_thread(self, f, *args):
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mailsys-mda")
+            self._pool.start()
+            self.reactor.addSystemEventTrigger("after", "shutdown", self._pool.stop)
+        return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    def submit(self, targets, message, sender):
+        d = defer.Deferred()
+        self._pending.append((targets, message, sender, d))
+        if not self._running:
+            self._start()
+        return d
+
+    def _start(self):
+        batch, self._pending = self._pending, []
+        self._running = True
+        jobs = [(t, m, s) for t, m, s, _ in batch]
+        d = self._run(deliver_batch, self.stores, jobs)
+        d.addBoth(self._done, batch)
+
+    def _done(self, result, batch):
+        self._running = False
+        for i, (targets, _, _, d) in enumerate(batch):
+            if isinstance(result, list):
+                d.callback(result[i])
+            else:   # a bug in the batch: temporary failure for all, never "delivered"
+                fail = TempFail(Reply(451, "4.3.0", "Local delivery error"))
+                d.callback([fail for _ in targets])
+        if self._pending:
+            self._start()
+
+
+def deliver_batch(stores, jobs):
+    """Worker thread: every job's mailboxes; per job, one Outcome per recipient."""
     when = time.time()
-    outcomes = []
-    for rcpt, accounts in targets:
-        results = []
-        for account, kind, quota, location in accounts:
-            if account.lower() in seen_loop:
-                results.append(PermFail(LOOP))
-                continue
-            prefix = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
-            try:
-                results.append(stores[kind].deliver(location, prefix, message, quota,
-                                                    sender=sender or "MAILER-DAEMON", when=when))
-            except Exception as e:  # a bug must not turn into "delivered"
-                results.append(TempFail(Reply(451, "4.3.0", f"Local delivery error: {type(e).__name__}")))
-        outcomes.append(_worst(results))
-    return outcomes
+    per_store = {}      # kind -> [(job, rcpt, slot)], items
+    results = []        # per job: per recipient: list of Outcomes (filled below)
+    for j, (targets, message, sender) in enumerate(jobs):
+        seen_loop = delivered_to(message[:65536])
+        results.append([])
+        for r, (rcpt, accounts) in enumerate(targets):
+            slots = results[j].append([]) or results[j][r]
+            for account, kind, quota, location in accounts:
+                if account.lower() in seen_loop:
+                    slots.append(PermFail(LOOP))
+                    continue
+                prefix = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
+                slots.append(None)
+                refs, items = per_store.setdefault(kind, ([], []))
+                refs.append((slots, len(slots) - 1))
+                items.append((location, prefix, message, quota, sender or "MAILER-DAEMON", when))
+    for kind, (refs, items) in per_store.items():
+        try:
+            outcomes = stores[kind].deliver_many(items)
+        except Exception as e:  # a bug must not turn into "delivered"
+            outcomes = [TempFail(Reply(451, "4.3.0", f"Local delivery error: {type(e).__name__}"))] * len(items)
+        for (slots, k), outcome in zip(refs, outcomes):
+            slots[k] = outcome
+    return [[_worst(slots) for slots in per_rcpt] for per_rcpt in results]
+
+
+def deliver_all(stores, targets, message, sender):
+    """One message's deliveries (same rules as a batch of one)."""
+    return deliver_batch(stores, [(targets, message, sender)])[0]
 
 
 def _worst(results):

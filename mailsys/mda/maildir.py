@@ -1,13 +1,14 @@
 """Maildir (qmail's maildir(5), as Dovecot reads it).
 
-Delivery: write ``tmp/<unique>``, fsync it, hard-link it into ``new/`` (a link
-never replaces an existing name, unlike rename), remove the tmp name, fsync
-``new/``, and only then report success.  Unique names are
+Delivery: write ``tmp/<unique>``, make it durable, hard-link it into ``new/``
+(a link never replaces an existing name, unlike rename), remove the tmp name,
+make ``new/`` durable, and only then report success.  Messages delivered
+together are made durable together (mailsys.mda.durable: one flush per batch
+and filesystem rather than two fsyncs per message).  Unique names are
 ``<sec>.M<usec>P<pid>Q<counter>.<host>,S=<size>,W=<crlf-size>``: ``S`` is the
 size on disk (LF line ends) and ``W`` the RFC 822 size with CRLF, which Dovecot
 uses without opening the file.
 """
-import errno
 import itertools
 import os
 import socket
@@ -17,6 +18,7 @@ import time
 from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, from_os_error
+from mailsys.mda import durable
 from mailsys.mda.store import IMailStore, to_lf
 from mailsys.smtp.reply import Reply
 
@@ -32,11 +34,11 @@ def _encoded_host():
 class MaildirStore:
     kind = "maildir"
 
-    def __init__(self):
+    def __init__(self, flush=durable.flush):
         self._counter = itertools.count(1)
         self._host = _encoded_host()
-        self._made = set()
         self._lock = threading.Lock()
+        self._flush = flush
 
     def _unique(self, size, vsize):
         now = time.time()
@@ -46,15 +48,10 @@ class MaildirStore:
             q = next(self._counter)
         return f"{sec}.M{usec}P{os.getpid()}Q{q}.{self._host},S={size},W={vsize}"
 
-    def _ensure(self, path):
-        if path in self._made:
-            return
+    @staticmethod
+    def _ensure(path):
         for sub in ("", "/tmp", "/new", "/cur"):
-            try:
-                os.makedirs(path + sub, mode=0o700, exist_ok=True)
-            except FileExistsError:
-                pass
-        self._made.add(path)
+            os.makedirs(path + sub, mode=0o700, exist_ok=True)
 
     def size(self, path):
         total = 0
@@ -68,45 +65,91 @@ class MaildirStore:
         return total
 
     def deliver(self, path, prefix, message, quota, sender=None, when=None):
-        data = to_lf(prefix + message)
-        size = len(data)
-        vsize = size + data.count(b"\n")
-        if quota and self.size(path) + size > quota:
-            return PermFail(OVER_QUOTA)
-        tmp = None
+        return self.deliver_many([(path, prefix, message, quota, sender, when)])[0]
+
+    def deliver_many(self, items):
+        """Deliver several messages; one Outcome per item, in order."""
+        outcomes = [None] * len(items)
+        sizes = {}
+        written = []    # (index, path, tmp, name)
+        for i, (path, prefix, message, quota, _, _) in enumerate(items):
+            data = to_lf(prefix + message)
+            size = len(data)
+            if quota:
+                used = sizes.get(path)
+                if used is None:
+                    used = self.size(path)
+                if used + size > quota:
+                    outcomes[i] = PermFail(OVER_QUOTA)
+                    continue
+                sizes[path] = used + size
+            try:
+                tmp, name = self._write_tmp(path, data, size)
+            except OSError as e:
+                outcomes[i] = from_os_error(e)
+                continue
+            written.append((i, path, tmp, name))
+        if not written:
+            return outcomes
         try:
-            self._ensure(path)
+            self._flush([tmp for _, _, tmp, _ in written])
+        except OSError as e:
+            for i, _, tmp, _ in written:
+                _unlink(tmp)
+                outcomes[i] = from_os_error(e)
+            return outcomes
+        linked = []
+        for i, path, tmp, name in written:
+            try:
+                self._link_new(path, tmp, name)
+                linked.append((i, path))
+            except OSError as e:
+                _unlink(tmp)
+                outcomes[i] = from_os_error(e)
+        if linked:
+            try:
+                self._flush(sorted({os.path.join(p, "new") for _, p in linked}))
+                for i, _ in linked:
+                    outcomes[i] = Delivered()
+            except OSError as e:
+                for i, _ in linked:
+                    outcomes[i] = from_os_error(e)
+        return outcomes
+
+    def _write_tmp(self, path, data, size):
+        vsize = size + data.count(b"\n")
+        for attempt in (0, 1):
             name = self._unique(size, vsize)
             tmp = os.path.join(path, "tmp", name)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            while True:
-                try:
-                    os.link(tmp, os.path.join(path, "new", name))
-                    break
-                except FileExistsError:
-                    # Never overwrite: pick a new name (the counter moves on).
-                    name = self._unique(size, vsize)
-            os.unlink(tmp)
-            tmp = None
-            _fsync_dir(os.path.join(path, "new"))
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                self._made.discard(path)
-            return from_os_error(e)
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-        return Delivered()
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                self._ensure(path)   # first delivery, or the Maildir was removed
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp, name
+
+    def _link_new(self, path, tmp, name):
+        size_part = name.split(",", 1)[1]
+        while True:
+            try:
+                os.link(tmp, os.path.join(path, "new", name))
+                break
+            except FileExistsError:
+                # Never overwrite: pick a new name (the counter moves on).
+                base = self._unique(0, 0).split(",", 1)[0]
+                name = f"{base},{size_part}"
+        os.unlink(tmp)
 
     def messages(self, path):
         out = []
@@ -123,6 +166,13 @@ class MaildirStore:
         return [m for _, _, m in out]
 
 
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _size_from_name(directory, name):
     for part in name.split(":", 1)[0].split(",")[1:]:
         if part.startswith("S=") and part[2:].isdigit():
@@ -131,11 +181,3 @@ def _size_from_name(directory, name):
         return os.stat(os.path.join(directory, name)).st_size
     except OSError:
         return 0
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -62,30 +62,49 @@ class MboxStore:
             return 0
 
     def deliver(self, path, prefix, message, quota, sender="MAILER-DAEMON", when=None):
+        return self.deliver_many([(path, prefix, message, quota, sender, when)])[0]
+
+    def deliver_many(self, items):
+        """Deliver several messages; each mbox is locked, appended and fsynced once."""
+        outcomes = [None] * len(items)
+        by_box = {}
+        for i, (path, prefix, message, quota, sender, when) in enumerate(items):
+            by_box.setdefault(path, []).append((i, self._record(prefix, message, sender, when), quota))
+        for path, records in by_box.items():
+            lock = self._thread_lock(path)
+            if not lock.acquire(timeout=self.lock_timeout):
+                for i, _, _ in records:
+                    outcomes[i] = TempFail(LOCKED)
+                continue
+            try:
+                for i, outcome in self._append(path, records):
+                    outcomes[i] = outcome
+            finally:
+                lock.release()
+        return outcomes
+
+    def _record(self, prefix, message, sender, when):
         body = to_lf(prefix + message)
         if not body.endswith(b"\n"):
             body += b"\n"
         stamp = time.asctime(time.gmtime(when if when is not None else self._clock()))
         envelope = "".join("_" if c.isspace() else c for c in (sender or "MAILER-DAEMON"))
-        record = b"From " + envelope.encode("utf-8", "replace") + b" " + \
-            stamp.encode("ascii") + b"\n" + quote(body) + b"\n"
-        lock = self._thread_lock(path)
-        if not lock.acquire(timeout=self.lock_timeout):
-            return TempFail(LOCKED)
-        try:
-            return self._append(path, record, quota)
-        finally:
-            lock.release()
+        return (b"From " + envelope.encode("utf-8", "replace") + b" " + stamp.encode("ascii")
+                + b"\n" + quote(body) + b"\n")
 
-    def _append(self, path, record, quota):
+    def _append(self, path, records):
+        """[(index, Outcome)] for the records of one mbox, appended under its locks."""
+        def every(outcome):
+            return [(i, outcome) for i, _, _ in records]
+
         directory = os.path.dirname(path)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError as e:
-            return from_os_error(e)
+            return every(from_os_error(e))
         dotlock = path + ".lock"
         if not self._take_dotlock(dotlock):
-            return TempFail(LOCKED)
+            return every(TempFail(LOCKED))
         fd = None
         start = None
         try:
@@ -96,24 +115,36 @@ class MboxStore:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES) or self._clock() >= deadline:
-                        return TempFail(LOCKED) if e.errno in (errno.EAGAIN, errno.EACCES) \
-                            else from_os_error(e)
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        return every(from_os_error(e))
+                    if self._clock() >= deadline:
+                        return every(TempFail(LOCKED))
                     self._sleep(0.05)
-            start = os.lseek(fd, 0, os.SEEK_END)
-            if quota and start + len(record) > quota:
-                return PermFail(OVER_QUOTA)
-            view = memoryview(record)
+            start = end = os.lseek(fd, 0, os.SEEK_END)
+            results, data = [], []
+            for i, record, quota in records:
+                if quota and end + len(record) > quota:
+                    results.append((i, PermFail(OVER_QUOTA)))
+                    continue
+                data.append(record)
+                end += len(record)
+                results.append((i, Delivered()))
+            blob = b"".join(data)
+            view = memoryview(blob)
+            at = start
             while view:
-                view = view[os.pwrite(fd, view, start + len(record) - len(view)):]
-            os.fsync(fd)
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+            if blob:
+                os.fsync(fd)
             start = None
-            return Delivered()
+            return results
         except OSError as e:
-            return from_os_error(e)
+            return every(from_os_error(e))
         finally:
             if fd is not None:
                 if start is not None:
+                    # Never leave half a message: back to the size before the append.
                     try:
                         os.ftruncate(fd, start)
                         os.fsync(fd)

@@ -26,5 +26,8 @@ class MemoryStore:
         self.boxes.setdefault(path, []).append(data)
         return Delivered()
 
+    def deliver_many(self, items):
+        return [self.deliver(*item) for item in items]
+
     def messages(self, path):
         return list(self.boxes.get(path, ()))

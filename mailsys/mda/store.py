@@ -24,6 +24,11 @@ class IMailStore(Interface):
         trouble (that is a TempFail) and never leaves a partial message visible.
         """
 
+    def deliver_many(items):
+        """``deliver`` for a list of ``(location, prefix, message, quota, sender,
+        when)`` tuples; one Outcome each, in order.  Stores make a batch durable
+        together, which is what makes concurrent deliveries cheap."""
+
     def size(location):
         """Bytes currently stored in the mailbox (0 if it does not exist yet)."""
 
