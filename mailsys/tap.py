@@ -76,8 +76,10 @@ class MailHost(service.MultiService):
         self.limiter = ConnectionLimiter(max(1, math.ceil(config.limits.connections / nworkers)),
                                          config.limits.connections_per_ip)
         self.rdns = ReverseLookup(reactor, reactor, config.dns.nameservers, config.dns.timeout)
+        # check_interval=0: two stat() calls per lookup cost microseconds, and an
+        # account added with `mailsys user add` must work at once.
         self.accounts = Accounts(config.accounts.users, config.accounts.aliases,
-                                 config.domains.local, clock=reactor)
+                                 config.domains.local, clock=reactor, check_interval=0)
         self.spool = Spool(os.path.join(config.server.state_dir, "spool"), reactor, worker=worker)
         self._relay_cache = {}
         self.tls = self._load_tls()

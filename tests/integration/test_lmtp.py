@@ -241,6 +241,12 @@ def test_unix_socket_shutdown_and_restart(make_server):
     listens on the same path again."""
     server = start_mda(make_server)
     assert server.lmtp_socket.is_socket()
+    # Some sessions first, so that every process of the server is serving.
+    for i in range(10):
+        _, _, after = lmtp_deliver(server.lmtp_socket, "s@example.org", ["joe@example.com"],
+                                   message(f"before-stop-{i}"))
+        assert len(after) == 1 and DELIVERED.match(after[0]), after
+    time.sleep(1.0)
     assert server.stop() == -signal.SIGTERM
     assert not server.lmtp_socket.exists()
     log = server.log_text()

@@ -9,6 +9,7 @@ loopback with a self-signed certificate.
 import base64
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -16,8 +17,9 @@ import sys
 import time
 
 import pytest
-from twisted.cred import portal
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred import credentials, error, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
@@ -29,6 +31,7 @@ from mailsys.smtp.server import SMTPServerProtocol
 from tests.helpers import FakeHandler, FakeService, limits, take
 from tests.integration.conftest import make_server, users_text  # noqa: F401  (fixtures)
 from tests.integration.harness import LOOPBACK, child_env, tls_server
+from zope.interface import implementer
 
 USER = "alice@example.com"
 SECRET = "s3cret-Unit-Password"
@@ -222,12 +225,25 @@ def test_throttle_wait_fires_after_the_penalty():
     assert done == [None]
 
 
+@implementer(ICredentialsChecker)
+class DictChecker:
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, users):
+        self.users = users
+
+    def requestAvatarId(self, creds):
+        if self.users.get(creds.username) == creds.password:
+            return defer.succeed(creds.username)
+        return defer.fail(error.UnauthorizedLogin())
+
+
 class ThrottledService(FakeService):
     """FakeService plus what ReceiveHandler.authenticate needs: a portal and a throttle."""
 
     def __init__(self):
         super().__init__(users=(USER,))
-        checker = InMemoryUsernamePasswordDatabaseDontUse(**{USER: SECRET})
+        checker = DictChecker({USER: SECRET})
         self.portal = portal.Portal(MailRealm(), [checker])
         self.auth_throttle = FailureThrottle(self.clock)
 
@@ -301,21 +317,42 @@ def secrets_of(*passwords):
     return forms
 
 
-def tls_socket(port, timeout=30):
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx.wrap_socket(socket.create_connection((LOOPBACK, port), timeout=timeout))
+class Wire:
+    """An implicit-TLS client socket that hands out one complete reply at a time."""
+
+    def __init__(self, port, timeout=30):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.sock = ctx.wrap_socket(socket.create_connection((LOOPBACK, port), timeout=timeout))
+        self.buf = b""
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+    def close(self):
+        self.sock.close()
 
 
-def reply(sock):
-    data = b""
-    while not re.search(rb"(?:^|\n)\d{3} [^\r\n]*\r\n\Z", data):
-        chunk = sock.recv(4096)
+_LAST_LINE = re.compile(rb"\d{3} [^\r\n]*\r\n")
+
+
+def reply(wire):
+    """The next complete (possibly multi-line) reply."""
+    while True:
+        pos = 0
+        while True:
+            end = wire.buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            if _LAST_LINE.match(wire.buf, pos) and wire.buf[pos + 3:pos + 4] == b" ":
+                out, wire.buf = wire.buf[:end + 2], wire.buf[end + 2:]
+                return out
+            pos = end + 2
+        chunk = wire.sock.recv(4096)
         if not chunk:
-            raise AssertionError(f"connection closed; got {data!r}")
-        data += chunk
-    return data
+            raise AssertionError(f"connection closed; got {wire.buf!r}")
+        wire.buf += chunk
 
 
 @pytest.mark.integration
@@ -327,7 +364,7 @@ def test_passwords_never_reach_the_log(make_server):  # noqa: F811
     assert PASSWORD not in p.stdout + p.stderr
     time.sleep(1.2)                        # the users file is re-read at most once a second
     user = "canary@example.com"
-    sock = tls_socket(server.submissions_port)
+    sock = Wire(server.submissions_port)
     try:
         assert reply(sock).startswith(b"220 ")
         sock.sendall(b"EHLO canary.example\r\n")
@@ -352,7 +389,7 @@ def test_passwords_never_reach_the_log(make_server):  # noqa: F811
         reply(sock)
     finally:
         sock.close()
-    sock = tls_socket(server.submissions_port)
+    sock = Wire(server.submissions_port)
     try:
         reply(sock)
         sock.sendall(b"EHLO canary.example\r\nAUTH LOGIN " + b64(user) + b"\r\n")
@@ -365,7 +402,8 @@ def test_passwords_never_reach_the_log(make_server):  # noqa: F811
     finally:
         sock.close()
     server.wait_for_log(r"sasl_username=canary@example\.com")
-    assert server.stop() == 0
+    # twistd ends a SIGTERM-ed run by re-raising SIGTERM on itself, after a clean shutdown
+    assert server.stop() == -signal.SIGTERM
     log = server.log_text()
     # the log did record the attempts (so the check below looks at the right file)
     assert len(re.findall(r"SASL authentication failed", log)) == 2, log
@@ -429,7 +467,7 @@ def test_password_stdin_keeps_the_password_out_of_the_process_list(tmp_path, mak
 @pytest.mark.integration
 def test_huge_auth_line_against_the_real_server(make_server):  # noqa: F811
     server = tls_server(make_server, roles=("submissions",))
-    sock = tls_socket(server.submissions_port)
+    sock = Wire(server.submissions_port)
     try:
         reply(sock)
         sock.sendall(b"EHLO big.example\r\n")
