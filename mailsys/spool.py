@@ -233,6 +233,13 @@ def scan_segment(path, repair=False):
     return entries, good_end
 
 
+def read_entry(segment, offset):
+    """The record at ``offset`` of ``segment`` (a worker's notification), or None."""
+    with open(segment, "rb") as f:
+        found = _read_record(f, offset, os.fstat(f.fileno()).st_size)
+    return found[0] if found else None
+
+
 def read_spool(directory):
     """Every complete message in the spool at ``directory`` (read-only; tools and tests)."""
     out = []
@@ -267,6 +274,7 @@ class Spool:
         self._seg_size = 0
         self._pool = None
         self.on_commit = []      # callables(entry) told of each durable message
+        # self.entries: what open() found (for the queue to load); not kept up to date.
 
     # -- start-up ---------------------------------------------------------------
 
@@ -300,6 +308,10 @@ class Spool:
             log.info("spool: {count} queued messages in {segments} segments",
                      count=len(self.entries), segments=len(names))
         return self.entries
+
+    @property
+    def current_segment(self):
+        return self._seg_path
 
     def close(self):
         if self._pool is not None:
@@ -399,7 +411,6 @@ class Spool:
                 w.discard()
                 entry = SpoolEntry(envelope["id"], self._seg_path, off, envelope,
                                    off + HEADER.size + len(env), envelope["size"])
-                self.entries.append(entry)
                 d.callback(entry)
                 for notify in self.on_commit:
                     notify(entry)

@@ -90,6 +90,8 @@ class MailHost(service.MultiService):
         self.adopt = None        # worker processes: [(role, endpoint, fd, family)]
         self.lock_fd = None
         self.pool = None
+        self.queue = None
+        self.journal = None
 
     def _load_tls(self):
         """The TLS context for every role, or None: STARTTLS is then not offered.
@@ -138,6 +140,8 @@ class MailHost(service.MultiService):
                 _remove_stale_unix_socket(endpoint)
         self.spool.open(everything=self.adopt is None)
         if self.adopt is None:
+            self._load_queue()
+        if self.adopt is None:
             for role, endpoint, factory in self.listeners:
                 d = endpoints.serverFromString(self.reactor, endpoint).listen(factory)
                 failure = []
@@ -149,6 +153,43 @@ class MailHost(service.MultiService):
                 self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
                 os.close(fd)
         super().privilegedStartService()
+
+    def _load_queue(self):
+        """Worker 0 owns the queue: rebuild it from the spool and the journal, compact
+        the journal, drop segments whose every message is done, and hear of each
+        message spooled from now on."""
+        from mailsys.journal import Journal, replay, rewrite
+        from mailsys.queue import QueueManager
+
+        config = self.config
+        path = os.path.join(config.server.state_dir, "spool", "queue.jnl")
+        lmtp = None
+        if config.listen.lmtp:
+            from mailsys.couriers.lmtp import LMTPCourier
+
+            lmtp = LMTPCourier(self.reactor, config.listen.lmtp[0], config.server.hostname)
+        self.journal = Journal(path, self.reactor)
+        self.queue = QueueManager(config=config, spool=self.spool, journal=self.journal,
+                                  clock=self.reactor, lmtp=lmtp, remote=None,
+                                  local_domains=config.domains.local, hostname=config.server.hostname)
+        live, done = self.queue.load(self.spool.entries, replay(path))
+        by_segment = {}
+        for e in self.spool.entries:
+            by_segment.setdefault(e.segment, []).append(e.queue_id)
+        for name in os.listdir(self.spool.segments):
+            path = os.path.join(self.spool.segments, name)
+            if name.endswith(".seg") and path not in by_segment and path != self.spool.current_segment:
+                os.unlink(path)     # nothing intact in it: an empty or wholly torn segment
+        keep_done = []
+        for segment, ids in by_segment.items():
+            if segment != self.spool.current_segment and all(q in done for q in ids):
+                os.unlink(segment)
+            else:
+                keep_done.extend({"id": q, "done": True} for q in ids if q in done)
+        rewrite(path, keep_done + live)
+        self.spool.entries = []
+        self.journal.open()
+        self.spool.on_commit.append(self.queue.add)
 
     def _lock_state(self, state):
         """One mail host per state directory.  Worker processes inherit the lock,
@@ -169,6 +210,8 @@ class MailHost(service.MultiService):
 
     def startService(self):
         super().startService()
+        if self.queue is not None:
+            self.queue.startService()
         if self.adopt is None and self.nworkers > 1:
             from mailsys.workers import WorkerPool
 
@@ -189,8 +232,13 @@ class MailHost(service.MultiService):
         waits.append(defer.maybeDeferred(super().stopService))
         d = defer.DeferredList(waits)
 
+        if self.queue is not None and self.queue.running:
+            waits.append(defer.maybeDeferred(self.queue.stopService))
+
         def closed(result):
             self.spool.close()
+            if self.journal is not None:
+                self.journal.close()
             return None
 
         return d.addBoth(closed)

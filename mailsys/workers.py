@@ -56,6 +56,12 @@ class WorkerProcess(protocol.ProcessProtocol):
     def _relay(self, line):
         try:
             event = json.loads(line)
+            if "spooled" in event:
+                segment, offset = event["spooled"]
+                queue = self.pool.host.queue
+                if queue is not None:
+                    queue.add_at(segment, offset)
+                return
             level = LogLevel.levelWithName(event["level"])
             text, namespace = str(event["text"]), str(event["namespace"])
         except (ValueError, KeyError, TypeError, Exception):
@@ -195,6 +201,13 @@ def main(argv=None):
     if [(r, e) for r, e, _ in host.listeners] != [(r, e) for r, e, _, _ in listen]:
         raise SystemExit("worker: listeners differ from the parent's; restart mailsys")
     host.adopt = [tuple(x) for x in listen]
+
+    def spooled(entry):
+        # Worker 0 runs the queue: tell it where the durable record is.
+        out.write(json.dumps({"spooled": [entry.segment, entry.offset]}) + "\n")
+        out.flush()
+
+    host.spool.on_commit.append(spooled)
     host.privilegedStartService()
     host.startService()
     reactor.addSystemEventTrigger("before", "shutdown", host.stopService)

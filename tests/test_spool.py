@@ -116,7 +116,17 @@ def test_commit_then_read_spool(sync, tmp_path):
     assert found[0].queue_id == "Q1"
     assert (found[0].offset, found[0].message_offset, found[0].message_size) == \
         (entry.offset, entry.message_offset, entry.message_size)
-    assert s.entries == [entry]
+    # committed entries are announced, not accumulated: memory stays flat
+    assert s.entries == []
+    s.close()
+
+
+def test_commit_hooks_hear_of_each_durable_message(sync, tmp_path):
+    s = open_spool(tmp_path / "spool")
+    heard = []
+    s.on_commit.append(heard.append)
+    entry = result_of(commit(s, "Q7", b"Subject: x\r\n\r\nbody\r\n", ENVELOPE))
+    assert heard == [entry]
     s.close()
 
 
@@ -317,7 +327,6 @@ def test_write_failure_truncates_and_next_commit_is_readable(sync, tmp_path, mon
     result_of(commit(s, "C", b"third\r\n"))
     assert [(e.queue_id, e.read_message()) for e in read_spool(str(tmp_path))] == [
         ("A", b"first\r\n"), ("C", b"third\r\n")]
-    assert [e.queue_id for e in s.entries] == ["A", "C"]
     s.close()
     s2 = open_spool(tmp_path)
     assert [e.queue_id for e in s2.entries] == ["A", "C"]

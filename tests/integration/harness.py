@@ -876,12 +876,17 @@ service imap-login {{
                 os.chown(os.path.join(dirpath, name), self.uid, self.gid)
         self._chmodded = _open_traversal(self.mail_root.parent)
         self.run_dir = Path(tempfile.mkdtemp(prefix="mailsys-dovecot-", dir="/tmp"))
+        self.run_dir.chmod(0o755)          # what Dovecot wants of its base_dir
         self.conf.write_text(self.config_text())
-        p = subprocess.run([self.dovecot, "-c", str(self.conf)], capture_output=True, text=True,
-                           timeout=60, stdin=subprocess.DEVNULL)
+        # The master forks into the background and keeps its output open: write it to
+        # a file, never to a pipe we would wait on.
+        out_path = self.base / "dovecot.out"
+        with open(out_path, "ab") as out:
+            p = subprocess.run([self.dovecot, "-c", str(self.conf)], stdout=out,
+                               stderr=subprocess.STDOUT, timeout=60, stdin=subprocess.DEVNULL)
         if p.returncode:
             self._cleanup()
-            raise HarnessError(f"dovecot -c {self.conf} exited {p.returncode}\n{p.stdout}{p.stderr}"
+            raise HarnessError(f"dovecot -c {self.conf} exited {p.returncode}\n{tail(out_path)}"
                                f"\n--- {self.log}\n{tail(self.log)}")
         deadline = time.monotonic() + timeout
         while not port_accepts(self.imap_port):
@@ -935,12 +940,13 @@ service imap-login {{
 class PostfixLMTPPeer(PostfixPeer):
     """The Postfix peer as a front end that hands its virtual domains to mailsys over LMTP:
     ``virtual_mailbox_domains = DOMAINS``, ``virtual_mailbox_maps`` listing ``mailboxes``
-    (other recipients are refused at RCPT) and ``virtual_transport = lmtp:inet:127.0.0.1:PORT``.
+    (other recipients are refused at RCPT) and ``virtual_transport = lmtp:NEXTHOP``, where
+    ``nexthop`` is ``inet:127.0.0.1:PORT`` or ``unix:/path/to/socket``.
     Nothing is relayed (``relayhost`` empty, no relay domains)."""
 
-    def __init__(self, base, lmtp_port, domains, mailboxes):
+    def __init__(self, base, nexthop, domains, mailboxes):
         super().__init__(base, relayhost="")
-        self.lmtp_port = lmtp_port
+        self.nexthop = nexthop
         self.domains = list(domains)
         self.mailboxes = list(mailboxes)
 
@@ -950,7 +956,7 @@ class PostfixLMTPPeer(PostfixPeer):
         extra = {
             "virtual_mailbox_domains": " ".join(self.domains),
             "virtual_mailbox_maps": f"inline:{{ {maps} }}",
-            "virtual_transport": f"lmtp:inet:{LOOPBACK}:{self.lmtp_port}",
+            "virtual_transport": f"lmtp:{self.nexthop}",
             "lmtp_host_lookup": "native",
             "lmtp_tls_security_level": "none",
         }

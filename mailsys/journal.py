@@ -1,0 +1,143 @@
+"""The queue's per-recipient state: an append-only journal next to the spool.
+
+The spool keeps each message as it arrived and is never rewritten; what
+happened to each recipient since is recorded here, one small record per
+event, made durable before the queue acts on it (group commit, like the
+spool: one ``fdatasync`` for every record written meanwhile).  So a crash at
+any moment loses no recipient and re-sends nothing the journal knows as sent.
+
+Records are ``length (4) | CRC-32 (4) | JSON``; replay stops at the first torn
+or corrupt record, which a crash can leave only at the end.  At start-up the
+queue rewrites the journal with just the live state (compaction): write a new
+file, fsync, rename over the old, fsync the directory.
+"""
+import json
+import os
+import struct
+import zlib
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger(namespace="mailsys.queue")
+
+HEADER = struct.Struct(">II")
+MAX_RECORD = 1 << 20
+
+
+def encode(record):
+    data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return HEADER.pack(len(data), zlib.crc32(data)) + data
+
+
+def replay(path):
+    """Every intact record of the journal at ``path`` (empty if there is none)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    out, pos = [], 0
+    while pos + HEADER.size <= len(data):
+        length, crc = HEADER.unpack_from(data, pos)
+        body = data[pos + HEADER.size:pos + HEADER.size + length]
+        if length > MAX_RECORD or len(body) < length or zlib.crc32(body) != crc:
+            log.warn("journal: ignoring {n} bytes of torn tail in {path}", n=len(data) - pos, path=path)
+            break
+        try:
+            out.append(json.loads(body))
+        except ValueError:
+            break
+        pos += HEADER.size + length
+    return out
+
+
+def rewrite(path, records):
+    """Replace the journal by ``records`` atomically (compaction)."""
+    directory = os.path.dirname(path)
+    tmp = path + ".new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        blob = b"".join(encode(r) for r in records)
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Journal:
+    """Appends records; ``append`` fires once the record is durable."""
+
+    def __init__(self, path, reactor, run=None, fsync=True):
+        self.path = path
+        self.reactor = reactor
+        self.fsync = fsync
+        self._fd = None
+        self._pending = []
+        self._writing = False
+        self._pool = None
+        self._run = run or self._in_thread
+        self.failed = None
+
+    def open(self):
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _in_thread(self, f, *args):
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mailsys-journal")
+            self._pool.start()
+        return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    def append(self, *records):
+        d = defer.Deferred()
+        self._pending.append((b"".join(encode(r) for r in records), d))
+        if not self._writing:
+            self._flush()
+        return d
+
+    def _flush(self):
+        batch, self._pending = self._pending, []
+        self._writing = True
+        d = self._run(self._write, b"".join(b for b, _ in batch))
+        d.addBoth(self._written, batch)
+
+    def _write(self, blob):
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(self._fd, view):]
+        if self.fsync:
+            os.fdatasync(self._fd)
+
+    def _written(self, result, batch):
+        self._writing = False
+        failure = result if hasattr(result, "value") else None
+        for _, d in batch:
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure.value if hasattr(failure, "value") else failure)
+        if failure is not None:
+            self.failed = failure.value
+            log.error("journal: write failed: {error}; the queue stops acting on results "
+                      "until it is restarted", error=str(failure.value))
+        if self._pending:
+            self._flush()
+        return None
+

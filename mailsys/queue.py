@@ -1,0 +1,349 @@
+"""The queue manager: from spool to mailbox, with retries and delivery reports.
+
+A Service with an injected clock, running in worker 0.  It learns of every
+message the moment it is spooled (its own spool's commit hook, and the other
+workers' notifications), so there is no polling delay.  Recipients are grouped
+by next hop: local domains go over LMTP to our own MDA (``listen.lmtp``), the
+rest to the remote courier (not in this version: they stay deferred with a
+clear reason).  Every courier answers per recipient with the one delivery
+contract (mailsys.delivery): Delivered, TempFail or PermFail.
+
+Each result is written to the journal (mailsys.journal) and made durable
+*before* the queue moves on, so a crash re-sends nothing recorded as
+delivered and forgets no recipient; the only window for a duplicate is a crash
+between the MDA's own fsync and ours, as in every MTA.  Temporary failures are
+retried with exponential backoff (``queue.retry_min`` doubling up to
+``retry_max``, with jitter) until ``queue.lifetime``; then, and on permanent
+failures, the sender gets an RFC 3464 report (mailsys.dsn), itself queued like
+any message from ``<>``.  A message from ``<>`` is never bounced.
+"""
+import random
+import time
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailsys.delivery import PermFail, TempFail
+from mailsys.logs import MailLog
+from mailsys.smtp.reply import Reply
+
+log = MailLog("mailsys.queue")
+_tlog = Logger(namespace="mailsys.queue")
+
+FINAL = ("sent", "failed")
+NO_REMOTE = Reply(451, "4.4.1", "Remote delivery is not available in this version; "
+                                "the message stays queued")
+NO_LMTP = Reply(451, "4.3.5", "No LMTP listener is configured (listen.lmtp is empty)")
+EXPIRED_STATUS = "4.4.7"
+
+
+class Recipient:
+    __slots__ = ("index", "addr", "state", "error", "notify", "orcpt", "when", "status")
+
+    def __init__(self, index, spec):
+        self.index = index
+        self.addr = spec["rcpt"]
+        self.state = "queued"
+        self.error = None
+        self.notify = spec.get("notify")
+        self.orcpt = tuple(spec["orcpt"]) if spec.get("orcpt") else None
+        self.when = None
+        self.status = None
+
+    @property
+    def domain(self):
+        return self.addr.rpartition("@")[2].lower() if "@" in self.addr else ""
+
+
+class Message:
+    __slots__ = ("qid", "entry", "envelope", "rcpts", "arrival", "attempts", "next_attempt",
+                 "hold", "warned", "active", "timer")
+
+    def __init__(self, entry):
+        self.qid = entry.queue_id
+        self.entry = entry
+        self.envelope = entry.envelope
+        self.rcpts = [Recipient(i, r) for i, r in enumerate(entry.envelope.get("recipients", []))]
+        self.arrival = float(entry.envelope.get("arrival", time.time()))
+        self.attempts = 0
+        self.next_attempt = 0.0
+        self.hold = False
+        self.warned = False
+        self.active = False
+        self.timer = None
+
+    @property
+    def sender(self):
+        return self.envelope.get("sender", "")
+
+    def due(self):
+        return [r for r in self.rcpts if r.state not in FINAL]
+
+
+class QueueManager(service.Service):
+    def __init__(self, *, config, spool, journal, clock, lmtp=None, remote=None, local_domains=(),
+                 hostname="localhost", rng=random.random, max_active=100):
+        self.config = config
+        self.spool = spool
+        self.journal = journal
+        self.clock = clock
+        self.lmtp = lmtp
+        self.remote = remote
+        self.local_domains = frozenset(local_domains)
+        self.hostname = hostname
+        self.rng = rng
+        self.max_active = max_active
+        self.messages = {}
+        self._active = 0
+        self._waiting = []
+        self.running = False
+
+    # -- loading and compaction ------------------------------------------------------
+
+    def load(self, entries, records):
+        """Rebuild the queue from the spool's messages and the journal's records.
+        Returns the records that describe the live queue (for compaction) and the
+        set of queue ids that are finished."""
+        by_id = {}
+        for e in entries:
+            if e.queue_id:
+                by_id[e.queue_id] = e
+        state = {}
+        done = set()
+        for rec in records:
+            qid = rec.get("id")
+            if qid is None:
+                continue
+            if rec.get("done"):
+                done.add(qid)
+                state.pop(qid, None)
+                continue
+            state.setdefault(qid, []).append(rec)
+        live = []
+        for qid, entry in by_id.items():
+            if qid in done:
+                continue
+            msg = Message(entry)
+            for rec in state.get(qid, ()):
+                self._apply_record(msg, rec)
+            # A message whose recipients are all final but that was not marked done
+            # (a crash in between) is finished at its first attempt: its reports go
+            # out then, at worst a second time, never not at all.
+            self.messages[qid] = msg
+            live.extend(state.get(qid, ()))
+        return live, done
+
+    def _apply_record(self, msg, rec):
+        if "r" in rec and 0 <= rec["r"] < len(msg.rcpts):
+            r = msg.rcpts[rec["r"]]
+            r.state = rec.get("s", r.state)
+            r.error = rec.get("e")
+            r.when = rec.get("t")
+            r.status = rec.get("dsn")
+        if "next" in rec:
+            msg.next_attempt = rec["next"]
+            msg.attempts = rec.get("attempts", msg.attempts)
+        if "hold" in rec:
+            msg.hold = bool(rec["hold"])
+        if rec.get("warned"):
+            msg.warned = True
+
+    # -- service ---------------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self.running = True
+        now = self.clock.seconds()
+        for msg in list(self.messages.values()):
+            self._schedule(msg, max(now, msg.next_attempt))
+        if self.messages:
+            log.info(f"queue: {len(self.messages)} messages to deliver", count=len(self.messages))
+
+    def stopService(self):
+        self.running = False
+        for msg in self.messages.values():
+            if msg.timer is not None and msg.timer.active():
+                msg.timer.cancel()
+        return super().stopService()
+
+    def add(self, entry):
+        """A message has just been spooled (durably): deliver it now."""
+        if not entry.queue_id or entry.queue_id in self.messages:
+            return
+        msg = Message(entry)
+        self.messages[msg.qid] = msg
+        if self.running:
+            self._schedule(msg, self.clock.seconds())
+
+    def add_at(self, segment, offset):
+        """Another worker spooled a message: read it from its segment and queue it."""
+        from mailsys.spool import read_entry
+
+        entry = read_entry(segment, offset)
+        if entry is None:
+            _tlog.error("queue: no intact record at {segment}:{offset}", segment=segment, offset=offset)
+            return
+        self.add(entry)
+
+    def _schedule(self, msg, when):
+        if msg.timer is not None and msg.timer.active():
+            msg.timer.cancel()
+        msg.timer = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._attempt, msg)
+
+    # -- delivery --------------------------------------------------------------------
+
+    def _attempt(self, msg):
+        msg.timer = None
+        if not self.running or msg.hold or msg.active or msg.qid not in self.messages:
+            return
+        if self._active >= self.max_active:
+            self._waiting.append(msg)
+            return
+        msg.active = True
+        self._active += 1
+        d = defer.maybeDeferred(self._deliver, msg)
+        d.addErrback(lambda f: _tlog.failure("queue: delivery attempt for {qid} failed", f, qid=msg.qid))
+        d.addBoth(self._attempted, msg)
+
+    def _attempted(self, _, msg):
+        msg.active = False
+        self._active -= 1
+        while self._waiting and self._active < self.max_active:
+            self._attempt(self._waiting.pop(0))
+
+    @defer.inlineCallbacks
+    def _deliver(self, msg):
+        now = self.clock.seconds()
+        due = msg.due()
+        cfg = self.config.queue
+        if due and cfg.lifetime and now - msg.arrival >= cfg.lifetime:
+            reply = Reply(451, EXPIRED_STATUS, "Delivery time expired")
+            for r in due:
+                last = r.error or "no delivery attempt succeeded"
+                yield self._record(msg, r, "failed", f"{last} (gave up after {int(now - msg.arrival)} s)",
+                                   status=EXPIRED_STATUS, relay="none", reply=reply)
+            due = []
+        local = [r for r in due if r.domain in self.local_domains or r.domain == ""]
+        remote = [r for r in due if r not in local]
+        waits = []
+        if local:
+            waits.append(self._via(msg, local, self.lmtp, NO_LMTP, "lmtp"))
+        if remote:
+            waits.append(self._via(msg, remote, self.remote, NO_REMOTE, "remote"))
+        if waits:
+            yield defer.gatherResults(waits, consumeErrors=True)
+        yield self._settle(msg)
+
+    @defer.inlineCallbacks
+    def _via(self, msg, rcpts, courier, missing, relay):
+        started = self.clock.seconds()
+        if courier is None:
+            outcomes = [TempFail(missing) for _ in rcpts]
+        else:
+            message = msg.entry.read_message()
+            params = msg.envelope.get("params", {})
+            pairs = [(r.addr, {"orcpt": r.orcpt} if r.orcpt else {}) for r in rcpts]
+            try:
+                outcomes = yield courier.deliver(msg.sender, pairs, message, params)
+            except Exception as e:   # a courier bug is a temporary failure, never success
+                outcomes = [TempFail(Reply(451, "4.3.0", f"Delivery error: {type(e).__name__}"))
+                            for _ in rcpts]
+        delay = self.clock.seconds() - msg.arrival
+        for r, outcome in zip(rcpts, outcomes):
+            state = "sent" if outcome.delivered else ("failed" if outcome.permanent else "deferred")
+            yield self._record(msg, r, state, str(outcome.reply), relay=getattr(courier, "name", relay),
+                               delay=delay, reply=outcome.reply, started=started)
+
+    def _record(self, msg, r, state, error, *, relay, reply, status=None, delay=None, started=None):
+        """Journal one recipient's result; the Deferred fires once it is durable."""
+        status = status or reply.status or ("2.0.0" if state == "sent" else
+                                            "5.0.0" if state == "failed" else "4.0.0")
+        r.state, r.error, r.when, r.status = state, error, self.clock.seconds(), status
+        shown = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}[state]
+        delay = self.clock.seconds() - msg.arrival if delay is None else delay
+        log.info(f"{msg.qid}: to=<{r.addr}>, relay={relay}, delay={delay:.2f}, dsn={status}, "
+                 f"status={shown} ({reply.text if reply else error})",
+                 qid=msg.qid, rcpt=r.addr, status=shown, dsn=status)
+        return self.journal.append({"id": msg.qid, "r": r.index, "s": state, "e": error,
+                                    "t": r.when, "dsn": status})
+
+    @defer.inlineCallbacks
+    def _settle(self, msg):
+        now = self.clock.seconds()
+        due = msg.due()
+        if not due:
+            yield self._finish(msg)
+            return
+        msg.attempts += 1
+        cfg = self.config.queue
+        backoff = min(cfg.retry_min * 2 ** (msg.attempts - 1), cfg.retry_max)
+        backoff *= 0.9 + 0.2 * self.rng()            # jitter: spread retries of a burst
+        nxt = now + backoff
+        if cfg.lifetime:
+            nxt = min(nxt, msg.arrival + cfg.lifetime)
+        msg.next_attempt = nxt
+        records = [{"id": msg.qid, "next": nxt, "attempts": msg.attempts}]
+        if cfg.warn_after and not msg.warned and now - msg.arrival >= cfg.warn_after:
+            msg.warned = True
+            records.append({"id": msg.qid, "warned": True})
+            yield self._report(msg, "delay", due)
+        yield self.journal.append(*records)
+        if not msg.hold:
+            self._schedule(msg, nxt)
+
+    @defer.inlineCallbacks
+    def _finish(self, msg):
+        failed = [r for r in msg.rcpts if r.state == "failed"]
+        sent = [r for r in msg.rcpts if r.state == "sent"]
+        if failed:
+            yield self._report(msg, "failure", failed)
+        if sent:
+            yield self._report(msg, "success", sent)
+        yield self.journal.append({"id": msg.qid, "done": True})
+        self.messages.pop(msg.qid, None)
+        log.info(f"{msg.qid}: removed", qid=msg.qid)
+
+    def _report(self, msg, kind, rcpts):
+        """Queue an RFC 3464 report to the sender; never for a message from <>."""
+        from mailsys import dsn
+
+        if dsn.never_bounce(msg.envelope):
+            if kind == "failure":
+                log.info(f"{msg.qid}: undeliverable message from <> not returned "
+                         f"({len(rcpts)} recipient(s) failed)", qid=msg.qid)
+            return defer.succeed(None)
+        specs = msg.envelope.get("recipients", [])
+        wanted = [r for r in rcpts if dsn.wants(specs[r.index], kind)]
+        if not wanted:
+            return defer.succeed(None)
+        statuses = [dsn.RecipientStatus(
+            rcpt=r.addr,
+            action={"failure": "failed", "delay": "delayed", "success": "delivered"}[kind],
+            status=_status_of(r, kind),
+            diagnostic=r.error if kind != "success" else None,
+            remote_mta=None, orcpt=r.orcpt, last_attempt=r.when,
+            will_retry_until=msg.arrival + self.config.queue.lifetime if kind == "delay" else None)
+            for r in wanted]
+        report = dsn.make_report(reporting_mta=self.hostname, queue_id=msg.qid, envelope=msg.envelope,
+                                 original=msg.entry.read_message(), statuses=statuses, kind=kind,
+                                 now=self.clock.seconds())
+        writer = self.spool.new_message()
+        writer.write(report)
+        envelope = {"arrival": self.clock.seconds(), "sender": "", "params": {},
+                    "recipients": [{"rcpt": msg.sender, "state": "queued", "notify": ["NEVER"]}],
+                    "client": {"ip": "", "name": "localhost", "helo": self.hostname, "proto": "DSN",
+                               "role": "dsn", "auth": None}}
+        d = self.spool.commit(writer, envelope)
+
+        def queued(entry):
+            log.info(f"{msg.qid}: sender {kind} notification: {entry.queue_id}",
+                     qid=msg.qid, dsn_id=entry.queue_id, kind=kind)
+
+        return d.addCallback(queued)
+
+
+def _status_of(r, kind):
+    if kind == "success":
+        return "2.0.0"
+    return r.status or ("5.0.0" if kind == "failure" else "4.0.0")

@@ -1,0 +1,261 @@
+"""The queue manager on task.Clock: scheduling, backoff, lifetime, reports, restart."""
+import email
+import email.policy
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer, task
+
+from mailsys.delivery import Delivered, PermFail, TempFail
+from mailsys.queue import NO_LMTP, NO_REMOTE, QueueManager
+from mailsys.smtp.reply import Reply
+
+RETRY_MIN, RETRY_MAX, LIFETIME, WARN = 300, 3600, 86400, 14400
+
+
+class Entry:
+    def __init__(self, qid, sender, rcpts, arrival=0.0, message=b"Subject: t\r\n\r\nbody\r\n"):
+        self.queue_id = qid
+        self.segment, self.offset = "/seg", 0
+        self.envelope = {"id": qid, "arrival": arrival, "sender": sender, "params": {},
+                         "recipients": [r if isinstance(r, dict) else {"rcpt": r, "state": "queued"}
+                                        for r in rcpts]}
+        self._message = message
+
+    def read_message(self):
+        return self._message
+
+
+class Spool:
+    """Commits at once; reports land in ``committed``."""
+
+    def __init__(self):
+        self.committed = []
+        self.n = 0
+
+    def new_message(self):
+        self.n += 1
+        return SimpleNamespace(queue_id=f"DSN{self.n}", chunks=[], write=None)
+
+    def commit(self, writer, envelope):
+        raise AssertionError("replaced in fixture")
+
+
+class Journal:
+    def __init__(self):
+        self.records = []
+
+    def append(self, *records):
+        self.records.extend(records)
+        return defer.succeed(None)
+
+
+class Courier:
+    def __init__(self, name):
+        self.name = name
+        self.calls = []
+        self.script = []     # list of outcome lists, or a callable(rcpts) -> outcomes
+
+    def deliver(self, sender, recipients, message, params):
+        self.calls.append((sender, [r for r, _ in recipients], message))
+        outcome = self.script.pop(0) if self.script else None
+        if callable(outcome):
+            outcome = outcome(recipients)
+        if outcome is None:
+            outcome = [Delivered() for _ in recipients]
+        return defer.succeed(outcome)
+
+
+@pytest.fixture
+def q():
+    clock = task.Clock()
+    spool = Spool()
+
+    def new_message():
+        spool.n += 1
+        w = SimpleNamespace(queue_id=f"DSN{spool.n}", data=[])
+        w.write = w.data.append
+        return w
+
+    def commit(w, envelope):
+        spool.committed.append((w.queue_id, envelope, b"".join(w.data)))
+        return defer.succeed(SimpleNamespace(queue_id=w.queue_id))
+
+    spool.new_message, spool.commit = new_message, commit
+    config = SimpleNamespace(queue=SimpleNamespace(retry_min=RETRY_MIN, retry_max=RETRY_MAX,
+                                                   lifetime=LIFETIME, warn_after=WARN))
+    lmtp, remote = Courier("lmtp"), Courier("smtp")
+    journal = Journal()
+    qm = QueueManager(config=config, spool=spool, journal=journal, clock=clock, lmtp=lmtp,
+                      remote=None, local_domains=["example.com"], hostname="mx.example.com",
+                      rng=lambda: 0.5)
+    qm.startService()
+    return SimpleNamespace(qm=qm, clock=clock, spool=spool, journal=journal, lmtp=lmtp)
+
+
+def states(q, qid):
+    return [(r["r"], r["s"]) for r in q.journal.records if r.get("id") == qid and "r" in r]
+
+
+def test_delivered_at_once_then_removed(q):
+    q.qm.add(Entry("Q1", "a@b.org", ["joe@example.com", "ann@example.com"]))
+    assert q.lmtp.calls == []          # scheduled, not yet run: no work inside add()
+    q.clock.advance(0)
+    assert q.lmtp.calls == [("a@b.org", ["joe@example.com", "ann@example.com"],
+                             b"Subject: t\r\n\r\nbody\r\n")]
+    assert states(q, "Q1") == [(0, "sent"), (1, "sent")]
+    assert q.journal.records[-1] == {"id": "Q1", "done": True}
+    assert "Q1" not in q.qm.messages
+    assert q.spool.committed == []      # no report for a plain success
+
+
+def test_backoff_doubles_to_the_maximum(q):
+    temp = [TempFail(Reply(451, "4.2.0", "busy"))]
+    q.lmtp.script = [temp] * 6
+    q.qm.add(Entry("Q2", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    times = []
+    for _ in range(5):
+        nxt = q.qm.messages["Q2"].next_attempt
+        times.append(nxt)
+        q.clock.advance(nxt - q.clock.seconds())
+    gaps = [b - a for a, b in zip([0] + times, times)]
+    assert gaps == [300, 600, 1200, 2400, 3600]
+    assert len(q.lmtp.calls) == 6
+    assert q.lmtp.script == []
+    q.clock.advance(q.qm.messages["Q2"].next_attempt - q.clock.seconds())
+    assert states(q, "Q2")[-1] == (0, "sent")
+
+
+def test_no_attempt_twice_at_once(q):
+    hold = defer.Deferred()
+    q.lmtp.script = [lambda rcpts: None]
+    q.lmtp.deliver = lambda *a: hold
+    msg = q.qm.messages
+    q.qm.add(Entry("Q3", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    q.qm._attempt(msg["Q3"])            # a second trigger while the first runs
+    assert msg["Q3"].active
+    hold.callback([Delivered()])
+    assert "Q3" not in msg
+
+
+def test_permanent_failure_bounces_with_a_report(q):
+    q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "<ghost@example.com>: User unknown")), Delivered()]]
+    q.qm.add(Entry("Q4", "a@b.org", ["ghost@example.com", "joe@example.com"]))
+    q.clock.advance(0)
+    assert len(q.spool.committed) == 1
+    qid, envelope, report = q.spool.committed[0]
+    assert envelope["sender"] == ""
+    assert envelope["recipients"] == [{"rcpt": "a@b.org", "state": "queued", "notify": ["NEVER"]}]
+    msg = email.message_from_bytes(report, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg["To"] == "a@b.org"
+    status = report.decode()
+    assert "Final-Recipient: rfc822; ghost@example.com" in status
+    assert "Status: 5.1.1" in status
+    assert "joe@example.com" not in status.split("Final-Recipient")[-1]
+    assert q.journal.records[-1] == {"id": "Q4", "done": True}
+
+
+def test_null_sender_is_never_bounced(q):
+    q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "User unknown"))]]
+    q.qm.add(Entry("Q5", "", ["ghost@example.com"]))
+    q.clock.advance(0)
+    assert q.spool.committed == []
+    assert q.journal.records[-1] == {"id": "Q5", "done": True}
+
+
+def test_notify_never_and_success(q):
+    q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "x"))], [Delivered()]]
+    q.qm.add(Entry("Q6", "a@b.org", [{"rcpt": "ghost@example.com", "state": "queued", "notify": ["NEVER"]}]))
+    q.clock.advance(0)
+    assert q.spool.committed == []
+    q.qm.add(Entry("Q7", "a@b.org", [{"rcpt": "joe@example.com", "state": "queued", "notify": ["SUCCESS"]}]))
+    q.clock.advance(0)
+    assert len(q.spool.committed) == 1
+    assert b"Action: delivered" in q.spool.committed[0][2]
+
+
+def test_lifetime_expiry_bounces_with_4_4_7(q):
+    q.lmtp.script = [[TempFail(Reply(451, "4.3.0", "disk trouble"))]] * 100
+    q.qm.add(Entry("Q8", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    while "Q8" in q.qm.messages:
+        q.clock.advance(q.qm.messages["Q8"].next_attempt - q.clock.seconds())
+    assert q.clock.seconds() == LIFETIME
+    reports = [r for _, _, r in q.spool.committed]
+    assert len(reports) == 2                       # the delay warning, then the bounce
+    assert b"Action: delayed" in reports[0]
+    assert b"Action: failed" in reports[1] and b"Status: 4.4.7" in reports[1]
+    assert b"disk trouble" in reports[1]
+
+
+def test_delay_warning_only_once(q):
+    q.lmtp.script = [[TempFail(Reply(451, "4.3.0", "later"))]] * 30
+    q.qm.add(Entry("Q9", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    while q.clock.seconds() < WARN + 4 * RETRY_MAX:
+        q.clock.advance(q.qm.messages["Q9"].next_attempt - q.clock.seconds())
+    assert len(q.spool.committed) == 1
+    assert [r for r in q.journal.records if r.get("warned")] == [{"id": "Q9", "warned": True}]
+
+
+def test_remote_and_missing_lmtp_stay_deferred_with_a_reason(q):
+    q.qm.lmtp = None
+    q.qm.add(Entry("QA", "a@b.org", ["joe@example.com", "x@example.org"]))
+    q.clock.advance(0)
+    recs = [r for r in q.journal.records if r.get("id") == "QA" and "r" in r]
+    assert sorted((r["r"], r["s"], r["e"]) for r in recs) == [
+        (0, "deferred", str(NO_LMTP)), (1, "deferred", str(NO_REMOTE))]
+    assert "QA" in q.qm.messages
+
+
+def test_restart_resumes_and_never_resends_what_was_sent(q):
+    entry = Entry("QB", "a@b.org", ["joe@example.com", "ann@example.com"])
+    records = [{"id": "QB", "r": 0, "s": "sent", "e": "250 2.0.0 ok", "t": 1},
+               {"id": "QB", "r": 1, "s": "deferred", "e": "451 4.2.0 busy", "t": 1},
+               {"id": "QB", "next": 500.0, "attempts": 1},
+               {"id": "QGONE", "done": True}]
+    fresh = QueueManager(config=q.qm.config, spool=q.spool, journal=q.journal, clock=q.clock,
+                         lmtp=q.lmtp, local_domains=["example.com"], rng=lambda: 0.5)
+    live, done = fresh.load([entry, Entry("QGONE", "a@b.org", ["joe@example.com"])], records)
+    assert done == {"QGONE"}
+    assert list(fresh.messages) == ["QB"]
+    assert live == records[:3]
+    fresh.startService()
+    q.clock.advance(499)
+    assert q.lmtp.calls == []
+    q.clock.advance(1)
+    assert q.lmtp.calls == [("a@b.org", ["ann@example.com"], entry.read_message())]
+
+
+def test_concurrency_cap(q):
+    q.qm.max_active = 2
+    pending = []
+    q.lmtp.deliver = lambda *a: pending.append(defer.Deferred()) or pending[-1]
+    for i in range(5):
+        q.qm.add(Entry(f"C{i}", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    assert len(pending) == 2
+    pending[0].callback([Delivered()])
+    assert len(pending) == 3
+    for d in pending[1:]:
+        d.callback([Delivered()])
+    while len(pending) < 5:
+        pending[-1].callback([Delivered()]) if not pending[-1].called else None
+    for d in pending:
+        if not d.called:
+            d.callback([Delivered()])
+    assert q.qm.messages == {}
+
+
+def test_courier_exception_is_a_temporary_failure(q):
+    def boom(*a):
+        raise RuntimeError("bug")
+
+    q.lmtp.deliver = boom
+    q.qm.add(Entry("QC", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    assert states(q, "QC") == [(0, "deferred")]
+    assert "QC" in q.qm.messages
