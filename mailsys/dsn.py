@@ -44,7 +44,8 @@ MAX_ORIGINAL = 1024 * 1024
 
 MAX_LINE = 998          # RFC 5322 2.1.1, without the CRLF
 _FOLD_AT = 78           # preferred length of the fields we write
-_MAX_WORD = 900         # a word longer than this is cut (it has no place to fold)
+_MAX_WORD = 900         # longest address (octets) or diagnostic word we write
+_CHOP = 960             # a word longer than this is cut in _field: it has no place to fold
 _MAX_DIAGNOSTIC = 4000  # characters of remote reply kept per recipient
 
 _SUBJECTS = {
@@ -62,6 +63,7 @@ _LINE_END_RE = re.compile(rb"\r\n|\r|\n")
 # Control characters (C0, DEL, C1), line and paragraph separators, lone surrogates.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_NON_PRINTABLE_RE = re.compile("[^ -~]")
 
 # RFC 3463 texts for the codes a reader is most likely to meet, then per subject.
 _DETAIL = {
@@ -173,7 +175,7 @@ def _text(value):
 
 def _ascii(value):
     """One line of printable ASCII: anything else becomes ``?``."""
-    return "".join(c if " " <= c <= "~" else "?" for c in _text(value))
+    return _NON_PRINTABLE_RE.sub("?", _text(value))
 
 
 def _no_controls(value):
@@ -183,6 +185,15 @@ def _no_controls(value):
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return _CONTROL_RE.sub("", str(value)).strip()
+
+
+def _address(value):
+    """An address for a header or the text part: no controls, at most 900 octets of UTF-8."""
+    a = _no_controls(value)
+    raw = a.encode("utf-8")
+    if len(raw) > _MAX_WORD:
+        a = raw[:_MAX_WORD].decode("utf-8", "ignore")
+    return a
 
 
 def _hostname(value, default="localhost"):
@@ -234,6 +245,8 @@ def _original_recipient(orcpt):
 
 def _diagnostic(value):
     """``(type, text)`` for Diagnostic-Code, ASCII, one line, bounded; or None."""
+    if isinstance(value, (str, bytes)):
+        value = value[:4 * _MAX_DIAGNOSTIC]   # bound the work; the rest is cut below anyway
     text = _text(value)
     if not text:
         return None
@@ -267,13 +280,15 @@ def _field(name, value):
     """A header or status field, folded at spaces; every line at most 998 octets.
 
     ``value`` must already be clean (no CR, LF or other controls).  Words longer
-    than ``_MAX_WORD`` are cut into pieces, which unfold with a space between.
+    than ``_CHOP`` are cut into pieces, which unfold with a space between; the
+    callers bound addresses (``_MAX_WORD``) so that only a diagnostic ever is.
     """
     words = []
     for w in value.split(" "):
-        while len(w) > _MAX_WORD:
-            words.append(w[:_MAX_WORD])
-            w = w[_MAX_WORD:]
+        while len(w.encode("utf-8")) > _CHOP:
+            cut = w.encode("utf-8")[:_CHOP].decode("utf-8", "ignore")
+            words.append(cut)
+            w = w[len(cut):]
         words.append(w)
     lines = []
     line = f"{name}:"
@@ -446,7 +461,7 @@ def _quoted_printable(text):
 def _rendered(statuses):
     """Pairs each status with its display address and cleaned diagnostic."""
     for st in statuses:
-        display = _no_controls(st.rcpt)[:_MAX_WORD]
+        display = _address(st.rcpt)
         yield st, display, _diagnostic(st.diagnostic)
 
 
@@ -567,10 +582,10 @@ def make_report(*, reporting_mta, queue_id, envelope, original, statuses, kind, 
 
     host = _hostname(reporting_mta)
     qid = re.sub(r"[^A-Za-z0-9]", "", _ascii(queue_id))[:64] or "unknown"
-    sender = _no_controls(envelope.get("sender") or "")[:_MAX_WORD]
-    rcpt_to = sender if to is None else _no_controls(to)[:_MAX_WORD]
+    sender = _address(envelope.get("sender") or "")
+    rcpt_to = sender if to is None else _address(to)
     arrival = _date(envelope.get("arrival"))
-    pm = _no_controls(postmaster)[:_MAX_WORD] or "postmaster"
+    pm = _address(postmaster) or "postmaster"
 
     part3, note = _original_part(kind, envelope, original, max_original)
     part2 = _status_part(host, qid, envelope, arrival, statuses)

@@ -162,31 +162,32 @@ class MailHost(service.MultiService):
         from mailsys.queue import QueueManager
 
         config = self.config
-        path = os.path.join(config.server.state_dir, "spool", "queue.jnl")
+        journal_path = os.path.join(config.server.state_dir, "spool", "queue.jnl")
         lmtp = None
         if config.listen.lmtp:
             from mailsys.couriers.lmtp import LMTPCourier
 
             lmtp = LMTPCourier(self.reactor, config.listen.lmtp[0], config.server.hostname)
-        self.journal = Journal(path, self.reactor)
+        self.journal = Journal(journal_path, self.reactor)
         self.queue = QueueManager(config=config, spool=self.spool, journal=self.journal,
                                   clock=self.reactor, lmtp=lmtp, remote=None,
                                   local_domains=config.domains.local, hostname=config.server.hostname)
-        live, done = self.queue.load(self.spool.entries, replay(path))
+        live, done = self.queue.load(self.spool.entries, replay(journal_path))
         by_segment = {}
         for e in self.spool.entries:
             by_segment.setdefault(e.segment, []).append(e.queue_id)
         for name in os.listdir(self.spool.segments):
-            path = os.path.join(self.spool.segments, name)
-            if name.endswith(".seg") and path not in by_segment and path != self.spool.current_segment:
-                os.unlink(path)     # nothing intact in it: an empty or wholly torn segment
+            segment = os.path.join(self.spool.segments, name)
+            if (name.endswith(".seg") and segment not in by_segment
+                    and segment != self.spool.current_segment):
+                os.unlink(segment)     # nothing intact in it: an empty or wholly torn segment
         keep_done = []
         for segment, ids in by_segment.items():
             if segment != self.spool.current_segment and all(q in done for q in ids):
                 os.unlink(segment)
             else:
                 keep_done.extend({"id": q, "done": True} for q in ids if q in done)
-        rewrite(path, keep_done + live)
+        rewrite(journal_path, keep_done + live)
         self.spool.entries = []
         self.journal.open()
         self.spool.on_commit.append(self.queue.add)

@@ -648,7 +648,7 @@ def test_large_message_through_the_producer():
         writes += 1
     assert writes == -(-len(message) // courier_module.CHUNK)
     wire = s.t.value()
-    assert wire.count(b"\r\n..starts") == 60000 - 1 and wire.startswith(b"Subject")
+    assert wire.count(b"\r\n..starts") == 60000 and wire.startswith(b"Subject")
     assert server_reader_unstuff(wire) == message
     assert server(s, DELIVERED) == b"QUIT\r\n"
 
@@ -1013,3 +1013,19 @@ def test_against_our_server_duplicates_give_one_copy(mda_session):
     outcomes = mda_session.run(["joe@example.com", "joe@example.com"], MSG)
     assert outcomes[0].delivered and outcomes[1].delivered
     assert len(mda_session.box("joe@example.com")) == 1
+
+
+def test_idle_fires_when_every_connection_is_closed():
+    h = Harness(max_sessions=1)
+    assert h.courier.idle().called
+    h.deliver(["joe@example.com"])
+    h.deliver(["ann@example.com"])
+    idle = h.courier.idle()
+    proto, t = h.accept(0)
+    converse(proto, t, DELIVERED)
+    assert not idle.called
+    proto, t = h.accept(1)
+    proto.dataReceived(GREETING + LHLO_FULL + MAIL_OK + RCPT_OK + START + DELIVERED)
+    assert not idle.called                # QUIT not answered yet
+    proto.dataReceived(BYE)
+    assert idle.called

@@ -49,7 +49,8 @@ def envelope(**params):
 
 def bob_failed(**kw):
     values = dict(rcpt="bob@example.org", action="failed", status="5.1.1",
-                  diagnostic="550 5.1.1 <bob@example.org>: Recipient address rejected: User unknown",
+                  diagnostic="550 5.1.1 <bob@example.org>: Recipient address rejected: "
+                             "User unknown",
                   remote_mta="mx.example.org", orcpt=("rfc822", "Bob@Example.org"),
                   last_attempt=NOW - 1, will_retry_until=None)
     values.update(kw)
@@ -335,7 +336,8 @@ def test_will_retry_until_only_for_delayed():
 def test_success_report():
     raw = report(kind="success", statuses=[
         bob_failed(action="delivered", status="2.0.0", diagnostic="250 2.0.0 Ok: queued as X"),
-        carol_expired(action="relayed", status="2.0.0", diagnostic=None, remote_mta="mx.old.example"),
+        carol_expired(action="relayed", status="2.0.0", diagnostic=None,
+                      remote_mta="mx.old.example"),
     ])
     check_wire(raw)
     msg = parse(raw)
@@ -411,7 +413,8 @@ def test_crlf_everywhere_else_does_not_inject():
 
 
 def test_non_ascii_diagnostic_is_replaced():
-    raw = report(statuses=[bob_failed(diagnostic="550 Benutzer unbekannt: J\u00f6rg \udce9 \u2028x")])
+    diag = "550 Benutzer unbekannt: J\u00f6rg \udce9 \u2028x"
+    raw = report(statuses=[bob_failed(diagnostic=diag)])
     check_wire(raw)
     assert blocks(raw)[1]["Diagnostic-Code"] == "smtp; 550 Benutzer unbekannt: J?rg ? x"
     assert raw.isascii()
@@ -468,6 +471,24 @@ def test_utf8_sender_needs_smtputf8():
     assert parse(raw)["To"] == "\u00e5se@example.org"
     assert blocks(raw)[0]["X-Mailsys-Sender"] == "utf-8; \\x{E5}se@example.org"
     assert dsn_params(raw) == {"body": "8BITMIME", "smtputf8": True}
+
+
+def test_very_long_utf8_sender_still_fits_998():
+    env = envelope(smtputf8=True)
+    env["sender"] = "\U0001F600" * 600 + "@example.org"
+    raw = report(env=env, postmaster="\U0001F600" * 600,
+                 statuses=[bob_failed(rcpt="\U0001F600" * 600 + "@example.org")])
+    check_wire(raw)
+    assert len(list(parse(raw).iter_parts())) == 3
+    b = blocks(raw)
+    assert b[0]["X-Mailsys-Sender"] == "utf-8; " + "\\x{1F600}" * 100
+    assert b[1]["Final-Recipient"] == "utf-8; " + "\\x{1F600}" * 100
+
+
+def test_long_orcpt_is_cut_not_split():
+    raw = report(statuses=[bob_failed(orcpt=("utf-8", "\\x{E5}" * 400))])
+    check_wire(raw)
+    assert blocks(raw)[1]["Original-Recipient"] == "utf-8;" + "\\x{E5}" * 150
 
 
 def test_utf8_original_is_message_global():
@@ -592,7 +613,7 @@ statuses = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(original=originals, statuses=st.lists(statuses, min_size=1, max_size=4),
        kind=st.sampled_from(dsn.KINDS), sender=any_text, envid=st.one_of(st.none(), any_text),
        ret=st.sampled_from([None, "FULL", "HDRS"]), smtputf8=st.booleans(),

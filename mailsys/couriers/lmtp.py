@@ -599,7 +599,7 @@ class LMTPClientProtocol(Protocol):
             self._write(b"".join(stuffed_chunks(self.message)))
             self._body_sent()
         else:
-            self._producer = _BodyProducer(self, stuffed_chunks(self.message))
+            self._producer = _BodyProducer(self, stuffed_chunks(self.message, CHUNK))
             self.transport.registerProducer(self._producer, False)
 
     def _body_sent(self):
@@ -696,10 +696,20 @@ class LMTPCourier:
         self.active = 0
         self._waiting = deque()
         self._pumping = False
+        self._idle = []
 
     @property
     def waiting(self):
         return len(self._waiting)
+
+    def idle(self):
+        """A Deferred that fires once no delivery is running or waiting (every
+        connection closed): for a clean shutdown."""
+        if not self.active and not self._waiting:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle.append(d)
+        return d
 
     def deliver(self, sender, recipients, message, params=None):
         """Deferred of one Outcome per recipient, in order; it never fails."""
@@ -739,6 +749,10 @@ class LMTPCourier:
     def _release(self, _=None):
         self.active -= 1
         self._pump()
+        if not self.active and not self._waiting and self._idle:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
 
     def _start(self, job):
         plan = job.plan

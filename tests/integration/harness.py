@@ -6,6 +6,12 @@ with a configuration written under a temporary directory: every listener on
 accounts and mailboxes private to the test.  :class:`PostfixPeer` runs a stock
 Postfix as an alternate instance on loopback, as the "ISP" that relays to us.
 
+For the MDA (issue 4): :func:`start_mda` starts mailsys with its LMTP listener (unix
+socket and/or TCP) and accounts made by the CLI, :class:`LMTPClient` speaks LMTP with
+one reply per recipient, :class:`DovecotPeer` runs a stock Dovecot (IMAP) over the
+mailbox root, and :class:`PostfixLMTPPeer` is the Postfix peer with
+``virtual_transport = lmtp:...`` pointed at us.
+
 Nothing here contacts an address outside 127.0.0.0/8.
 """
 from __future__ import annotations

@@ -357,6 +357,32 @@ def test_alias_fans_out_to_every_account(make_server):
     assert maildir_files(maildir_of(server, "tiny@example.com")) == {}
 
 
+def test_alias_with_a_remote_target_never_drops_that_copy(make_server):
+    """CONTRACT section 3: an alias target may be remote ("remote targets are relayed").
+    Over LMTP the MDA cannot deliver that copy itself, so a 250 for the alias is only
+    honest if the remote copy was handed on (queued in the spool); otherwise the
+    recipient must not get 250 -- a silently dropped copy is a lost message."""
+    server = start_mda(make_server, aliases="ext@example.com: joe@example.com, someone@remote.example\n")
+    msg = message("alias-remote")
+    _, rcpt, after = lmtp_deliver(server.lmtp_socket, "sender@example.org", ["ext@example.com"], msg)
+    if rcpt[0].startswith("250") and after and after[0].startswith("250"):
+        deadline = time.monotonic() + 5
+        while True:
+            queued = [e for e in server.spool()
+                      if "someone@remote.example" in {r.get("rcpt") for r in e.envelope.get("recipients", [])}]
+            handed_on = re.search(r"to=<someone@remote\.example>", server.log_text())
+            if queued or handed_on or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert queued or handed_on, (
+            f"ext@example.com got {after[0]!r}, but the copy for the remote "
+            f"target someone@remote.example was neither queued nor relayed: it is lost")
+    else:
+        # Refused or deferred: the sender keeps the message; nothing may be half-delivered
+        # as if the alias had succeeded.
+        assert (rcpt[0][:1] in "45") or (after and after[0][:1] in "45"), (rcpt, after)
+
+
 def test_plus_addressing_and_case_reach_the_account(make_server):
     server = start_mda(make_server)
     rcpts = ["joe+tag@example.com", "Joe+News@EXAMPLE.COM", "JOE@Example.Com"]
@@ -501,6 +527,36 @@ def test_quota_fails_that_recipient_only(make_server):
     server.wait_for_log(r"to=<tiny@example\.com>, relay=local, .*dsn=5\.2\.2, status=bounced")
 
 
+def test_mbox_append_after_an_interrupted_one(make_server):
+    """What kill -9 in the middle of an mbox append leaves (a From line and part of a
+    message, no final newline; the killed process cannot truncate it back) must not
+    swallow the next message: after a restart, a new delivery is a message of its
+    own, intact, and the half-written one is gone (issue 4: "the mbox is never left
+    half-written")."""
+    server = start_mda(make_server)
+    first = message("mbox-first")
+    _, _, after = lmtp_deliver(server.lmtp_socket, "sender@example.org", ["box@example.com"], first)
+    assert DELIVERED.match(after[0]), after
+    server.stop()
+    box = mbox_of(server, "box@example.com")
+    complete = box.read_bytes()
+    with open(box, "ab") as f:     # an append cut short by SIGKILL
+        f.write(b"From sender@example.org Fri Nov 27 12:00:00 2026\nReturn-Path: <sender@example.org>\n"
+                b"Delivered-To: box@example.com\nSubject: mbox-half\n\nhalf a mess")
+    server.start()
+    second = message("mbox-second", b"the message after the crash\r\n")
+    _, _, after = lmtp_deliver(server.lmtp_socket, "sender@example.org", ["box@example.com"], second)
+    assert DELIVERED.match(after[0]), after
+    mb = mailbox.mbox(box, create=False)
+    got = [mboxrd_unquote(mb.get_bytes(k)) for k in mb.keys()]
+    assert got[-1] == stored_form("sender@example.org", "box@example.com", second), \
+        f"the message delivered after the crash is not a message of its own: {got[-1][-400:]!r}"
+    assert got[0] == stored_form("sender@example.org", "box@example.com", first)
+    assert not any(b"half a mess" in m for m in got), "the half-written message is still there"
+    assert box.read_bytes().startswith(complete)
+    assert len(got) == 2
+
+
 # --- kill -9 ----------------------------------------------------------------------------
 
 THREADS = 12
@@ -588,6 +644,12 @@ def stored_markers(server, known):
 
 
 def test_kill9_during_deliveries_leaves_only_complete_messages(make_server):
+    """Twelve sessions deliver to a Maildir and an mbox (300 B to 1.5 MB) while the
+    server gets SIGKILL, twice.  After each restart one more message goes to both
+    mailboxes (the chance for a store to repair what the kill interrupted); then:
+    every 250 is stored exactly once and intact, an in-flight message at most once,
+    nothing else; every file in new/ and every message the mbox parses to is a
+    complete message (tmp/ leftovers are allowed)."""
     server = start_mda(make_server)
     attempts = []
     for round_no in range(1, ROUNDS + 1):
@@ -611,6 +673,24 @@ def test_kill9_during_deliveries_leaves_only_complete_messages(make_server):
         assert not [a for a in mine if a.state == "rejected"], \
             [(a.marker, a.reply) for a in mine if a.state == "rejected"][:5]
 
+        # A dotlock held by the killed process stays behind; it is stale only after
+        # five minutes (issue 4), so age it rather than wait.
+        dotlock = Path(str(mbox_of(server, "box@example.com")) + ".lock")
+        print(f"round {round_no}: dotlock left behind: {dotlock.exists()}")
+        if dotlock.exists():
+            old = time.time() - 301
+            os.utime(dotlock, (old, old))
+        server.start()
+        probe_marker = f"kill-r{round_no}-t99-1"
+        probe = kill_message(probe_marker, random.Random(round_no))
+        _, _, after = lmtp_deliver(server.lmtp_socket, "load@example.org", list(TARGETS), probe)
+        assert len(after) == 2 and all(DELIVERED.match(r) for r in after), after
+        for rcpt in TARGETS:
+            a = Attempt(probe_marker, rcpt, probe)
+            a.state = "accepted"
+            attempts.append(a)
+        assert not dotlock.exists()
+
         known = {a.marker: a for a in attempts}
         counts = stored_markers(server, known)
         for a in attempts:
@@ -621,27 +701,5 @@ def test_kill9_during_deliveries_leaves_only_complete_messages(make_server):
                 assert n <= 1, f"{a.marker} to {a.rcpt} is stored {n} times"
             else:
                 assert n == 0, f"{a.marker} to {a.rcpt} ({a.state}) is stored"
-        # A dotlock held by the killed process stays behind; it is stale only after
-        # five minutes (issue 4), so age it rather than wait.
-        dotlock = Path(str(mbox_of(server, "box@example.com")) + ".lock")
-        if dotlock.exists():
-            old = time.time() - 301
-            os.utime(dotlock, (old, old))
-        server.start()
         assert "Traceback" not in server.log_since_start()
-
-    # The restarted server delivers to both stores, and the mbox still parses after it.
-    last = kill_message("kill-r9-t0-1", random.Random(0))
-    _, _, after = lmtp_deliver(server.lmtp_socket, "load@example.org", list(TARGETS), last)
-    assert len(after) == 2 and all(DELIVERED.match(r) for r in after), after
-    mb = mailbox.mbox(mbox_of(server, "box@example.com"), create=False)
-    assert mboxrd_unquote(mb.get_bytes(mb.keys()[-1])) == \
-        stored_form("load@example.org", "box@example.com", last)
-    assert not Path(str(mbox_of(server, "box@example.com")) + ".lock").exists()
-    known = {a.marker: a for a in attempts}
-    known["kill-r9-t0-1"] = Attempt("kill-r9-t0-1", None, last)
-    counts = stored_markers(server, known)
-    assert counts[("joe@example.com", "kill-r9-t0-1")] == 1
-    assert counts[("box@example.com", "kill-r9-t0-1")] == 1
-    assert server.stop() == -signal.SIGTERM    # twistd's clean exit on SIGTERM (as in test_crash)
-    assert "Traceback" not in server.log_text()
+    # (A clean SIGTERM shutdown is test_unix_socket_shutdown_and_restart's subject.)

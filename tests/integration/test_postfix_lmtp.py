@@ -121,7 +121,7 @@ def test_postfix_delivers_over_lmtp_and_bounces_the_over_quota_recipient_alone(m
 
     # 2. Four recipients in one message, tiny@example.com (quota 2000) cannot take it.
     rcpts = ["joe@example.com", "tiny@example.com", "ann@example.com", "box@example.com"]
-    big = message("via-postfix-quota", "joe, tiny, ann, box", b"q" * 3000 + b"\r\n")
+    big = message("via-postfix-quota", "joe, tiny, ann, box", (b"q" * 60 + b"\r\n") * 50)
     qid = submit(peer, rcpts, big)
     bounced = wait_log(peer, rf"{qid}: to=<tiny@example\.com>, {relay}, .*status=bounced", 1)
     assert len(bounced) == 1, peer.log_text()[-3000:]

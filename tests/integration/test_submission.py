@@ -687,3 +687,52 @@ def test_embedded_default_msmtp_through_587_and_465_styles(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+# -- accounts: changes take effect without a restart ---------------------------------------------
+
+def login_reply(server, user, password, source):
+    client = smtp_ssl(server, source=source)
+    try:
+        try:
+            return client.login(user, password)
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code, e.smtp_error
+    finally:
+        client.close()
+
+
+def test_passwd_and_del_take_effect_without_a_restart(msa):
+    address = "changing@example.com"
+    p = msa.mailsys_cli("user", "add", address, "--password-stdin", input="first-Password-1\n")
+    assert p.returncode == 0, p.stderr
+    time.sleep(1.1)
+    assert login_reply(msa, address, "first-Password-1", "127.0.0.40") == (
+        235, b"2.7.0 Authentication successful")
+    p = msa.mailsys_cli("user", "passwd", address, "--password-stdin", input="second-Password-2\n")
+    assert p.returncode == 0, p.stderr
+    time.sleep(1.1)
+    assert login_reply(msa, address, "first-Password-1", "127.0.0.41") == INVALID
+    assert login_reply(msa, address, "second-Password-2", "127.0.0.42") == (
+        235, b"2.7.0 Authentication successful")
+    p = msa.mailsys_cli("user", "del", address)
+    assert p.returncode == 0, p.stderr
+    time.sleep(1.1)
+    assert login_reply(msa, address, "second-Password-2", "127.0.0.43") == INVALID
+
+
+def test_an_imported_dovecot_bcrypt_hash_logs_in(msa):
+    import bcrypt
+
+    address = "imported@example.com"
+    hashed = bcrypt.hashpw(b"Dovecot-Imported-9", bcrypt.gensalt(rounds=5)).decode()
+    line = f"{address}:{{BLF-CRYPT}}$2y${hashed[4:]}\n"
+    text = msa.users_path.read_text()
+    tmp = msa.users_path.with_name(".users.import")
+    tmp.write_text(text + line)
+    tmp.chmod(0o600)
+    os.replace(tmp, msa.users_path)
+    time.sleep(1.1)
+    assert login_reply(msa, address, "Dovecot-Imported-9", "127.0.0.44") == (
+        235, b"2.7.0 Authentication successful")
+    assert login_reply(msa, address, "dovecot-imported-9", "127.0.0.45") == INVALID

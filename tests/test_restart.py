@@ -1,0 +1,94 @@
+"""Start-up of worker 0 on an existing state directory: the spool survives intact,
+the journal is compacted, finished segments go, and the queue knows what is left."""
+import os
+
+import pytest
+from twisted.internet import defer
+
+from mailsys import spool as spool_mod
+from mailsys.config import load
+from mailsys.journal import replay
+from mailsys.tap import build
+
+
+@pytest.fixture
+def sync(monkeypatch):
+    monkeypatch.setattr(spool_mod.threads, "deferToThreadPool",
+                        lambda reactor, pool, f, *a: defer.maybeDeferred(f, *a))
+
+
+def config(tmp_path):
+    path = tmp_path / "mailsys.toml"
+    path.write_text(f"""
+[server]
+state_dir = "{tmp_path / 'state'}"
+workers = 1
+[listen]
+mta = []
+submission = []
+submissions = []
+lmtp = []
+pop3 = []
+pop3s = []
+[tls]
+certificate = "{tmp_path / 'none.pem'}"
+key = "{tmp_path / 'none.key'}"
+[accounts]
+users = "{tmp_path / 'users'}"
+aliases = "{tmp_path / 'aliases'}"
+""")
+    return load(str(path))
+
+
+def spool_messages(tmp_path, ids):
+    from twisted.internet import reactor
+
+    s = spool_mod.Spool(str(tmp_path / "state" / "spool"), reactor)
+    s.open()
+    for qid in ids:
+        w = s.new_message(qid)
+        w.write(b"Subject: " + qid.encode() + b"\r\n\r\nbody\r\n")
+        s.commit(w, {"sender": "a@b.org", "arrival": 0,
+                     "recipients": [{"rcpt": "joe@example.org", "state": "queued"}]})
+    segment = s.current_segment
+    s.close()
+    return segment
+
+
+def test_restart_keeps_every_segment_byte_for_byte(sync, tmp_path):
+    cfg = config(tmp_path)
+    segment = spool_messages(tmp_path, ["A1", "A2", "A3"])
+    before = open(segment, "rb").read()
+    host = build(cfg, nworkers=1)
+    host.privilegedStartService()
+    try:
+        assert open(segment, "rb").read() == before
+        assert sorted(host.queue.messages) == ["A1", "A2", "A3"]
+        fd_target = os.readlink(f"/proc/self/fd/{host.spool._fd}")
+        assert fd_target == host.spool.current_segment and os.path.exists(fd_target)
+        assert replay(os.path.join(cfg.server.state_dir, "spool", "queue.jnl")) == []
+    finally:
+        host.spool.close()
+        host.journal.close()
+
+
+def test_finished_segments_are_removed_and_the_journal_compacted(sync, tmp_path):
+    from mailsys.journal import rewrite
+
+    cfg = config(tmp_path)
+    done_segment = spool_messages(tmp_path, ["D1", "D2"])
+    live_segment = spool_messages(tmp_path, ["L1"])
+    jnl = os.path.join(cfg.server.state_dir, "spool", "queue.jnl")
+    rewrite(jnl, [{"id": "D1", "r": 0, "s": "sent"}, {"id": "D1", "done": True},
+                  {"id": "D2", "done": True},
+                  {"id": "L1", "r": 0, "s": "deferred", "e": "451 4.4.1 later"}])
+    host = build(cfg, nworkers=1)
+    host.privilegedStartService()
+    try:
+        assert not os.path.exists(done_segment)
+        assert os.path.exists(live_segment)
+        assert list(host.queue.messages) == ["L1"]
+        assert replay(jnl) == [{"id": "L1", "r": 0, "s": "deferred", "e": "451 4.4.1 later"}]
+    finally:
+        host.spool.close()
+        host.journal.close()
