@@ -251,6 +251,10 @@ class QueueManager(service.Service):
                             for _ in rcpts]
         delay = self.clock.seconds() - msg.arrival
         for r, outcome in zip(rcpts, outcomes):
+            if outcome.permanent and (outcome.reply.status or "").endswith(".2.2"):
+                # Mailbox full: RFC 3463 calls x.2.2 a persistent *transient* failure;
+                # the owner may make room, so retry until queue.lifetime.
+                outcome = TempFail(outcome.reply)
             state = "sent" if outcome.delivered else ("failed" if outcome.permanent else "deferred")
             yield self._record(msg, r, state, str(outcome.reply), relay=getattr(courier, "name", relay),
                                delay=delay, reply=outcome.reply, started=started)

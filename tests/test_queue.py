@@ -259,3 +259,15 @@ def test_courier_exception_is_a_temporary_failure(q):
     q.clock.advance(0)
     assert states(q, "QC") == [(0, "deferred")]
     assert "QC" in q.qm.messages
+
+
+def test_mailbox_full_is_retried_not_bounced(q):
+    full = PermFail(Reply(552, "5.2.2", "<joe@example.com>: Mailbox full: over quota"))
+    q.lmtp.script = [[full], [full], [Delivered()]]
+    q.qm.add(Entry("QF", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    assert states(q, "QF") == [(0, "deferred")]
+    q.clock.advance(RETRY_MIN)
+    q.clock.advance(2 * RETRY_MIN)
+    assert states(q, "QF") == [(0, "deferred"), (0, "deferred"), (0, "sent")]
+    assert q.spool.committed == []

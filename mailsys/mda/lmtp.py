@@ -145,7 +145,7 @@ class LMTPHandler:
             replies = []
             delay = time.time() - arrival
             for (rcpt, _), outcome in zip(targets, outcomes):
-                status = "sent" if outcome.delivered else ("bounced" if outcome.permanent else "deferred")
+                status = "sent" if outcome.delivered else ("refused" if outcome.permanent else "deferred")
                 log.info(f"{txn.queue_id}: to=<{rcpt}>, relay=local, delay={delay:.2f}, "
                          f"dsn={outcome.reply.status}, status={status} ({outcome.reply.text})",
                          qid=txn.queue_id, rcpt=rcpt, status=status, dsn=outcome.reply.status)

@@ -1,0 +1,123 @@
+"""The whole local path with real processes: SMTP in on the mta port, the durable
+spool, the queue, LMTP to our own MDA, a file in the Maildir; and the failure
+paths: over quota is retried until it fits, a permanent failure comes back to
+the sender as an RFC 3464 report in the sender's own mailbox."""
+import email
+import email.policy
+import mailbox
+import smtplib
+import time
+
+import pytest
+
+from tests.integration.harness import (LOOPBACK, cli_users_text, lmtp_overrides,
+                                       lmtp_socket_path)
+
+pytestmark = pytest.mark.integration
+
+ACCOUNTS = [("joe@example.com", []), ("ann@example.com", ["--quota", "2000"]),
+            ("sender@example.com", [])]
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def maildir(server, address):
+    local, domain = address.split("@")
+    return mailbox.Maildir(str(server.base / "mail" / domain / local / "Maildir"), factory=None,
+                           create=False)
+
+
+def count(server, address):
+    try:
+        return len(maildir(server, address))
+    except (FileNotFoundError, mailbox.NoSuchMailboxError):
+        return 0
+
+
+@pytest.fixture
+def host(tmp_path, make_server):
+    sock = lmtp_socket_path(tmp_path)
+    # Retries fast enough to watch: first retry after 1 s, then 2 s, 4 s.
+    server = make_server(lmtp_overrides(sock, queue={"retry_min": 1, "retry_max": 4}), start=False)
+    server.users_path.write_text(cli_users_text(ACCOUNTS))
+    server.users_path.chmod(0o600)
+    server.start()
+    return server
+
+
+def send(server, sender, rcpts, body):
+    with smtplib.SMTP(LOOPBACK, server.port, timeout=30) as s:
+        code, text = s.ehlo("client.example.org")
+        assert code == 250
+        refused = s.sendmail(sender, rcpts, body)
+        assert refused == {}
+
+
+def test_smtp_to_maildir(host):
+    body = (b"From: Sender <sender@example.org>\r\nTo: joe@example.com\r\nSubject: e2e\r\n"
+            b"Message-ID: <e2e-1@example.org>\r\n\r\nHello Joe.\r\n.leading dot\r\n")
+    send(host, "sender@example.org", ["joe@example.com"], body)
+    wait_for(lambda: count(host, "joe@example.com") == 1, what="delivery to joe")
+    (stored,) = [m for m in maildir(host, "joe@example.com")]
+    data = bytes(stored) if isinstance(stored, bytes) else stored.as_bytes()
+    lines = data.split(b"\n")
+    assert lines[0] == b"Return-Path: <sender@example.org>"
+    assert lines[1] == b"Delivered-To: joe@example.com"
+    assert lines[2].startswith(b"Received: from client.example.org (localhost [127.0.0.1])")
+    assert data.endswith(body.replace(b"\r\n", b"\n").replace(b"\n.leading", b"\n.leading"))
+    host.wait_for_log(r": removed$", timeout=30)
+    assert host.wait_for_log(r"to=<joe@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=2\.0\.0, status=sent")
+
+
+def test_over_quota_is_retried_then_delivered_when_room_is_made(host):
+    big = b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n"
+    send(host, "sender@example.org", ["ann@example.com"], big)
+    host.wait_for_log(r"to=<ann@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=5\.2\.2, status=deferred",
+                      timeout=30)
+    assert count(host, "ann@example.com") == 0
+    # The administrator raises the quota: the next retry delivers.
+    text = host.users_path.read_text().replace("quota=2000", "quota=100000")
+    host.users_path.write_text(text)
+    wait_for(lambda: count(host, "ann@example.com") == 1, timeout=30, what="the retry")
+    assert "status=bounced" not in host.log_text()
+
+
+def test_permanent_failure_bounces_to_the_senders_mailbox(host):
+    body = b"Subject: to nowhere\r\nMessage-ID: <lost@example.com>\r\n\r\nlost\r\n"
+    # Accepted at RCPT (the address is ours), refused by the MDA: make joe unknown
+    # to the MDA by an alias pointing nowhere local.
+    host.aliases_path.write_text("gone@example.com: nobody-here@example.com\n")
+    with smtplib.SMTP(LOOPBACK, host.port, timeout=30) as s:
+        s.ehlo("client.example.org")
+        code, _ = s.mail("sender@example.com")
+        assert code == 250
+        code, text = s.rcpt("gone@example.com", options=["NOTIFY=FAILURE", "ORCPT=rfc822;gone@example.com"])
+        assert code == 250, text
+        code, text = s.data(body)
+        assert code == 250, text
+    wait_for(lambda: count(host, "sender@example.com") == 1, what="the bounce")
+    (raw,) = [m for m in maildir(host, "sender@example.com")]
+    report = email.message_from_bytes(raw if isinstance(raw, bytes) else raw.as_bytes(),
+                                      policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    parts = list(report.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "message/rfc822"]
+    status = parts[1].as_string()
+    assert "Final-Recipient: rfc822; gone@example.com" in status
+    assert "Original-Recipient: rfc822;gone@example.com" in status
+    assert "Action: failed" in status
+    assert "Status: 5.1.1" in status
+    returned = parts[2].get_content()
+    assert returned["Message-ID"] == "<lost@example.com>"
+    log = host.log_text()
+    assert "sender failure notification" in log
