@@ -226,7 +226,9 @@ class MailHost(service.MultiService):
     def stopService(self):
         from twisted.internet import defer
 
-        waits = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        # Worker 0 owns the listening sockets: a worker closing an adopted unix
+        # socket would also remove its file (twice, with worker 0's own removal).
+        waits = [defer.maybeDeferred(p.stopListening) for p in self.ports] if self.adopt is None else []
         self.ports = []
         if self.pool is not None:
             waits.append(self.pool.stop())
@@ -282,7 +284,7 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
     if config.listen.lmtp:
         from mailsys.mda.lmtp import LMTPFactory, MDA
 
-        mda = MDA(config, host.accounts, host.reactor, worker=worker)
+        mda = MDA(config, host.accounts, host.reactor, worker=worker, spool=host.spool)
         for endpoint in config.listen.lmtp:
             factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
             host.listeners.append(("lmtp", endpoint, factory))

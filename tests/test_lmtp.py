@@ -183,3 +183,52 @@ def test_messages_finishing_together_are_delivered_as_one_batch(tmp_path):
     assert calls == [1, 3]
     assert [[o.delivered for o in r] for r in results] == [[True]] * 4
     assert len(store.messages("/m/joe")) == 4
+
+
+def test_alias_remote_targets_are_queued_not_dropped(tmp_path):
+    """An alias that points outside our domains: the local copy is delivered, the
+    remote one is spooled for the queue (ORCPT = the alias), and only when both are
+    safe does the recipient get 250."""
+    class RemoteAccounts(Accounts):
+        def expand(self, address):
+            if address.lower() == "ext@example.com":
+                return Expansion(local_users=("joe@example.com",), remote=("someone@remote.example",))
+            if address.lower() == "away@example.com":
+                return Expansion(remote=("far@remote.example",))
+            return super().expand(address)
+
+    committed = []
+
+    class Spool:
+        def new_message(self):
+            w = SimpleNamespace(data=[], queue_id="R1")
+            w.write = w.data.append
+            return w
+
+        def commit(self, w, envelope):
+            committed.append((envelope, b"".join(w.data)))
+            return defer.succeed(SimpleNamespace(queue_id="R1"))
+
+    config = SimpleNamespace(mailbox=SimpleNamespace(root=str(tmp_path), default_store="maildir", quota=0),
+                             domains=SimpleNamespace(local=("example.com",)))
+    stores = {"maildir": MemoryStore(), "mbox": MemoryStore()}
+    mda = MDA(config, RemoteAccounts(), reactor=None, stores=stores, run=defer.maybeDeferred, spool=Spool())
+    limits = SimpleNamespace(message_size=10000, recipients=100, command_timeout=300,
+                             data_timeout=600, auth_failures=3)
+    proto = LMTPFactory(mda, limits, "mda.example.com", task.Clock()).buildProtocol(None)
+    t = StringTransportWithDisconnection()
+    t.protocol = proto
+    proto.makeConnection(t)
+    proto.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<ext@example.com>\r\n"
+                       b"RCPT TO:<away@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert t.value().endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                              b"250 2.0.0 Ok: delivered\r\n"
+                              b"250 2.0.0 Ok: queued as R1\r\n")
+    ((envelope, message),) = committed
+    assert envelope["sender"] == "a@b.org"
+    assert envelope["recipients"] == [
+        {"rcpt": "someone@remote.example", "state": "queued", "orcpt": ["rfc822", "ext@example.com"]},
+        {"rcpt": "far@remote.example", "state": "queued", "orcpt": ["rfc822", "away@example.com"]}]
+    assert message == b"Subject: x\r\n\r\nhi\r\n"
+    assert stores["maildir"].messages(f"{tmp_path}/example.com/joe/Maildir") == [
+        b"Return-Path: <a@b.org>\nDelivered-To: joe@example.com\nSubject: x\n\nhi\n"]

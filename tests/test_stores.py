@@ -216,3 +216,47 @@ def test_mailbox_location_refuses_escapes(tmp_path, address):
 def test_mailbox_location_is_lowercase_and_under_root(tmp_path):
     assert mailbox_location(str(tmp_path), "Joe@Example.COM", "mbox") == \
         str(tmp_path / "example.com" / "joe" / "mbox")
+
+
+def test_mbox_cuts_the_torn_tail_of_a_killed_append(tmp_path):
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender="a@b.org").delivered
+    complete = open(loc, "rb").read()
+    with open(loc, "ab") as f:        # what kill -9 in the middle of an append leaves
+        f.write(b"From a@b.org Thu Jan  1 00:00:00 1970\nSubject: half\n\nhalf a mess")
+    assert s.deliver(loc, b"", b"Subject: after\r\n\r\nafter\r\n", 0, sender="a@b.org").delivered
+    data = open(loc, "rb").read()
+    assert data.startswith(complete) and b"half a mess" not in data
+    assert s.messages(loc) == [STORED, b"Subject: after\n\nafter\n"]
+
+
+def test_mbox_torn_first_record_is_cut_entirely(tmp_path):
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    os.makedirs(os.path.dirname(loc))
+    with open(loc, "wb") as f:
+        f.write(b"From a@b.org Thu Jan  1 00:00:00 1970\nSubject: half\n\nhal")
+    assert s.deliver(loc, b"", b"Subject: x\r\n\r\nx\r\n", 0).delivered
+    assert s.messages(loc) == [b"Subject: x\n\nx\n"]
+
+
+def test_mbox_foreign_file_without_final_blank_line_is_kept(tmp_path):
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    os.makedirs(os.path.dirname(loc))
+    foreign = b"Some text that is not an mbox record\n"
+    with open(loc, "wb") as f:
+        f.write(foreign)
+    assert s.deliver(loc, b"", b"Subject: x\r\n\r\nx\r\n", 0).delivered
+    data = open(loc, "rb").read()
+    assert data.startswith(foreign + b"\nFrom ")
+
+
+@pytest.mark.parametrize("kind", ["maildir", "mbox"])
+def test_every_directory_created_is_private(tmp_path, kind):
+    store = MaildirStore() if kind == "maildir" else MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", kind)
+    assert store.deliver(loc, b"", b"a\r\n", 0).delivered
+    for d in (tmp_path / "example.com", tmp_path / "example.com" / "joe"):
+        assert oct(d.stat().st_mode & 0o777) == "0o700", d

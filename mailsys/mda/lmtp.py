@@ -46,7 +46,7 @@ def delivered_to(head):
 class MDA:
     """What every LMTP session shares: stores, accounts, mailbox settings."""
 
-    def __init__(self, config, accounts, reactor, stores=None, worker=0, run=None):
+    def __init__(self, config, accounts, reactor, stores=None, worker=0, run=None, spool=None):
         self.config = config
         self.accounts = accounts
         self.reactor = reactor
@@ -57,16 +57,20 @@ class MDA:
         self.stores = stores or {"maildir": MaildirStore(), "mbox": MboxStore()}
         self.ids = QueueIds(worker=worker)
         self.batcher = DeliveryBatcher(reactor, self.stores, run=run)
+        self.spool = spool      # for alias targets outside our domains (relayed by the queue)
 
     def targets(self, address):
-        """[(account, store kind, quota, location)] for a recipient, or a Reply."""
+        """([(account, store kind, quota, location)], (remote address, ...)) for a
+        recipient, or a Reply.  Remote addresses come from aliases that point
+        outside our domains: they are handed to the queue, never dropped."""
         if "@" not in address:
             address = f"{address}@{sorted(self.local_domains)[0]}"
         domain = address.rpartition("@")[2].lower()
         if domain not in self.local_domains:
             return UNKNOWN
         expansion = self.accounts.expand(address)
-        if not expansion.local_users:
+        remote = tuple(expansion.remote) if self.spool is not None else ()
+        if not expansion.local_users and not remote:
             return UNKNOWN
         out = []
         for account in expansion.local_users:
@@ -80,7 +84,19 @@ class MDA:
             except UnsafeMailbox:
                 return BAD_MAILBOX
             out.append((user.address, kind, quota, location))
-        return out
+        return out, remote
+
+    def relay(self, sender, pairs, message):
+        """Spool one copy for alias targets outside our domains; the queue relays it.
+        ``pairs`` are (remote address, the alias it came from, for ORCPT)."""
+        writer = self.spool.new_message()
+        writer.write(message)
+        envelope = {"arrival": time.time(), "sender": sender, "params": {},
+                    "recipients": [{"rcpt": r, "state": "queued", "orcpt": ["rfc822", orig]}
+                                   for r, orig in pairs],
+                    "client": {"ip": "", "name": "localhost", "helo": "", "proto": "LMTP",
+                               "role": "alias", "auth": None}}
+        return self.spool.commit(writer, envelope)
 
 
 class LMTPHandler:
@@ -113,7 +129,8 @@ class LMTPHandler:
             log.info(f"{txn.queue_id}: reject: RCPT from {self.peer}: {targets.code} {targets.status} "
                      f"<{rcpt}>: {targets.text}", qid=txn.queue_id, rcpt=str(rcpt))
             return targets.with_text(f"<{rcpt}>: {targets.text}")
-        self._targets.append((str(rcpt), targets))
+        local, remote = targets
+        self._targets.append((str(rcpt), local, remote))
         return None
 
     def data(self, proto, txn):
@@ -139,12 +156,31 @@ class LMTPHandler:
         targets, self._targets = self._targets, []
         sender = str(txn.sender) if txn.sender else ""
         arrival = time.time()
-        d = self.mda.batcher.submit(targets, message, sender)
+        local = [(rcpt, accounts) for rcpt, accounts, _ in targets if accounts]
+        pairs = [(r, rcpt) for rcpt, _, remote in targets for r in remote]
+        waits = [self.mda.batcher.submit(local, message, sender) if local else defer.succeed([])]
+        if pairs:
+            waits.append(self.mda.relay(sender, pairs, message).addCallbacks(
+                lambda entry: Delivered(Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")),
+                lambda f: TempFail(Reply(451, "4.3.0", "Could not queue the copy for an alias's "
+                                                       "remote targets"))))
+        d = defer.gatherResults(waits)
+
+        def merge(results):
+            by_rcpt = dict(zip((rcpt for rcpt, _ in local), results[0]))
+            relayed = results[1] if pairs else None
+            outcomes = []
+            for rcpt, _, remote in targets:
+                parts = ([by_rcpt[rcpt]] if rcpt in by_rcpt else []) + ([relayed] if remote else [])
+                outcomes.append(_worst(parts))
+            return outcomes
+
+        d.addCallback(merge)
 
         def done(outcomes):
             replies = []
             delay = time.time() - arrival
-            for (rcpt, _), outcome in zip(targets, outcomes):
+            for (rcpt, _, _), outcome in zip(targets, outcomes):
                 status = "sent" if outcome.delivered else ("refused" if outcome.permanent else "deferred")
                 log.info(f"{txn.queue_id}: to=<{rcpt}>, relay=local, delay={delay:.2f}, "
                          f"dsn={outcome.reply.status}, status={status} ({outcome.reply.text})",

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, from_os_error
 from mailsys.mda import durable
-from mailsys.mda.store import IMailStore, to_lf
+from mailsys.mda.store import IMailStore, make_private_dirs, to_lf
 from mailsys.smtp.reply import Reply
 
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full: over quota")
@@ -50,8 +50,13 @@ class MaildirStore:
 
     @staticmethod
     def _ensure(path):
-        for sub in ("", "/tmp", "/new", "/cur"):
-            os.makedirs(path + sub, mode=0o700, exist_ok=True)
+        # The mailbox root is ROOT/<domain>/<local>/Maildir: three levels above it.
+        make_private_dirs(path, os.path.dirname(os.path.dirname(os.path.dirname(path))))
+        for sub in ("tmp", "new", "cur"):
+            try:
+                os.mkdir(os.path.join(path, sub), 0o700)
+            except FileExistsError:
+                pass
 
     def size(self, path):
         total = 0

@@ -15,11 +15,14 @@ import re
 import threading
 import time
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, TempFail, from_os_error
-from mailsys.mda.store import IMailStore, to_lf
+from mailsys.mda.store import IMailStore, make_private_dirs, to_lf
 from mailsys.smtp.reply import Reply
+
+log = Logger(namespace="mailsys.mda")
 
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full: over quota")
 LOCKED = Reply(451, "4.2.0", "Mailbox busy: could not lock it in time")
@@ -99,7 +102,8 @@ class MboxStore:
 
         directory = os.path.dirname(path)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            # ROOT/<domain>/<local>/mbox: the root is two levels above the home.
+            make_private_dirs(directory, os.path.dirname(os.path.dirname(directory)))
         except OSError as e:
             return every(from_os_error(e))
         dotlock = path + ".lock"
@@ -120,7 +124,7 @@ class MboxStore:
                     if self._clock() >= deadline:
                         return every(TempFail(LOCKED))
                     self._sleep(0.05)
-            start = end = os.lseek(fd, 0, os.SEEK_END)
+            start = end = self._cut_torn_tail(fd, path)
             results, data = [], []
             for i, record, quota in records:
                 if quota and end + len(record) > quota:
@@ -155,6 +159,38 @@ class MboxStore:
                 os.unlink(dotlock)
             except OSError:
                 pass
+
+    def _cut_torn_tail(self, fd, path):
+        """The size to append at.  Every append of ours ends with a blank line and
+        is fsynced before it is acknowledged, so an mbox that does not end in
+        ``\n\n`` holds the start of an append a crash cut short (never
+        acknowledged): cut it off at the beginning of that last record, or the
+        next message would be glued to it."""
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size == 0:
+            return 0
+        tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, size, 0)
+        if tail == b"\n\n":
+            return size
+        window = min(size, 1 << 20)
+        data = os.pread(fd, window, size - window)
+        i = data.rfind(b"\n\nFrom ")
+        if i >= 0:
+            keep = size - window + i + 2
+        elif window == size and data.startswith(b"From "):
+            keep = 0
+        else:
+            # Not our record shape: keep everything, start ours on a fresh line.
+            gap = b"\n" if tail.endswith(b"\n") else b"\n\n"
+            view = memoryview(gap)
+            at = size
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+            return at
+        log.warn("mbox {path}: cut {n} bytes of an append a crash interrupted", path=path, n=size - keep)
+        os.ftruncate(fd, keep)
+        return keep
 
     def _take_dotlock(self, dotlock):
         deadline = self._clock() + self.lock_timeout

@@ -64,6 +64,26 @@ def mailbox_location(root, address, store):
     return path
 
 
+def make_private_dirs(path, root):
+    """Create ``path`` and every missing directory between ``root`` and it with
+    mode 0700 (``os.makedirs`` gives the mode to the last one only)."""
+    missing = []
+    current = path
+    root = os.path.abspath(root)
+    while current != root and not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    os.makedirs(current, mode=0o700, exist_ok=True)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+
+
 def to_lf(data):
     """Stores keep Unix line ends, as qmail, Postfix's virtual(8) and Dovecot do."""
     return data.replace(b"\r\n", b"\n")
