@@ -228,7 +228,14 @@ class MailHost(service.MultiService):
 
         # Worker 0 owns the listening sockets: a worker closing an adopted unix
         # socket would also remove its file (twice, with worker 0's own removal).
-        waits = [defer.maybeDeferred(p.stopListening) for p in self.ports] if self.adopt is None else []
+        if self.adopt is None:
+            waits = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        else:
+            # Out of the reactor before its shutdown disconnects (and unlinks) them;
+            # the descriptors close with the process.
+            waits = []
+            for p in self.ports:
+                self.reactor.removeReader(p)
         self.ports = []
         if self.pool is not None:
             waits.append(self.pool.stop())

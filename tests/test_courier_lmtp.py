@@ -1029,3 +1029,16 @@ def test_idle_fires_when_every_connection_is_closed():
     assert not idle.called                # QUIT not answered yet
     proto.dataReceived(BYE)
     assert idle.called
+
+
+@pytest.mark.parametrize("hostname", ["", "a b", "x\r\nRSET", None])
+def test_courier_refuses_a_bad_lhlo_name(hostname):
+    with pytest.raises(ValueError):
+        LMTPCourier(MemoryReactorClock(), "unix:/run/lmtp.sock", hostname)
+
+
+def test_courier_refuses_a_bad_endpoint_or_limit():
+    with pytest.raises(ValueError):
+        LMTPCourier(MemoryReactorClock(), "ssl:465", HOST)
+    with pytest.raises(ValueError):
+        LMTPCourier(MemoryReactorClock(), "unix:/run/lmtp.sock", HOST, max_sessions=0)

@@ -18,6 +18,7 @@ producer so that no more than a chunk or two of stuffed copy is held besides
 the message itself.
 """
 import ipaddress
+import re
 from collections import deque
 from functools import partial
 
@@ -38,6 +39,8 @@ MAX_LINE = 4096          # bytes per reply line, CRLF included
 MAX_REPLY_LINES = 256    # lines of one multi-line reply
 CHUNK = 256 * 1024       # message bytes stuffed and written at a time
 CONNECT_TIMEOUT = 30     # seconds, at most (never more than the session timeout)
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
 
 __all__ = ["LMTPCourier", "LMTPClientProtocol", "ReplyParser", "ProtocolError",
            "client_endpoint_for", "stuffed_chunks", "parse_reply"]
@@ -686,6 +689,8 @@ class LMTPCourier:
     def __init__(self, reactor, endpoint_string, hostname, *, timeout=300, max_sessions=10):
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if not _HOSTNAME.match(hostname or ""):
+            raise ValueError(f"{hostname!r} is no host name for LHLO")
         self.reactor = reactor
         self.endpoint_string = endpoint_string
         self.hostname = hostname
