@@ -1042,3 +1042,27 @@ def test_courier_refuses_a_bad_endpoint_or_limit():
         LMTPCourier(MemoryReactorClock(), "ssl:465", HOST)
     with pytest.raises(ValueError):
         LMTPCourier(MemoryReactorClock(), "unix:/run/lmtp.sock", HOST, max_sessions=0)
+
+
+class HalfClosingTransport(StringTransportWithDisconnection):
+    """loseConnection waits (as for unsent data to a peer that reads nothing);
+    only abortConnection ends the connection."""
+
+    def loseConnection(self):
+        self.disconnecting = True
+
+    def abortConnection(self):
+        StringTransportWithDisconnection.loseConnection(self)
+
+
+def test_a_close_that_never_completes_is_aborted_after_the_timeout():
+    clock = task.Clock()
+    proto = LMTPClientProtocol(HOST, "", rcpts("joe@example.com"), MSG, {}, clock=clock)
+    t = HalfClosingTransport()
+    t.protocol = proto
+    proto.makeConnection(t)
+    proto.dataReceived(GREETING + LHLO_FULL + MAIL_OK + RCPT_OK + START + DELIVERED + BYE)
+    assert t.disconnecting and t.connected and not proto.closed.called
+    clock.advance(300)
+    assert not t.connected and proto.closed.called
+    assert proto.result.result[0].delivered

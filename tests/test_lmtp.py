@@ -83,7 +83,8 @@ def test_one_reply_per_recipient_in_rcpt_order(session):
         b"",
     ]
     joe = session.stores["maildir"].messages(f"{session.root}/example.com/joe/Maildir")
-    assert joe == [b"Return-Path: <a@b.org>\nDelivered-To: joe@example.com\nSubject: x\n\nhello\n"] * 2
+    # joe and joe+tag are one mailbox: one copy (each RCPT still got its own reply)
+    assert joe == [b"Return-Path: <a@b.org>\nDelivered-To: joe@example.com\nSubject: x\n\nhello\n"]
     box = session.stores["mbox"].messages(f"{session.root}/example.com/box/mbox")
     assert box == [b"Return-Path: <a@b.org>\nDelivered-To: box@example.com\nSubject: x\n\nhello\n"]
 
@@ -232,3 +233,18 @@ def test_alias_remote_targets_are_queued_not_dropped(tmp_path):
     assert message == b"Subject: x\r\n\r\nhi\r\n"
     assert stores["maildir"].messages(f"{tmp_path}/example.com/joe/Maildir") == [
         b"Return-Path: <a@b.org>\nDelivered-To: joe@example.com\nSubject: x\n\nhi\n"]
+
+
+def test_repeated_rcpt_gets_its_own_reply_and_one_copy(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"RCPT TO:<joe@example.com>\r\nRCPT TO:<postmaster@example.com>\r\n"
+                       b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n" + b"250 2.0.0 Ok: delivered\r\n" * 3)
+    assert len(session.stores["maildir"].messages(f"{session.root}/example.com/joe/Maildir")) == 1
+
+
+def test_refused_data_gets_one_reply_per_accepted_rcpt_even_repeated(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"RCPT TO:<joe@example.com>\r\nDATA\r\n" + b"x" * 20000 + b"\r\n.\r\n")
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                        + b"552 5.3.4 Error: message file too big\r\n" * 2)

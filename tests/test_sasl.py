@@ -6,17 +6,17 @@ for a well-formed PLAIN message whose authorisation identity differs from the
 authentication identity.  Valid credentials survive the round trip exactly.
 """
 import base64
-import binascii
 
 import pytest
 from hypothesis import assume, example, given, settings, strategies as st
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
 
 from mailsys.smtp import sasl
 from mailsys.smtp.reply import Reply
 from mailsys.smtp.server import SMTPServerProtocol
 from tests.helpers import FakeHandler, limits, take
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransportWithDisconnection
 
 B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 

@@ -384,8 +384,10 @@ class LMTPClientProtocol(Protocol):
         self._abort()
 
     def _abort(self):
-        if not self._closing:
-            self._closing = True
+        """Drop the connection now, even one already closing cleanly (a peer that
+        reads nothing would otherwise keep it, and its session slot, forever)."""
+        self._closing = True
+        if not self._lost:
             abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
             abort()
 

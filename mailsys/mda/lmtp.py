@@ -247,17 +247,25 @@ def deliver_batch(stores, jobs):
     when = time.time()
     per_store = {}      # kind -> [(job, rcpt, slot)], items
     results = []        # per job: per recipient: list of Outcomes (filled below)
+    shared = []         # (slots, k, source slots, source k): a mailbox already in this job
     for j, (targets, message, sender) in enumerate(jobs):
         seen_loop = delivered_to(message[:65536])
         results.append([])
+        placed = {}     # (kind, location) -> where its outcome will be, in this job
         for r, (rcpt, accounts) in enumerate(targets):
             slots = results[j].append([]) or results[j][r]
             for account, kind, quota, location in accounts:
                 if account.lower() in seen_loop:
                     slots.append(PermFail(LOOP))
                     continue
+                if (kind, location) in placed:
+                    # The same mailbox through another RCPT (a repeat, an alias): one copy.
+                    slots.append(None)
+                    shared.append((slots, len(slots) - 1) + placed[(kind, location)])
+                    continue
                 prefix = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
                 slots.append(None)
+                placed[(kind, location)] = (slots, len(slots) - 1)
                 refs, items = per_store.setdefault(kind, ([], []))
                 refs.append((slots, len(slots) - 1))
                 items.append((location, prefix, message, quota, sender or "MAILER-DAEMON", when))
@@ -268,6 +276,8 @@ def deliver_batch(stores, jobs):
             outcomes = [TempFail(Reply(451, "4.3.0", f"Local delivery error: {type(e).__name__}"))] * len(items)
         for (slots, k), outcome in zip(refs, outcomes):
             slots[k] = outcome
+    for slots, k, source, sk in shared:
+        slots[k] = source[sk]
     return [[_worst(slots) for slots in per_rcpt] for per_rcpt in results]
 
 

@@ -430,8 +430,10 @@ class SMTPServerProtocol(Protocol):
 
         def answered(result):
             if result is None or result.code < 400:
-                # A repeated recipient is acknowledged but kept once (one copy).
-                if all(r != rcpt for r, _ in txn.recipients):
+                # A repeated recipient is acknowledged but kept once (one copy).  In
+                # LMTP every accepted RCPT is owed its own reply after DATA (RFC 2033
+                # 4.2), so there the handler deduplicates the deliveries instead.
+                if self.lmtp or all(r != rcpt for r, _ in txn.recipients):
                     txn.recipients.append((rcpt, params))
             self._reply(result or R.RCPT_OK, "rcpt")
 

@@ -280,7 +280,10 @@ def test_log_lines(server):
     # Around our queue id: the connect of our session before it, its disconnect after it.
     assert smtpd[at - 1] == "connect from localhost[127.0.0.1]"
     assert smtpd[at + 1] == "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1"
-    assert sum(qid in line for line in lines) == 1
+    assert sum(qid in line for line in lines if "[mailsys.smtpd#" in line) == 1
+    # ... and the queue took it over at once (no LMTP listener in this test set-up).
+    server.wait_for_log(rf"\[mailsys\.queue#info\] {qid}: to=<joe@example\.com>, relay=lmtp, "
+                        rf"delay=[0-9.]+, dsn=4\.3\.5, status=deferred \(No LMTP listener")
 
 
 def test_mail_loop_refused(server):

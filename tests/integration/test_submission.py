@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys

@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
+from zope.interface import implementer
 
 from mailsys.auth import FailureThrottle, MailRealm
 from mailsys.receive import ReceiveFactory
@@ -31,7 +32,6 @@ from mailsys.smtp.server import SMTPServerProtocol
 from tests.helpers import FakeHandler, FakeService, limits, take
 from tests.integration.conftest import make_server, users_text  # noqa: F401  (fixtures)
 from tests.integration.harness import LOOPBACK, child_env, tls_server
-from zope.interface import implementer
 
 USER = "alice@example.com"
 SECRET = "s3cret-Unit-Password"
@@ -294,7 +294,7 @@ def test_per_connection_limit_with_the_real_handler():
     svc = ThrottledService()
     svc.config.limits.auth_failures = 2
     proto, t = svc.connect("203.0.113.8")
-    wrong = b"AUTH PLAIN " + b64(f"\0nobody@example.com\0guess") + b"\r\n"
+    wrong = b"AUTH PLAIN " + b64("\0nobody@example.com\0guess") + b"\r\n"
     proto.dataReceived(wrong)
     assert take(t) == INVALID
     proto.dataReceived(wrong + b"NOOP\r\n")

@@ -14,8 +14,6 @@ segment ``EHLO x\\r\\nSTARTTLS\\r\\nRSET\\r\\n``, then a real TLS handshake.
 import re
 import socket
 import ssl
-import time
-from ipaddress import ip_address
 
 import pytest
 from twisted.internet.address import IPv4Address
