@@ -334,7 +334,7 @@ class QueueManager(service.Service):
                                  now=self.clock.seconds())
         writer = self.spool.new_message()
         writer.write(report)
-        envelope = {"arrival": self.clock.seconds(), "sender": "", "params": {},
+        envelope = {"arrival": self.clock.seconds(), "sender": "", "params": dsn.dsn_params(report),
                     "recipients": [{"rcpt": msg.sender, "state": "queued", "notify": ["NEVER"]}],
                     "client": {"ip": "", "name": "localhost", "helo": self.hostname, "proto": "DSN",
                                "role": "dsn", "auth": None}}
