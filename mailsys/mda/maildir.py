@@ -77,9 +77,15 @@ class MaildirStore:
         outcomes = [None] * len(items)
         sizes = {}
         written = []    # (index, path, tmp, name)
+        bodies = {}     # one LF copy of a message however many mailboxes get it
         for i, (path, prefix, message, quota, _, _) in enumerate(items):
-            data = to_lf(prefix + message)
-            size = len(data)
+            body = bodies.get(id(message))
+            if body is None:
+                lf = to_lf(message)
+                body = bodies[id(message)] = (lf, lf.count(b"\n"))
+            head = to_lf(prefix)
+            data = (head, body[0])
+            size = len(head) + len(body[0])
             if quota:
                 used = sizes.get(path)
                 if used is None:
@@ -89,7 +95,7 @@ class MaildirStore:
                     continue
                 sizes[path] = used + size
             try:
-                tmp, name = self._write_tmp(path, data, size)
+                tmp, name = self._write_tmp(path, data, size, size + head.count(b"\n") + body[1])
             except OSError as e:
                 outcomes[i] = from_os_error(e)
                 continue
@@ -121,8 +127,7 @@ class MaildirStore:
                     outcomes[i] = from_os_error(e)
         return outcomes
 
-    def _write_tmp(self, path, data, size):
-        vsize = size + data.count(b"\n")
+    def _write_tmp(self, path, parts, size, vsize):
         for attempt in (0, 1):
             name = self._unique(size, vsize)
             tmp = os.path.join(path, "tmp", name)
@@ -134,9 +139,11 @@ class MaildirStore:
                     raise
                 self._ensure(path)   # first delivery, or the Maildir was removed
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            written = os.writev(fd, parts)
+            if written < size:   # a short write is legal: finish it
+                rest = memoryview(b"".join(parts))[written:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
         except OSError:
             os.close(fd)
             _unlink(tmp)
