@@ -87,7 +87,7 @@ def main():
             proto.connectionLost(None)
 
     # Keep log events from piling up in the global buffer during the run.
-    from twisted.logger import globalLogPublisher, globalLogBeginner
+    from twisted.logger import globalLogBeginner
     globalLogBeginner.beginLoggingTo([lambda e: None], redirectStandardIO=False,
                                      discardBuffer=True)
     run(200)

@@ -22,7 +22,6 @@ import fcntl
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from typing import Callable, Iterable, Mapping
 import argon2
 import bcrypt
 from twisted.logger import Logger
+
+from mailsys.files import write_atomically
 
 __all__ = [
     "AccountsError", "User", "Alias", "Aliases", "Expansion", "Accounts",
@@ -291,43 +292,10 @@ def read_users(path: str) -> dict[str, User]:
     return parse_users(text, path)
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_text_atomically(path: str, text: str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``text``: temp file in the same directory (``mode``), fsync,
-    rename, fsync the directory.  Readers see the old file or the new one, never a mix.
-    When ``path`` exists and we may, the new file keeps its owner and group (so a file
-    the server reads stays readable after root edits it)."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), mode)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                pass
-            else:
-                with contextlib.suppress(PermissionError):
-                    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                        os.fchown(f.fileno(), st.st_uid, st.st_gid)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    """Replace ``path`` with ``text`` atomically (mailsys.files), keeping an existing
+    file's owner and group."""
+    write_atomically(path, text.encode("utf-8"), mode, keep_owner=True)
 
 
 def write_users_atomically(path: str, users) -> None:

@@ -20,6 +20,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailsys.files import write_atomically
+
 log = Logger(namespace="mailsys.queue")
 
 HEADER = struct.Struct(">II")
@@ -55,23 +57,7 @@ def replay(path):
 
 def rewrite(path, records):
     """Replace the journal by ``records`` atomically (compaction)."""
-    directory = os.path.dirname(path)
-    tmp = path + ".new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        blob = b"".join(encode(r) for r in records)
-        view = memoryview(blob)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomically(path, b"".join(encode(r) for r in records))
 
 
 class Journal:

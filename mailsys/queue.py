@@ -24,7 +24,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mailsys.delivery import PermFail, TempFail
+from mailsys.delivery import TempFail
 from mailsys.logs import MailLog
 from mailsys.smtp.reply import Reply
 

@@ -24,6 +24,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailsys.files import fsync_dir
+
 log = Logger(namespace="mailsys.spool")
 
 MAGIC = b"MSY1"
@@ -300,7 +302,7 @@ class Spool:
                 self.entries.extend(entries)
             if name.startswith(mine):
                 self._seg_no = max(self._seg_no, int(name[len(mine):-4], 16))
-        _fsync_dir(self.segments)
+        fsync_dir(self.segments)
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mailsys-spool")
         self._pool.start()
         self._new_segment()
@@ -330,7 +332,7 @@ class Spool:
         # offsets), and copy_file_range refuses O_APPEND destinations.
         self._fd = os.open(self._seg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._seg_size = 0
-        _fsync_dir(self.segments)
+        fsync_dir(self.segments)
 
     # -- memory budget ----------------------------------------------------------
 
@@ -449,11 +451,3 @@ def _copy_spill(src, dst, size, at):
             _pwrite_all(dst, [block], at + offset)
             n = len(block)
         offset += n
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

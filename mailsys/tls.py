@@ -11,10 +11,11 @@ import datetime
 import ipaddress
 import os
 
-from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from mailsys.files import write_atomically
 
 log = Logger(namespace="mailsys.tls")
 
@@ -34,7 +35,12 @@ def _stamp(path):
 
 
 def load_context(certificate, key):
-    """An OpenSSL context for a server: TLS 1.2 minimum, our cipher list."""
+    """An OpenSSL server context: TLS 1.2 minimum, forward-secret AEAD ciphers,
+    our preference order, no compression or renegotiation, the full chain sent."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from OpenSSL import SSL
+
     try:
         with open(certificate, "rb") as f:
             chain_pem = f.read()
@@ -43,29 +49,24 @@ def load_context(certificate, key):
     except OSError as e:
         raise TLSError(f"cannot read {e.filename}: {e.strerror}")
     try:
-        pems = _split_pem(chain_pem)
-        if not pems:
-            raise TLSError(f"{certificate}: no certificate found")
-        leaf = ssl.PrivateCertificate.loadPEM(pems[0] + b"\n" + key_pem)
-        extra = [ssl.Certificate.loadPEM(p).original for p in pems[1:]]
-        options = ssl.CertificateOptions(
-            privateKey=leaf.privateKey.original, certificate=leaf.original,
-            extraCertChain=extra, raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-        )
-        return options.getContext()
-    except TLSError:
-        raise
-    except Exception as e:  # OpenSSL reports problems with many exception types
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        raise TLSError(f"{certificate}: no certificate found")
+    try:
+        private = load_pem_private_key(key_pem, password=None)
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                        | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+        ctx.set_cipher_list(CIPHERS.encode("ascii"))
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(private)
+        ctx.check_privatekey()
+        return ctx
+    except Exception as e:  # OpenSSL and cryptography report problems with many types
         raise TLSError(f"{certificate}/{key}: not a usable certificate and key: {e}")
-
-
-def _split_pem(data):
-    out = []
-    marker = b"-----BEGIN CERTIFICATE-----"
-    for part in data.split(marker)[1:]:
-        out.append(marker + part.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n")
-    return out
 
 
 @implementer(IOpenSSLContextFactory)
@@ -148,22 +149,8 @@ def write_self_signed(hostname, certificate, key, days=825):
 
 
 def _write_atomically(path, data, mode):
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    write_atomically(path, data, mode)
 
 
 def cli_self_signed(args):

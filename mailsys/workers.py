@@ -13,7 +13,6 @@ them along; they also hold the state directory's lock (inherited), so a new
 instance starts only when all of the old one is gone.  The parent restarts a
 worker that exits unexpectedly, with a growing pause if it keeps failing.
 """
-import argparse
 import ctypes
 import json
 import os

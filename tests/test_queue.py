@@ -84,7 +84,7 @@ def q():
     spool.new_message, spool.commit = new_message, commit
     config = SimpleNamespace(queue=SimpleNamespace(retry_min=RETRY_MIN, retry_max=RETRY_MAX,
                                                    lifetime=LIFETIME, warn_after=WARN))
-    lmtp, remote = Courier("lmtp"), Courier("smtp")
+    lmtp = Courier("lmtp")
     journal = Journal()
     qm = QueueManager(config=config, spool=spool, journal=journal, clock=clock, lmtp=lmtp,
                       remote=None, local_domains=["example.com"], hostname="mx.example.com",
