@@ -25,6 +25,7 @@ from mailsys.files import write_atomically
 log = Logger(namespace="mailsys.queue")
 
 HEADER = struct.Struct(">II")
+LAZY_DELAY = 1.0     # seconds a non-durable record may wait for company
 MAX_RECORD = 1 << 20
 
 
@@ -72,12 +73,21 @@ class Journal:
         self._writing = False
         self._pool = None
         self._run = run or self._in_thread
+        self._lazy = None
         self.failed = None
 
     def open(self):
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
     def close(self):
+        if self._lazy is not None and self._lazy.active():
+            self._lazy.cancel()
+        if self._pending and self._fd is not None:
+            try:    # what is still buffered (non-durable records) goes out now
+                self._write(b"".join(b for b, _ in self._pending))
+            except OSError:
+                pass
+            self._pending = []
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
@@ -91,14 +101,32 @@ class Journal:
             self._pool.start()
         return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
 
-    def append(self, *records):
+    def append(self, *records, durable=True):
+        """Append ``records``.  Durable ones fire once on disk; the others (a
+        deferral and its next attempt time: losing them only means an earlier
+        retry) ride along with the next write, or go within a second, and fire
+        at once: the hot path pays no fdatasync for them."""
+        blob = b"".join(encode(r) for r in records)
+        if not durable:
+            self._pending.append((blob, None))
+            if not self._writing and self._lazy is None:
+                self._lazy = self.reactor.callLater(LAZY_DELAY, self._lazy_flush)
+            return defer.succeed(None)
         d = defer.Deferred()
-        self._pending.append((b"".join(encode(r) for r in records), d))
+        self._pending.append((blob, d))
         if not self._writing:
             self._flush()
         return d
 
+    def _lazy_flush(self):
+        self._lazy = None
+        if self._pending and not self._writing:
+            self._flush()
+
     def _flush(self):
+        if self._lazy is not None and self._lazy.active():
+            self._lazy.cancel()
+        self._lazy = None
         batch, self._pending = self._pending, []
         self._writing = True
         d = self._run(self._write, b"".join(b for b, _ in batch))
@@ -115,6 +143,8 @@ class Journal:
         self._writing = False
         failure = result if hasattr(result, "value") else None
         for _, d in batch:
+            if d is None:
+                continue
             if failure is None:
                 d.callback(None)
             else:

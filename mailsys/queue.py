@@ -270,7 +270,7 @@ class QueueManager(service.Service):
                  f"status={shown} ({reply.text if reply else error})",
                  qid=msg.qid, rcpt=r.addr, status=shown, dsn=status)
         return self.journal.append({"id": msg.qid, "r": r.index, "s": state, "e": error,
-                                    "t": r.when, "dsn": status})
+                                    "t": r.when, "dsn": status}, durable=state != "deferred")
 
     @defer.inlineCallbacks
     def _settle(self, msg):
@@ -287,12 +287,14 @@ class QueueManager(service.Service):
         if cfg.lifetime:
             nxt = min(nxt, msg.arrival + cfg.lifetime)
         msg.next_attempt = nxt
-        records = [{"id": msg.qid, "next": nxt, "attempts": msg.attempts}]
+        schedule = {"id": msg.qid, "next": nxt, "attempts": msg.attempts}
         if cfg.warn_after and not msg.warned and now - msg.arrival >= cfg.warn_after:
             msg.warned = True
-            records.append({"id": msg.qid, "warned": True})
             yield self._report(msg, "delay", due)
-        yield self.journal.append(*records)
+            # Durable: a warning is sent once, not again after a restart.
+            yield self.journal.append(schedule, {"id": msg.qid, "warned": True})
+        else:
+            yield self.journal.append(schedule, durable=False)
         if not msg.hold:
             self._schedule(msg, nxt)
 

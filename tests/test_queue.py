@@ -44,9 +44,11 @@ class Spool:
 class Journal:
     def __init__(self):
         self.records = []
+        self.durable = []
 
-    def append(self, *records):
+    def append(self, *records, durable=True):
         self.records.extend(records)
+        self.durable.extend([durable] * len(records))
         return defer.succeed(None)
 
 
@@ -271,3 +273,13 @@ def test_mailbox_full_is_retried_not_bounced(q):
     q.clock.advance(2 * RETRY_MIN)
     assert states(q, "QF") == [(0, "deferred"), (0, "deferred"), (0, "sent")]
     assert q.spool.committed == []
+
+
+def test_only_deferrals_skip_the_fdatasync(q):
+    q.lmtp.script = [[TempFail(Reply(451, "4.2.0", "busy"))], [Delivered()]]
+    q.qm.add(Entry("QD", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    q.clock.advance(RETRY_MIN)
+    kinds = [(r.get("s") or ("done" if r.get("done") else "next"), d)
+             for r, d in zip(q.journal.records, q.journal.durable)]
+    assert kinds == [("deferred", False), ("next", False), ("sent", True), ("done", True)]

@@ -56,6 +56,10 @@ class DataReader:
             cut = len(s) - 1
         else:
             cut = len(s)
+        if cut == len(s):     # the common case for a big body: no copies
+            self._emit(s)
+            self._pending = b""
+            return None
         if cut:
             self._emit(s[:cut])
         self._pending = s[cut:]
