@@ -17,6 +17,7 @@ retried with exponential backoff (``queue.retry_min`` doubling up to
 failures, the sender gets an RFC 3464 report (mailsys.dsn), itself queued like
 any message from ``<>``.  A message from ``<>`` is never bounced.
 """
+import os
 import random
 import time
 
@@ -353,3 +354,39 @@ def _status_of(r, kind):
     if kind == "success":
         return "2.0.0"
     return r.status or ("5.0.0" if kind == "failure" else "4.0.0")
+
+
+def open_queue(config, spool, reactor, *, lmtp=None, remote=None):
+    """Rebuild the queue at start-up, before anything listens.
+
+    Reads the journal, loads every message the spool holds that is not done,
+    deletes segments with nothing left in them (empty or torn ones too, but
+    never the one being written), and rewrites the journal with only what is
+    still needed: the live state, and ``done`` marks for messages whose segment
+    stays.  Returns ``(QueueManager, Journal)``; the journal is open for appends.
+    """
+    from mailsys.journal import Journal, replay, rewrite
+
+    journal_path = os.path.join(config.server.state_dir, "spool", "queue.jnl")
+    journal = Journal(journal_path, reactor)
+    queue = QueueManager(config=config, spool=spool, journal=journal, clock=reactor, lmtp=lmtp,
+                         remote=remote, local_domains=config.domains.local,
+                         hostname=config.server.hostname)
+    live, done = queue.load(spool.entries, replay(journal_path))
+    by_segment = {}
+    for e in spool.entries:
+        by_segment.setdefault(e.segment, []).append(e.queue_id)
+    for name in os.listdir(spool.segments):
+        segment = os.path.join(spool.segments, name)
+        if name.endswith(".seg") and segment not in by_segment and segment != spool.current_segment:
+            os.unlink(segment)     # nothing intact in it: an empty or wholly torn segment
+    keep_done = []
+    for segment, ids in by_segment.items():
+        if segment != spool.current_segment and all(q in done for q in ids):
+            os.unlink(segment)
+        else:
+            keep_done.extend({"id": q, "done": True} for q in ids if q in done)
+    rewrite(journal_path, keep_done + live)
+    spool.entries = []      # the queue has them now; the spool keeps no index
+    journal.open()
+    return queue, journal

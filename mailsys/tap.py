@@ -155,41 +155,16 @@ class MailHost(service.MultiService):
         super().privilegedStartService()
 
     def _load_queue(self):
-        """Worker 0 owns the queue: rebuild it from the spool and the journal, compact
-        the journal, drop segments whose every message is done, and hear of each
+        """Worker 0 owns the queue (mailsys.queue.open_queue) and hears of each
         message spooled from now on."""
-        from mailsys.journal import Journal, replay, rewrite
-        from mailsys.queue import QueueManager
+        from mailsys.queue import open_queue
 
-        config = self.config
-        journal_path = os.path.join(config.server.state_dir, "spool", "queue.jnl")
         lmtp = None
-        if config.listen.lmtp:
+        if self.config.listen.lmtp:
             from mailsys.couriers.lmtp import LMTPCourier
 
-            lmtp = LMTPCourier(self.reactor, config.listen.lmtp[0], config.server.hostname)
-        self.journal = Journal(journal_path, self.reactor)
-        self.queue = QueueManager(config=config, spool=self.spool, journal=self.journal,
-                                  clock=self.reactor, lmtp=lmtp, remote=None,
-                                  local_domains=config.domains.local, hostname=config.server.hostname)
-        live, done = self.queue.load(self.spool.entries, replay(journal_path))
-        by_segment = {}
-        for e in self.spool.entries:
-            by_segment.setdefault(e.segment, []).append(e.queue_id)
-        for name in os.listdir(self.spool.segments):
-            segment = os.path.join(self.spool.segments, name)
-            if (name.endswith(".seg") and segment not in by_segment
-                    and segment != self.spool.current_segment):
-                os.unlink(segment)     # nothing intact in it: an empty or wholly torn segment
-        keep_done = []
-        for segment, ids in by_segment.items():
-            if segment != self.spool.current_segment and all(q in done for q in ids):
-                os.unlink(segment)
-            else:
-                keep_done.extend({"id": q, "done": True} for q in ids if q in done)
-        rewrite(journal_path, keep_done + live)
-        self.spool.entries = []
-        self.journal.open()
+            lmtp = LMTPCourier(self.reactor, self.config.listen.lmtp[0], self.config.server.hostname)
+        self.queue, self.journal = open_queue(self.config, self.spool, self.reactor, lmtp=lmtp)
         self.spool.on_commit.append(self.queue.add)
 
     def _lock_state(self, state):
