@@ -59,7 +59,7 @@ class Recipient:
 
 class Message:
     __slots__ = ("qid", "entry", "envelope", "rcpts", "arrival", "attempts", "next_attempt",
-                 "hold", "warned", "active", "timer")
+                 "warned", "active", "timer")
 
     def __init__(self, entry):
         self.qid = entry.queue_id
@@ -69,7 +69,6 @@ class Message:
         self.arrival = float(entry.envelope.get("arrival", time.time()))
         self.attempts = 0
         self.next_attempt = 0.0
-        self.hold = False
         self.warned = False
         self.active = False
         self.timer = None
@@ -145,8 +144,6 @@ class QueueManager(service.Service):
         if "next" in rec:
             msg.next_attempt = rec["next"]
             msg.attempts = rec.get("attempts", msg.attempts)
-        if "hold" in rec:
-            msg.hold = bool(rec["hold"])
         if rec.get("warned"):
             msg.warned = True
 
@@ -196,7 +193,7 @@ class QueueManager(service.Service):
 
     def _attempt(self, msg):
         msg.timer = None
-        if not self.running or msg.hold or msg.active or msg.qid not in self.messages:
+        if not self.running or msg.active or msg.qid not in self.messages:
             return
         if self._active >= self.max_active:
             self._waiting.append(msg)
@@ -204,8 +201,15 @@ class QueueManager(service.Service):
         msg.active = True
         self._active += 1
         d = defer.maybeDeferred(self._deliver, msg)
-        d.addErrback(lambda f: _tlog.failure("queue: delivery attempt for {qid} failed", f, qid=msg.qid))
+        d.addErrback(self._attempt_failed, msg)
         d.addBoth(self._attempted, msg)
+
+    def _attempt_failed(self, failure, msg):
+        """A bug or a journal failure: log it and try the message again later, so
+        it is never left without a next attempt."""
+        _tlog.failure("queue: delivery attempt for {qid} failed", failure, qid=msg.qid)
+        if self.running and msg.qid in self.messages and msg.timer is None:
+            self._schedule(msg, self.clock.seconds() + self.config.queue.retry_min)
 
     def _attempted(self, _, msg):
         msg.active = False
@@ -296,8 +300,7 @@ class QueueManager(service.Service):
             yield self.journal.append(schedule, {"id": msg.qid, "warned": True})
         else:
             yield self.journal.append(schedule, durable=False)
-        if not msg.hold:
-            self._schedule(msg, nxt)
+        self._schedule(msg, nxt)
 
     @defer.inlineCallbacks
     def _finish(self, msg):

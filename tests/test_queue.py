@@ -283,3 +283,27 @@ def test_only_deferrals_skip_the_fdatasync(q):
     kinds = [(r.get("s") or ("done" if r.get("done") else "next"), d)
              for r, d in zip(q.journal.records, q.journal.durable)]
     assert kinds == [("deferred", False), ("next", False), ("sent", True), ("done", True)]
+
+
+def test_an_attempt_that_blows_up_is_retried_later(q):
+    from mailsys import queue as queue_mod
+
+    real = queue_mod.QueueManager._settle
+    calls = []
+
+    def broken(self, msg):
+        calls.append(msg.qid)
+        if len(calls) == 1:
+            raise RuntimeError("bug in settle")
+        return real(self, msg)
+
+    queue_mod.QueueManager._settle = broken
+    try:
+        q.lmtp.script = [[TempFail(Reply(451, "4.2.0", "busy"))], [Delivered()]]
+        q.qm.add(Entry("QE", "a@b.org", ["joe@example.com"]))
+        q.clock.advance(0)
+        assert "QE" in q.qm.messages and q.qm.messages["QE"].timer.active()
+        q.clock.advance(RETRY_MIN)
+        assert "QE" not in q.qm.messages
+    finally:
+        queue_mod.QueueManager._settle = real

@@ -281,11 +281,6 @@ def deliver_batch(stores, jobs):
     return [[_worst(slots) for slots in per_rcpt] for per_rcpt in results]
 
 
-def deliver_all(stores, targets, message, sender):
-    """One message's deliveries (same rules as a batch of one)."""
-    return deliver_batch(stores, [(targets, message, sender)])[0]
-
-
 def _worst(results):
     for cls in (TempFail, PermFail):
         for r in results:
