@@ -92,6 +92,29 @@ def tail(path, lines=40):
     return "\n".join(text.splitlines()[-lines:])
 
 
+def read_log(path):
+    """A log file's text so far ("" before it exists)."""
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def wait_for_match(read, pattern, timeout, describe, interval=0.05):
+    """The first match of regex ``pattern`` in ``read()``, polled until ``timeout``;
+    on failure a HarnessError with ``describe()`` (log tails) appended."""
+    rx = re.compile(pattern, re.M)
+    deadline = time.monotonic() + timeout
+    while True:
+        m = rx.search(read())
+        if m:
+            return m
+        if time.monotonic() > deadline:
+            raise HarnessError(f"no log line matching {pattern!r} within {timeout:.0f} s\n"
+                               f"{describe()}")
+        time.sleep(interval)
+
+
 def child_env():
     """The environment for our child processes: this checkout first on sys.path."""
     env = dict(os.environ)
@@ -254,10 +277,7 @@ class MailsysServer:
     # -- what it left ----------------------------------------------------------------
 
     def log_text(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_since_start(self):
         """The log written since the last ``start()``."""
@@ -270,16 +290,7 @@ class MailsysServer:
 
     def wait_for_log(self, pattern, timeout=10.0):
         """The first match of regex ``pattern`` in the log, waiting for it to appear."""
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log_text())
-            if m:
-                return m
-            if time.monotonic() > deadline:
-                raise HarnessError(f"no log line matching {pattern!r} within {timeout:.0f} s\n"
-                                   f"{self._tails()}")
-            time.sleep(0.05)
+        return wait_for_match(self.log_text, pattern, timeout, self._tails)
 
     def spool(self):
         from mailsys.spool import read_spool
@@ -531,22 +542,11 @@ class PostfixPeer:
             self._chmodded = []
 
     def log_text(self):
-        try:
-            return self.maillog.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.maillog)
 
     def wait_for_log(self, pattern, timeout=60.0):
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log_text())
-            if m:
-                return m
-            if time.monotonic() > deadline:
-                raise HarnessError(f"no Postfix log line matching {pattern!r} within "
-                                   f"{timeout:.0f} s\n--- {self.maillog}\n{tail(self.maillog)}")
-            time.sleep(0.1)
+        return wait_for_match(self.log_text, pattern, timeout,
+                              lambda: f"--- {self.maillog}\n{tail(self.maillog)}", interval=0.1)
 
 
 def _alive(pid):
@@ -937,10 +937,7 @@ service imap-login {{
         return client
 
     def log_text(self):
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
 
 class PostfixLMTPPeer(PostfixPeer):
