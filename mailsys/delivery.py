@@ -9,12 +9,15 @@ from mailsys.smtp.reply import Reply
 
 
 class Outcome:
-    __slots__ = ("reply",)
+    """``relay`` optionally names where the attempt went (``HOST[IP]:PORT``), for
+    the log line and the DSN's Remote-MTA; a courier that knows sets it."""
+    __slots__ = ("reply", "relay")
     delivered = False
     permanent = False
 
-    def __init__(self, reply):
+    def __init__(self, reply, relay=None):
         self.reply = reply
+        self.relay = relay
 
     def __repr__(self):
         return f"{type(self).__name__}({self.reply})"
@@ -26,8 +29,8 @@ class Outcome:
 class Delivered(Outcome):
     delivered = True
 
-    def __init__(self, reply=None):
-        super().__init__(reply or Reply(250, "2.0.0", "Ok: delivered"))
+    def __init__(self, reply=None, relay=None):
+        super().__init__(reply or Reply(250, "2.0.0", "Ok: delivered"), relay)
 
 
 class TempFail(Outcome):

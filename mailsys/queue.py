@@ -40,7 +40,7 @@ EXPIRED_STATUS = "4.4.7"
 
 
 class Recipient:
-    __slots__ = ("index", "addr", "state", "error", "notify", "orcpt", "when", "status")
+    __slots__ = ("index", "addr", "state", "error", "notify", "orcpt", "when", "status", "mta")
 
     def __init__(self, index, spec):
         self.index = index
@@ -51,6 +51,7 @@ class Recipient:
         self.orcpt = tuple(spec["orcpt"]) if spec.get("orcpt") else None
         self.when = None
         self.status = None
+        self.mta = None          # host name of the remote MTA that last answered
 
     @property
     def domain(self):
@@ -59,7 +60,7 @@ class Recipient:
 
 class Message:
     __slots__ = ("qid", "entry", "envelope", "rcpts", "arrival", "attempts", "next_attempt",
-                 "warned", "active", "timer")
+                 "warned", "active", "timer", "redelivery")
 
     def __init__(self, entry):
         self.qid = entry.queue_id
@@ -72,6 +73,9 @@ class Message:
         self.warned = False
         self.active = False
         self.timer = None
+        # Recovered at start-up: a delivery may have completed just before the
+        # crash without our record of it; the courier asks the MDA to check.
+        self.redelivery = False
 
     @property
     def sender(self):
@@ -125,6 +129,7 @@ class QueueManager(service.Service):
             if qid in done:
                 continue
             msg = Message(entry)
+            msg.redelivery = True
             for rec in state.get(qid, ()):
                 self._apply_record(msg, rec)
             # A message whose recipients are all final but that was not marked done
@@ -141,6 +146,7 @@ class QueueManager(service.Service):
             r.error = rec.get("e")
             r.when = rec.get("t")
             r.status = rec.get("dsn")
+            r.mta = rec.get("mta")
         if "next" in rec:
             msg.next_attempt = rec["next"]
             msg.attempts = rec.get("attempts", msg.attempts)
@@ -250,7 +256,8 @@ class QueueManager(service.Service):
             params = msg.envelope.get("params", {})
             pairs = [(r.addr, {"orcpt": r.orcpt} if r.orcpt else {}) for r in rcpts]
             try:
-                outcomes = yield courier.deliver(msg.sender, pairs, message, params)
+                outcomes = yield courier.deliver(msg.sender, pairs, message, params,
+                                                 qid=msg.qid, redelivery=msg.redelivery)
             except Exception as e:   # a courier bug is a temporary failure, never success
                 outcomes = [TempFail(Reply(451, "4.3.0", f"Delivery error: {type(e).__name__}"))
                             for _ in rcpts]
@@ -261,7 +268,10 @@ class QueueManager(service.Service):
                 # the owner may make room, so retry until queue.lifetime.
                 outcome = TempFail(outcome.reply)
             state = "sent" if outcome.delivered else ("failed" if outcome.permanent else "deferred")
-            yield self._record(msg, r, state, str(outcome.reply), relay=getattr(courier, "name", relay),
+            where = getattr(outcome, "relay", None)
+            r.mta = where.partition("[")[0] if where else None
+            yield self._record(msg, r, state, str(outcome.reply),
+                               relay=where or getattr(courier, "name", relay),
                                delay=delay, reply=outcome.reply, started=started)
 
     def _record(self, msg, r, state, error, *, relay, reply, status=None, delay=None, started=None):
@@ -274,8 +284,10 @@ class QueueManager(service.Service):
         log.info(f"{msg.qid}: to=<{r.addr}>, relay={relay}, delay={delay:.2f}, dsn={status}, "
                  f"status={shown} ({reply.text if reply else error})",
                  qid=msg.qid, rcpt=r.addr, status=shown, dsn=status)
-        return self.journal.append({"id": msg.qid, "r": r.index, "s": state, "e": error,
-                                    "t": r.when, "dsn": status}, durable=state != "deferred")
+        rec = {"id": msg.qid, "r": r.index, "s": state, "e": error, "t": r.when, "dsn": status}
+        if r.mta:
+            rec["mta"] = r.mta
+        return self.journal.append(rec, durable=state != "deferred")
 
     @defer.inlineCallbacks
     def _settle(self, msg):
@@ -332,7 +344,7 @@ class QueueManager(service.Service):
             action={"failure": "failed", "delay": "delayed", "success": "delivered"}[kind],
             status=_status_of(r, kind),
             diagnostic=r.error if kind != "success" else None,
-            remote_mta=None, orcpt=r.orcpt, last_attempt=r.when,
+            remote_mta=r.mta, orcpt=r.orcpt, last_attempt=r.when,
             will_retry_until=msg.arrival + self.config.queue.lifetime if kind == "delay" else None)
             for r in wanted]
         report = dsn.make_report(reporting_mta=self.hostname, queue_id=msg.qid, envelope=msg.envelope,

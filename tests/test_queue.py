@@ -56,10 +56,12 @@ class Courier:
     def __init__(self, name):
         self.name = name
         self.calls = []
+        self.flags = []
         self.script = []     # list of outcome lists, or a callable(rcpts) -> outcomes
 
-    def deliver(self, sender, recipients, message, params):
+    def deliver(self, sender, recipients, message, params, *, qid=None, redelivery=False):
         self.calls.append((sender, [r for r, _ in recipients], message))
+        self.flags.append((qid, redelivery))
         outcome = self.script.pop(0) if self.script else None
         if callable(outcome):
             outcome = outcome(recipients)
@@ -132,7 +134,7 @@ def test_backoff_doubles_to_the_maximum(q):
 def test_no_attempt_twice_at_once(q):
     hold = defer.Deferred()
     q.lmtp.script = [lambda rcpts: None]
-    q.lmtp.deliver = lambda *a: hold
+    q.lmtp.deliver = lambda *a, **k: hold
     msg = q.qm.messages
     q.qm.add(Entry("Q3", "a@b.org", ["joe@example.com"]))
     q.clock.advance(0)
@@ -235,7 +237,7 @@ def test_restart_resumes_and_never_resends_what_was_sent(q):
 def test_concurrency_cap(q):
     q.qm.max_active = 2
     pending = []
-    q.lmtp.deliver = lambda *a: pending.append(defer.Deferred()) or pending[-1]
+    q.lmtp.deliver = lambda *a, **k: pending.append(defer.Deferred()) or pending[-1]
     for i in range(5):
         q.qm.add(Entry(f"C{i}", "a@b.org", ["joe@example.com"]))
     q.clock.advance(0)

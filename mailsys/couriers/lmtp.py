@@ -718,8 +718,11 @@ class LMTPCourier:
         self._idle.append(d)
         return d
 
-    def deliver(self, sender, recipients, message, params=None):
-        """Deferred of one Outcome per recipient, in order; it never fails."""
+    def deliver(self, sender, recipients, message, params=None, *, qid=None, redelivery=False):
+        """Deferred of one Outcome per recipient, in order; it never fails.
+
+        ``qid`` and ``redelivery`` (a message recovered after a crash) are
+        accepted for every courier's sake; see the queue."""
         try:
             recipients = list(recipients)
         except Exception:
