@@ -68,10 +68,52 @@ def build_parser():
     p = sub.add_parser("user", help="account upkeep", parents=[common])
     accounts_cli.add_subcommands(p.add_subparsers(dest="subcommand", required=True,
                                                   parser_class=_Parser), common)
+
+    from mailsys import queue_cli
+
+    p = sub.add_parser("queue", help="queue upkeep on a running server", parents=[common])
+    queue_cli.add_subcommands(p.add_subparsers(dest="subcommand", required=True,
+                                               parser_class=_Parser), common)
+    # Listed for --help only: main() hands sendmail's own flag syntax to mailsys.sendmail.
+    sub.add_parser("sendmail", help="sendmail-compatible local injection: "
+                                    "mailsys sendmail [-f SENDER] [-t] [-i] [RCPT ...] < message")
     return parser
 
 
+# Invoked under these names (a /usr/sbin/sendmail symlink, say), act as they would.
+_ALIASES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["sendmail", "-bi"]}
+SYSTEM_CONFIG = "/etc/mailsys/mailsys.toml"
+
+
+def _as_invoked(argv):
+    """``sendmail ...`` via a symlink: the system configuration when there is
+    one and neither --config nor $MAILSYS_CONFIG says otherwise (a program such
+    as cron runs it from any directory, where ./var means nothing)."""
+    name = os.path.basename(sys.argv[0] or "")
+    if argv is not None or name not in _ALIASES:
+        return argv
+    argv = _ALIASES[name] + sys.argv[1:]
+    if (not os.environ.get("MAILSYS_CONFIG") and os.path.exists(SYSTEM_CONFIG)
+            and not any(a == "--config" or a.startswith("--config=") for a in argv)):
+        argv.insert(0, f"--config={SYSTEM_CONFIG}")
+    return argv
+
+
 def main(argv=None):
+    argv = _as_invoked(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    lead = []
+    while raw[:1] == ["--config"] and len(raw) > 1 or raw[:1] and raw[0].startswith("--config="):
+        n = 1 if raw[0].startswith("--config=") else 2
+        lead, raw = lead + raw[:n], raw[n:]
+    if raw[:1] == ["sendmail"]:
+        from mailsys import sendmail
+
+        try:
+            return sendmail.run(lead + raw[1:])
+        except CommandError as e:
+            print(f"mailsys sendmail: {e}", file=sys.stderr)
+            return e.status
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

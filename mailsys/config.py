@@ -768,6 +768,33 @@ _check_schema_matches_classes()
 
 # --- mailsys config check ----------------------------------------------------------
 
+def smarthost_auth_problem(path):
+    """Why the ``relay.smarthost_auth`` file cannot be used, or None.
+
+    It holds a password: it must be a regular file readable by its owner only
+    (no group or other permission bits), holding ``username:password``."""
+    import stat as _stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"relay.smarthost_auth: cannot read {path}: {e.strerror}"
+    if not _stat.S_ISREG(st.st_mode):
+        return f"relay.smarthost_auth: {path} is not a regular file"
+    if st.st_mode & 0o077:
+        return (f"relay.smarthost_auth: {path} has mode {_stat.S_IMODE(st.st_mode):04o}; it holds a "
+                f"password, so only its owner may read it: run 'chmod 600 {path}'")
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"relay.smarthost_auth: cannot read {path}: {e}"
+    user, sep, password = line.partition(":")
+    if not sep or not user or not password:
+        return f"relay.smarthost_auth: {path} must hold one line \"username:password\""
+    return None
+
+
 def cli_check(args):
     """``mailsys config check``: exit 2 with every problem, or 0 with what the host will do."""
     from mailsys.cli import EXIT_OK, EXIT_USAGE, config_path
@@ -778,6 +805,11 @@ def cli_check(args):
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
+    if config.relay.smarthost_auth:
+        problem = smarthost_auth_problem(config.relay.smarthost_auth)
+        if problem:
+            print(f"{config.source}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     for line in summary(config):
         print(line)
     return EXIT_OK

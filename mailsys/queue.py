@@ -37,6 +37,7 @@ NO_REMOTE = Reply(451, "4.4.1", "Remote delivery is not available in this versio
                                 "the message stays queued")
 NO_LMTP = Reply(451, "4.3.5", "No LMTP listener is configured (listen.lmtp is empty)")
 EXPIRED_STATUS = "4.4.7"
+POSTMASTER_ROLE = "postmaster-notice"   # envelope client role of a double-bounce notice
 
 
 class Recipient:
@@ -60,7 +61,7 @@ class Recipient:
 
 class Message:
     __slots__ = ("qid", "entry", "envelope", "rcpts", "arrival", "attempts", "next_attempt",
-                 "warned", "active", "timer", "redelivery")
+                 "warned", "active", "timer", "redelivery", "held")
 
     def __init__(self, entry):
         self.qid = entry.queue_id
@@ -76,6 +77,7 @@ class Message:
         # Recovered at start-up: a delivery may have completed just before the
         # crash without our record of it; the courier asks the MDA to check.
         self.redelivery = False
+        self.held = False        # `mailsys queue hold`: no attempt until released
 
     @property
     def sender(self):
@@ -152,6 +154,8 @@ class QueueManager(service.Service):
             msg.attempts = rec.get("attempts", msg.attempts)
         if rec.get("warned"):
             msg.warned = True
+        if "hold" in rec:
+            msg.held = bool(rec["hold"])
 
     # -- service ---------------------------------------------------------------------
 
@@ -160,7 +164,8 @@ class QueueManager(service.Service):
         self.running = True
         now = self.clock.seconds()
         for msg in list(self.messages.values()):
-            self._schedule(msg, max(now, msg.next_attempt))
+            if not msg.held:
+                self._schedule(msg, max(now, msg.next_attempt))
         if self.messages:
             log.info(f"queue: {len(self.messages)} messages to deliver", count=len(self.messages))
 
@@ -199,7 +204,7 @@ class QueueManager(service.Service):
 
     def _attempt(self, msg):
         msg.timer = None
-        if not self.running or msg.active or msg.qid not in self.messages:
+        if not self.running or msg.active or msg.held or msg.qid not in self.messages:
             return
         if self._active >= self.max_active:
             self._waiting.append(msg)
@@ -214,7 +219,7 @@ class QueueManager(service.Service):
         """A bug or a journal failure: log it and try the message again later, so
         it is never left without a next attempt."""
         _tlog.failure("queue: delivery attempt for {qid} failed", failure, qid=msg.qid)
-        if self.running and msg.qid in self.messages and msg.timer is None:
+        if self.running and msg.qid in self.messages and msg.timer is None and not msg.held:
             self._schedule(msg, self.clock.seconds() + self.config.queue.retry_min)
 
     def _attempted(self, _, msg):
@@ -254,7 +259,7 @@ class QueueManager(service.Service):
         else:
             message = msg.entry.read_message()
             params = msg.envelope.get("params", {})
-            pairs = [(r.addr, {"orcpt": r.orcpt} if r.orcpt else {}) for r in rcpts]
+            pairs = [(r.addr, _rcpt_options(r)) for r in rcpts]
             try:
                 outcomes = yield courier.deliver(msg.sender, pairs, message, params,
                                                  qid=msg.qid, redelivery=msg.redelivery)
@@ -291,6 +296,8 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def _settle(self, msg):
+        if msg.qid not in self.messages:      # deleted by the administrator meanwhile
+            return
         now = self.clock.seconds()
         due = msg.due()
         if not due:
@@ -312,7 +319,8 @@ class QueueManager(service.Service):
             yield self.journal.append(schedule, {"id": msg.qid, "warned": True})
         else:
             yield self.journal.append(schedule, durable=False)
-        self._schedule(msg, nxt)
+        if not msg.held and msg.qid in self.messages:
+            self._schedule(msg, nxt)
 
     @defer.inlineCallbacks
     def _finish(self, msg):
@@ -326,19 +334,131 @@ class QueueManager(service.Service):
         self.messages.pop(msg.qid, None)
         log.info(f"{msg.qid}: removed", qid=msg.qid)
 
+    # -- operator commands (mailsys.control) ---------------------------------------
+
+    def describe(self, msg):
+        """What `mailsys queue list --json` shows of one message: the truth of
+        each recipient's state and last error, as journaled."""
+        return {
+            "id": msg.qid,
+            "arrival": msg.arrival,
+            "size": msg.entry.message_size,
+            "sender": msg.sender,
+            "state": "held" if msg.held else ("active" if msg.active else
+                                              "deferred" if msg.attempts else "queued"),
+            "attempts": msg.attempts,
+            "next_attempt": None if msg.held else (msg.next_attempt or None),
+            "recipients": [{"address": r.addr, "state": r.state, "error": r.error,
+                            "dsn": r.status, "last_attempt": r.when} for r in msg.rcpts],
+        }
+
+    def list(self):
+        return [self.describe(m) for m in sorted(self.messages.values(), key=lambda m: (m.arrival, m.qid))]
+
+    def find(self, qid):
+        """The messages ``qid`` names: one, or every one for ``ALL`` (as postsuper)."""
+        if qid == "ALL":
+            return list(self.messages.values())
+        msg = self.messages.get(qid)
+        return [msg] if msg is not None else []
+
+    def flush(self, domain=None):
+        """Attempt now every message not held (with a recipient due in
+        ``domain`` or below it, when given): ``mailsys queue flush``, ETRN.
+        Returns how many messages were scheduled."""
+        if domain is not None:
+            domain = domain.lower().rstrip(".")
+        now = self.clock.seconds()
+        n = 0
+        for msg in list(self.messages.values()):
+            if msg.held or msg.active:
+                continue
+            if domain is not None and not any(
+                    r.domain == domain or r.domain.endswith("." + domain) for r in msg.due()):
+                continue
+            msg.next_attempt = now
+            if self.running:
+                self._schedule(msg, now)
+            n += 1
+        log.info(f"flush: {n} message(s) scheduled" + (f" for {domain}" if domain else ""),
+                 domain=domain, count=n)
+        return n
+
+    @defer.inlineCallbacks
+    def hold(self, qid):
+        msgs = [m for m in self.find(qid) if not m.held]
+        for msg in msgs:
+            msg.held = True
+            if msg.timer is not None and msg.timer.active():
+                msg.timer.cancel()
+            msg.timer = None
+        if msgs:
+            yield self.journal.append(*({"id": m.qid, "hold": True} for m in msgs))
+        for msg in msgs:
+            log.info(f"{msg.qid}: placed on hold", qid=msg.qid)
+        return [m.qid for m in msgs]
+
+    @defer.inlineCallbacks
+    def release(self, qid):
+        msgs = [m for m in self.find(qid) if m.held]
+        for msg in msgs:
+            msg.held = False
+        if msgs:
+            yield self.journal.append(*({"id": m.qid, "hold": False} for m in msgs))
+        now = self.clock.seconds()
+        for msg in msgs:
+            log.info(f"{msg.qid}: released from hold", qid=msg.qid)
+            if self.running and not msg.active:
+                self._schedule(msg, now)
+        return [m.qid for m in msgs]
+
+    @defer.inlineCallbacks
+    def delete(self, qid):
+        """Drop messages without a report to anyone (as ``postsuper -d``).  One
+        being delivered right now finishes its attempt first: the recipients it
+        reaches stay reached; then it is gone."""
+        msgs = self.find(qid)
+        for msg in msgs:
+            self.messages.pop(msg.qid, None)
+            if msg.timer is not None and msg.timer.active():
+                msg.timer.cancel()
+            msg.timer = None
+        if msgs:
+            yield self.journal.append(*({"id": m.qid, "done": True} for m in msgs))
+        for msg in msgs:
+            log.info(f"{msg.qid}: removed (deleted by the administrator)", qid=msg.qid)
+        return [m.qid for m in msgs]
+
     def _report(self, msg, kind, rcpts):
-        """Queue an RFC 3464 report to the sender; never for a message from <>."""
+        """Queue an RFC 3464 report to the sender; never for a message from <>.
+
+        An undeliverable message from <> (a bounce that bounced, say) goes to
+        the postmaster instead, once, as Postfix's double-bounce notice does;
+        that notice is itself from <> and marked, so it never causes another."""
         from mailsys import dsn
 
         if dsn.never_bounce(msg.envelope):
-            if kind == "failure":
-                log.info(f"{msg.qid}: undeliverable message from <> not returned "
-                         f"({len(rcpts)} recipient(s) failed)", qid=msg.qid)
-            return defer.succeed(None)
+            if kind != "failure":
+                return defer.succeed(None)
+            log.info(f"{msg.qid}: undeliverable message from <> not returned "
+                     f"({len(rcpts)} recipient(s) failed)", qid=msg.qid)
+            if msg.envelope.get("client", {}).get("role") == POSTMASTER_ROLE:
+                return defer.succeed(None)
+            return self._queue_report(msg, kind, rcpts, to=self.postmaster, role=POSTMASTER_ROLE)
         specs = msg.envelope.get("recipients", [])
         wanted = [r for r in rcpts if dsn.wants(specs[r.index], kind)]
         if not wanted:
             return defer.succeed(None)
+        return self._queue_report(msg, kind, wanted)
+
+    @property
+    def postmaster(self):
+        domains = self.config.domains.local
+        return f"postmaster@{domains[0] if domains else self.hostname}"
+
+    def _queue_report(self, msg, kind, rcpts, *, to=None, role="dsn"):
+        from mailsys import dsn
+
         statuses = [dsn.RecipientStatus(
             rcpt=r.addr,
             action={"failure": "failed", "delay": "delayed", "success": "delivered"}[kind],
@@ -346,23 +466,34 @@ class QueueManager(service.Service):
             diagnostic=r.error if kind != "success" else None,
             remote_mta=r.mta, orcpt=r.orcpt, last_attempt=r.when,
             will_retry_until=msg.arrival + self.config.queue.lifetime if kind == "delay" else None)
-            for r in wanted]
+            for r in rcpts]
         report = dsn.make_report(reporting_mta=self.hostname, queue_id=msg.qid, envelope=msg.envelope,
                                  original=msg.entry.read_message(), statuses=statuses, kind=kind,
-                                 now=self.clock.seconds())
+                                 now=self.clock.seconds(), to=to)
         writer = self.spool.new_message()
         writer.write(report)
         envelope = {"arrival": self.clock.seconds(), "sender": "", "params": dsn.dsn_params(report),
-                    "recipients": [{"rcpt": msg.sender, "state": "queued", "notify": ["NEVER"]}],
+                    "recipients": [{"rcpt": to or msg.sender, "state": "queued", "notify": ["NEVER"]}],
                     "client": {"ip": "", "name": "localhost", "helo": self.hostname, "proto": "DSN",
-                               "role": "dsn", "auth": None}}
+                               "role": role, "auth": None}}
         d = self.spool.commit(writer, envelope)
+        who = "postmaster" if to else "sender"
 
         def queued(entry):
-            log.info(f"{msg.qid}: sender {kind} notification: {entry.queue_id}",
+            log.info(f"{msg.qid}: {who} {kind} notification: {entry.queue_id}",
                      qid=msg.qid, dsn_id=entry.queue_id, kind=kind)
 
         return d.addCallback(queued)
+
+
+def _rcpt_options(r):
+    """The DSN requests of a recipient that a next hop offering DSN gets (RFC 3461)."""
+    options = {}
+    if r.orcpt:
+        options["orcpt"] = r.orcpt
+    if r.notify:
+        options["notify"] = list(r.notify)
+    return options
 
 
 def _status_of(r, kind):
@@ -388,6 +519,11 @@ def open_queue(config, spool, reactor, *, lmtp=None, remote=None):
                          remote=remote, local_domains=config.domains.local,
                          hostname=config.server.hostname)
     live, done = queue.load(spool.entries, replay(journal_path))
+    # The MDA's delivery logs need only the records of messages still queued
+    # (docs/queue.rst, "Exactly once after a crash"); no MDA runs yet.
+    from mailsys.mda.dedupe import compact
+
+    compact(os.path.join(config.server.state_dir, "mda"), queue.messages)
     by_segment = {}
     for e in spool.entries:
         by_segment.setdefault(e.segment, []).append(e.queue_id)

@@ -145,6 +145,17 @@ class ReceiveHandler:
     def helo(self, proto, name, esmtp):
         return None
 
+    def etrn(self, proto, domain):
+        """RFC 1985 on the mta port: only for clients that may relay (a site
+        behind us pulling its mail), like Postfix's default ETRN restriction."""
+        if not (self.service.may_relay(self.client.ip) or proto.auth_user is not None):
+            log.info(f"reject: ETRN from {self.client}: 459 4.7.1 {domain}: "
+                     f"client not in relay.mynetworks", client=self.client.label, domain=domain)
+            return Reply(459, "4.7.1", f"<{domain}>: Node not allowed: client not in relay.mynetworks")
+        log.info(f"ETRN from {self.client}: {domain}", client=self.client.label, domain=domain)
+        self.service.request_flush(domain)
+        return None
+
     def tls_context(self, proto):
         return self.service.tls
 
@@ -331,7 +342,8 @@ class ReceiveFactory(ServerFactory):
         proto = SMTPServerProtocol(
             handler, cfg.server.hostname, limits=cfg.limits, clock=self.service.clock,
             tls_available=tls is not None and tls.available and self.role != "submissions",
-            auth_mechanisms=("PLAIN", "LOGIN") if submission else ())
+            auth_mechanisms=("PLAIN", "LOGIN") if submission else (),
+            etrn=self.role == "mta")
         if self.role == "submissions":
             proto.tls = True
         proto.factory = self

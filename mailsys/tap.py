@@ -92,6 +92,9 @@ class MailHost(service.MultiService):
         self.pool = None
         self.queue = None
         self.journal = None
+        self.remote = None          # worker 0: the outbound courier (mailsys.couriers.remote)
+        self.control_ports = []
+        self.notify_parent = None   # worker processes: a line to worker 0 (mailsys.workers)
 
     def _load_tls(self):
         """The TLS context for every role, or None: STARTTLS is then not offered.
@@ -141,6 +144,7 @@ class MailHost(service.MultiService):
         self.spool.open(everything=self.adopt is None)
         if self.adopt is None:
             self._load_queue()
+            self._listen_control()
         if self.adopt is None:
             for role, endpoint, factory in self.listeners:
                 d = endpoints.serverFromString(self.reactor, endpoint).listen(factory)
@@ -164,8 +168,68 @@ class MailHost(service.MultiService):
             from mailsys.couriers.lmtp import LMTPCourier
 
             lmtp = LMTPCourier(self.reactor, self.config.listen.lmtp[0], self.config.server.hostname)
-        self.queue, self.journal = open_queue(self.config, self.spool, self.reactor, lmtp=lmtp)
+        from mailsys.couriers.remote import from_config
+
+        # Relay domains and every other non-local domain go out this way.
+        self.remote = from_config(self.reactor, self.config)
+        self.queue, self.journal = open_queue(self.config, self.spool, self.reactor, lmtp=lmtp,
+                                              remote=self.remote)
         self.spool.on_commit.append(self.queue.add)
+
+    def _listen_control(self):
+        """``mailsys queue`` and ``mailsys sendmail`` reach worker 0 here."""
+        from mailsys import control
+
+        for d in control.listen(self, self.reactor):
+            failure = []
+            d.addCallbacks(self.control_ports.append, failure.append)
+            if failure:
+                failure[0].raiseException()
+
+    def request_flush(self, domain):
+        """ETRN: the queue lives in worker 0; another worker forwards the request."""
+        if self.queue is not None:
+            self.queue.flush(domain)
+        elif self.notify_parent is not None:
+            self.notify_parent({"flush": domain})
+
+    def submit_local(self, sender, recipients, message, *, uid=None, smtputf8=False, dsn=None):
+        """Spool a message injected by ``mailsys sendmail`` (already CRLF).  Fires
+        with the control answer once it is durable."""
+        from mailsys.control import envelope_for_local
+        from mailsys.receive import _now_rfc5322
+
+        hostname = self.config.server.hostname
+        qid = self.spool.ids.next()
+        who = f"from userid {uid}" if uid is not None else "local"
+        received = (f"Received: by {hostname} (mailsys, {who})\r\n\tid {qid}"
+                    + (f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else "")
+                    + f"; {_now_rfc5322()}\r\n")
+        writer = self.spool.new_message(qid)
+        writer.write(received.encode("utf-8"))
+        writer.write(message)
+        envelope = envelope_for_local(sender, recipients, uid, hostname, dsn)
+        if smtputf8:
+            envelope["params"]["smtputf8"] = True
+        if not message.isascii():
+            envelope["params"]["body"] = "8BITMIME"
+        d = self.spool.commit(writer, envelope)
+
+        def queued(entry):
+            from mailsys.receive import log as receive_log
+
+            receive_log.info(f"{qid}: uid={uid}, from=<{sender}>, size={entry.message_size}, "
+                             f"nrcpt={len(recipients)} (queued)",
+                             qid=qid, uid=uid, sender=sender, size=entry.message_size,
+                             nrcpt=len(recipients))
+            return {"ok": True, "id": qid}
+
+        def failed(f):
+            log.error("{qid}: spool write failed: {error}", qid=qid, error=f.getErrorMessage())
+            return {"ok": False, "error": f"the spool could not store the message: "
+                                          f"{f.getErrorMessage()}"}
+
+        return d.addCallbacks(queued, failed)
 
     def _lock_state(self, state):
         """One mail host per state directory.  Worker processes inherit the lock,
@@ -204,7 +268,8 @@ class MailHost(service.MultiService):
         # Worker 0 owns the listening sockets: a worker closing an adopted unix
         # socket would also remove its file (twice, with worker 0's own removal).
         if self.adopt is None:
-            waits = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+            waits = [defer.maybeDeferred(p.stopListening) for p in self.ports + self.control_ports]
+            self.control_ports = []
         else:
             # Out of the reactor before its shutdown disconnects (and unlinks) them;
             # the descriptors close with the process.
@@ -215,10 +280,11 @@ class MailHost(service.MultiService):
         if self.pool is not None:
             waits.append(self.pool.stop())
         waits.append(defer.maybeDeferred(super().stopService))
-        d = defer.DeferredList(waits)
-
         if self.queue is not None and self.queue.running:
             waits.append(defer.maybeDeferred(self.queue.stopService))
+        if self.remote is not None:
+            self.remote.idle()        # QUIT to every pooled outbound session
+        d = defer.DeferredList(waits)
 
         def closed(result):
             self.spool.close()
@@ -278,10 +344,25 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
             if role == "submissions":
                 factory = implicit_tls(factory, host.tls)
             host.listeners.append((role, endpoint, factory))
+    if config.listen.pop3 or config.listen.pop3s:
+        from mailsys.pop3 import listeners as pop3_listeners
+
+        if config.listen.pop3s and host.tls is None:
+            raise TLSNeeded(f"listen.pop3s needs a certificate, but {config.tls.certificate} "
+                            f"or {config.tls.key} does not exist; run 'mailsys tls self-signed' "
+                            f"or point [tls] at your certificate")
+        host.listeners.extend(pop3_listeners(host))
     return host
 
 
 def makeService(options):
+    from mailsys.config import smarthost_auth_problem
+
+    if options.config.relay.smarthost_auth:
+        # A password file others can read, or none at all: refuse to start.
+        problem = smarthost_auth_problem(options.config.relay.smarthost_auth)
+        if problem:
+            raise usage.UsageError(problem)
     try:
         return build(options.config, config_path=options.path)
     except TLSNeeded as e:

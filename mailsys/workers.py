@@ -61,6 +61,9 @@ class WorkerProcess(protocol.ProcessProtocol):
                 if queue is not None:
                     queue.add_at(segment, offset)
                 return
+            if "flush" in event:
+                self.pool.host.request_flush(event["flush"])
+                return
             level = LogLevel.levelWithName(event["level"])
             text, namespace = str(event["text"]), str(event["namespace"])
         except (ValueError, KeyError, TypeError, Exception):
@@ -207,6 +210,12 @@ def main(argv=None):
         out.flush()
 
     host.spool.on_commit.append(spooled)
+
+    def notify(event):
+        out.write(json.dumps(event) + "\n")
+        out.flush()
+
+    host.notify_parent = notify
     host.privilegedStartService()
     host.startService()
     reactor.addSystemEventTrigger("before", "shutdown", host.stopService)

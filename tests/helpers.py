@@ -86,6 +86,10 @@ class FakeHandler:
         self.calls.append(("helo", name, esmtp))
         return self._result("helo", name, esmtp)
 
+    def etrn(self, proto, domain):
+        self.calls.append(("etrn", domain))
+        return self._result("etrn", domain)
+
     def mail(self, proto, txn):
         sender = str(txn.sender) if txn.sender is not None else ""
         self.calls.append(("mail", sender, txn.params.as_dict()))

@@ -21,6 +21,7 @@ class Entry:
                          "recipients": [r if isinstance(r, dict) else {"rcpt": r, "state": "queued"}
                                         for r in rcpts]}
         self._message = message
+        self.message_size = len(message)
 
     def read_message(self):
         return self._message
@@ -87,7 +88,8 @@ def q():
 
     spool.new_message, spool.commit = new_message, commit
     config = SimpleNamespace(queue=SimpleNamespace(retry_min=RETRY_MIN, retry_max=RETRY_MAX,
-                                                   lifetime=LIFETIME, warn_after=WARN))
+                                                   lifetime=LIFETIME, warn_after=WARN),
+                             domains=SimpleNamespace(local=("example.com", "example.net")))
     lmtp = Courier("lmtp")
     journal = Journal()
     qm = QueueManager(config=config, spool=spool, journal=journal, clock=clock, lmtp=lmtp,
@@ -162,12 +164,30 @@ def test_permanent_failure_bounces_with_a_report(q):
     assert q.journal.records[-1] == {"id": "Q4", "done": True}
 
 
-def test_null_sender_is_never_bounced(q):
+def test_null_sender_is_never_bounced_but_the_postmaster_hears_once(q):
     q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "User unknown"))]]
     q.qm.add(Entry("Q5", "", ["ghost@example.com"]))
     q.clock.advance(0)
-    assert q.spool.committed == []
+    assert len(q.spool.committed) == 1
+    qid, envelope, report = q.spool.committed[0]
+    assert envelope["sender"] == ""
+    assert envelope["recipients"] == [{"rcpt": "postmaster@example.com", "state": "queued",
+                                       "notify": ["NEVER"]}]
+    assert envelope["client"]["role"] == "postmaster-notice"
+    msg = email.message_from_bytes(report, policy=email.policy.default)
+    assert msg["To"] == "postmaster@example.com"
+    assert "Final-Recipient: rfc822; ghost@example.com" in report.decode()
     assert q.journal.records[-1] == {"id": "Q5", "done": True}
+
+
+def test_a_failed_postmaster_notice_causes_nothing_more(q):
+    q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "User unknown"))]]
+    entry = Entry("Q5b", "", ["postmaster@example.com"])
+    entry.envelope["client"] = {"role": "postmaster-notice"}
+    q.qm.add(entry)
+    q.clock.advance(0)
+    assert q.spool.committed == []
+    assert q.journal.records[-1] == {"id": "Q5b", "done": True}
 
 
 def test_notify_never_and_success(q):
@@ -309,3 +329,84 @@ def test_an_attempt_that_blows_up_is_retried_later(q):
         assert "QE" not in q.qm.messages
     finally:
         queue_mod.QueueManager._settle = real
+
+
+# -- operator commands (mailsys queue ...) ----------------------------------------------
+
+def test_list_tells_each_recipients_state_and_last_error(q):
+    q.lmtp.script = [[Delivered(), TempFail(Reply(452, "4.2.2", "Mailbox full"))]]
+    q.qm.add(Entry("QL", "a@b.org", ["joe@example.com", "ann@example.com"], arrival=5.0))
+    q.clock.advance(0)
+    [item] = q.qm.list()
+    assert item["id"] == "QL" and item["sender"] == "a@b.org" and item["arrival"] == 5.0
+    assert item["size"] == len(b"Subject: t\r\n\r\nbody\r\n")
+    assert item["state"] == "deferred" and item["attempts"] == 1
+    assert item["next_attempt"] == RETRY_MIN          # jitter 0.5 -> factor 1.0
+    assert [(r["address"], r["state"], r["error"], r["dsn"]) for r in item["recipients"]] == [
+        ("joe@example.com", "sent", "250 2.0.0 Ok: delivered", "2.0.0"),
+        ("ann@example.com", "deferred", "452 4.2.2 Mailbox full", "4.2.2")]
+
+
+def test_hold_stops_attempts_until_release(q):
+    q.lmtp.script = [[TempFail(Reply(451, "4.3.0", "later"))]]
+    q.qm.add(Entry("QH", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    assert len(q.lmtp.calls) == 1
+    assert q.qm.hold("QH").result == ["QH"]
+    assert q.journal.records[-1] == {"id": "QH", "hold": True}
+    assert q.qm.list()[0]["state"] == "held"
+    q.clock.advance(RETRY_MAX * 10)
+    assert len(q.lmtp.calls) == 1                       # held: never attempted
+    assert q.qm.flush() == 0                            # flush leaves held mail alone
+    assert q.qm.release("QH").result == ["QH"]
+    assert q.journal.records[-2] == {"id": "QH", "hold": False} or \
+        {"id": "QH", "hold": False} in q.journal.records
+    q.clock.advance(0)
+    assert len(q.lmtp.calls) == 2
+    assert "QH" not in q.qm.messages                    # delivered on release
+
+
+def test_hold_survives_a_restart(q):
+    entry = Entry("QR", "a@b.org", ["joe@example.com"])
+    qm2 = QueueManager(config=q.qm.config, spool=q.spool, journal=q.journal, clock=q.clock, lmtp=q.lmtp,
+                       local_domains=["example.com"], rng=lambda: 0.5)
+    qm2.load([entry], [{"id": "QR", "hold": True}])
+    qm2.startService()
+    q.clock.advance(10000)
+    assert q.lmtp.calls == []
+    assert qm2.messages["QR"].held and qm2.messages["QR"].redelivery
+
+
+def test_delete_drops_without_a_report(q):
+    q.qm.add(Entry("QD", "a@b.org", ["ghost@example.com"]))
+    q.qm.add(Entry("QE", "a@b.org", ["joe@example.com"]))
+    assert q.qm.delete("QD").result == ["QD"]
+    assert q.journal.records[-1] == {"id": "QD", "done": True}
+    assert q.qm.delete("nope").result == []
+    q.clock.advance(0)
+    assert [c[1] for c in q.lmtp.calls] == [["joe@example.com"]]
+    assert q.spool.committed == []
+
+
+def test_flush_by_domain_attempts_only_that_domains_mail_now(q):
+    q.lmtp.script = [[TempFail(Reply(451, "4.3.0", "later"))]] * 2
+    q.qm.add(Entry("QA", "a@b.org", ["joe@example.com"]))
+    q.qm.add(Entry("QB", "a@b.org", ["joe@sub.example.net"]))
+    q.clock.advance(0)
+    assert len(q.lmtp.calls) == 1       # sub.example.net is not local: no remote courier
+    assert q.qm.flush("EXAMPLE.net.") == 1
+    assert q.qm.flush("example.com") == 1
+    q.clock.advance(0)
+    assert len(q.lmtp.calls) == 2       # QA again, at once, not after RETRY_MIN
+
+
+def test_deleting_a_message_in_flight_lets_the_attempt_finish(q):
+    hold = defer.Deferred()
+    q.lmtp.deliver = lambda *a, **k: hold
+    q.qm.add(Entry("QF", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    q.qm.delete("QF")
+    hold.callback([TempFail(Reply(451, "4.3.0", "later"))])
+    assert "QF" not in q.qm.messages
+    assert q.clock.getDelayedCalls() == [] or all(
+        c.func.__name__ != "_attempt" for c in q.clock.getDelayedCalls())

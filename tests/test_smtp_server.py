@@ -717,3 +717,50 @@ def test_session_any_segmentation_with_slow_handler(cuts):
             h.release()
     assert t.value() == EXPECTED_OUTPUT
     assert h.messages[1] == BODY_2 and h.messages[0].startswith(BODY_1_PREFIX)
+
+
+# -- ETRN (RFC 1985), offered on the mta role only ----------------------------------------
+
+ETRN_SCRIPT = (b"ETRN example.net\r\nEHLO client.example\r\nETRN\r\nETRN #q\r\nETRN @Sub.Example.NET\r\n"
+               b"MAIL FROM:<a@b.example>\r\nETRN example.net\r\nRSET\r\nETRN a..b\r\n")
+ETRN_REPLIES = [
+    b"503 5.5.1 Error: send HELO/EHLO first",
+    None,
+    b"501 5.5.4 Syntax: ETRN domain",
+    b"458 4.3.0 Unable to queue messages for node #q: queue names are not supported",
+    b"250 2.0.0 Queuing for node sub.example.net started",
+    SENDER_OK.rstrip(),
+    b"503 5.5.1 Error: ETRN is not allowed within a mail transaction",
+    OK.rstrip(),
+    b"501 5.5.4 Syntax: ETRN domain (a domain name)",
+]
+
+
+@pytest.mark.parametrize("split", [None, 1, 7])
+def test_etrn_replies_and_the_handler_sees_only_valid_requests(split):
+    proto, t, h, clock = session(etrn=True)
+    if split is None:
+        proto.dataReceived(ETRN_SCRIPT)
+    else:
+        for i in range(0, len(ETRN_SCRIPT), split):
+            proto.dataReceived(ETRN_SCRIPT[i:i + split])
+    out = take(t).split(b"\r\n")
+    ehlo_end = out.index(b"250 HELP")
+    assert b"250-ETRN" in out[:ehlo_end]
+    replies = out[:1] + out[ehlo_end + 1:-1]
+    assert replies == [r for r in ETRN_REPLIES if r is not None]
+    assert [c for c in h.calls if c[0] == "etrn"] == [("etrn", "sub.example.net")]
+
+
+def test_etrn_refused_by_the_handler_and_absent_elsewhere():
+    h = FakeHandler()
+    h.answers["etrn"] = Reply(459, "4.7.1", "<example.net>: Node not allowed: client not in "
+                                            "relay.mynetworks")
+    proto, t, h, clock = session(b"HELO c\r\nETRN example.net\r\n", handler=h, etrn=True)
+    assert take(t) == HELO_REPLY + (b"459 4.7.1 <example.net>: Node not allowed: client not in "
+                                    b"relay.mynetworks\r\n")
+    proto, t, h, clock = session(b"EHLO c\r\nETRN example.net\r\n")
+    out = take(t)
+    assert b"ETRN" not in out.split(b"250 HELP\r\n")[0]
+    assert out.endswith(b"502 5.5.1 ETRN is not offered on this port\r\n")
+    assert [c for c in h.calls if c[0] == "etrn"] == []

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from mailsys.delivery import Delivered, PermFail, TempFail
 from mailsys.logs import MailLog
 from mailsys.smtp.address import AddressError, parse_path
+from mailsys.smtp.params import QUEUE_ID
 from mailsys.smtp.reply import Reply
 
 log = MailLog("mailsys.courier.lmtp")
@@ -525,6 +526,13 @@ class LMTPClientProtocol(Protocol):
             not self.recipients[i][0].isascii() for i in self._to_send)
         if needs_utf8 and "SMTPUTF8" in self.extensions:
             parts.append("SMTPUTF8")
+        # Our own MDA only (it advertises XQID): the queue id, so that a message
+        # recovered after a crash is not stored twice (docs/mda.rst).
+        qid = self.params.get("xqid")
+        if qid and "XQID" in self.extensions and QUEUE_ID.match(qid):
+            parts.append(f"XQID={qid}")
+            if self.params.get("xredelivery"):
+                parts.append("XREDELIVERY")
         return (" ".join(parts) + "\r\n").encode("utf-8")
 
     def _rcpt_command(self, i):
@@ -722,7 +730,8 @@ class LMTPCourier:
         """Deferred of one Outcome per recipient, in order; it never fails.
 
         ``qid`` and ``redelivery`` (a message recovered after a crash) are
-        accepted for every courier's sake; see the queue."""
+        accepted for every courier's sake; see the queue.  A server that
+        advertises ``XQID`` (our MDA) gets them as MAIL parameters."""
         try:
             recipients = list(recipients)
         except Exception:
@@ -736,6 +745,9 @@ class LMTPCourier:
             return defer.succeed([fail] * len(recipients))
         if not plan.unique:
             return defer.succeed(plan.expand([]))
+        if isinstance(qid, str) and QUEUE_ID.match(qid):
+            plan.params["xqid"] = qid
+            plan.params["xredelivery"] = bool(redelivery)
         result = defer.Deferred()
         self._waiting.append(_Job(plan, message, result))
         self._pump()

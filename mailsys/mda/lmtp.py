@@ -8,7 +8,13 @@ on a worker thread, and each recipient gets the reply of its own deliveries:
 reported as delivered (maddy #453 lost mail exactly that way); when one of
 several alias targets fails the whole recipient fails, since a retry that
 duplicates a copy is better than a copy lost.
+
+Messages from our own queue carry its queue id (``XQID``); every copy stored
+for one is recorded in the delivery log (mailsys.mda.dedupe), and a message
+the queue recovered after a crash (``XREDELIVERY``) is not stored again in a
+mailbox that provably holds it already: exactly once, even across a crash.
 """
+import os
 import time
 
 from twisted.internet import defer, threads
@@ -17,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailsys.delivery import Delivered, PermFail, TempFail
 from mailsys.logs import MailLog
+from mailsys.mda.dedupe import DeliveryLog
 from mailsys.mda.maildir import MaildirStore
 from mailsys.mda.mbox import MboxStore
 from mailsys.mda.store import UnsafeMailbox, mailbox_location
@@ -30,6 +37,7 @@ log = MailLog("mailsys.lmtp")
 UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
 BAD_MAILBOX = Reply(553, "5.1.3", "Mailbox name not allowed")
 LOOP = Reply(554, "5.4.6", "Mail loop: already delivered to this mailbox")
+ALREADY = Reply(250, "2.0.0", "Ok: already delivered")
 
 
 def delivered_to(head):
@@ -56,7 +64,11 @@ class MDA:
         self.local_domains = frozenset(config.domains.local)
         self.stores = stores or {"maildir": MaildirStore(), "mbox": MboxStore()}
         self.ids = QueueIds(worker=worker)
-        self.batcher = DeliveryBatcher(reactor, self.stores, run=run)
+        # The delivery log of messages from our queue (XQID); none without a state_dir.
+        state_dir = getattr(getattr(config, "server", None), "state_dir", None)
+        self.delivery_log = (DeliveryLog(os.path.join(state_dir, "mda"), worker)
+                             if state_dir else None)
+        self.batcher = DeliveryBatcher(reactor, self.stores, run=run, log=self.delivery_log)
         self.spool = spool      # for alias targets outside our domains (relayed by the queue)
 
     def targets(self, address):
@@ -118,6 +130,10 @@ class LMTPHandler:
     def helo(self, proto, name, esmtp):
         return None
 
+    def private_extensions(self, proto):
+        """XQID: the queue may name its message, so a redelivery is not stored twice."""
+        return ("XQID",) if self.mda.delivery_log is not None else ()
+
     def mail(self, proto, txn):
         txn.queue_id = self.mda.ids.next()
         self._targets = []
@@ -158,7 +174,10 @@ class LMTPHandler:
         arrival = time.time()
         local = [(rcpt, accounts) for rcpt, accounts, _ in targets if accounts]
         pairs = [(r, rcpt) for rcpt, _, remote in targets for r in remote]
-        waits = [self.mda.batcher.submit(local, message, sender) if local else defer.succeed([])]
+        params = txn.params
+        waits = [self.mda.batcher.submit(local, message, sender, qid=params.xqid,
+                                         redelivery=params.redelivery)
+                 if local else defer.succeed([])]
         if pairs:
             waits.append(self.mda.relay(sender, pairs, message).addCallbacks(
                 lambda entry: Delivered(Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")),
@@ -201,9 +220,10 @@ class DeliveryBatcher:
     together (mailsys.mda.durable).  Like the spool's group commit: while one batch
     is being written, the next one gathers."""
 
-    def __init__(self, reactor, stores, run=None):
+    def __init__(self, reactor, stores, run=None, log=None):
         self.reactor = reactor
         self.stores = stores
+        self.log = log
         self._pending = []
         self._running = False
         self._pool = None
@@ -216,9 +236,9 @@ class DeliveryBatcher:
             self.reactor.addSystemEventTrigger("after", "shutdown", self._pool.stop)
         return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
 
-    def submit(self, targets, message, sender):
+    def submit(self, targets, message, sender, qid=None, redelivery=False):
         d = defer.Deferred()
-        self._pending.append((targets, message, sender, d))
+        self._pending.append((targets, message, sender, (qid, redelivery), d))
         if not self._running:
             self._start()
         return d
@@ -226,13 +246,13 @@ class DeliveryBatcher:
     def _start(self):
         batch, self._pending = self._pending, []
         self._running = True
-        jobs = [(t, m, s) for t, m, s, _ in batch]
-        d = self._run(deliver_batch, self.stores, jobs)
+        jobs = [(t, m, s) + mark for t, m, s, mark, _ in batch]
+        d = self._run(deliver_batch, self.stores, jobs, self.log)
         d.addBoth(self._done, batch)
 
     def _done(self, result, batch):
         self._running = False
-        for i, (targets, _, _, d) in enumerate(batch):
+        for i, (targets, _, _, _, d) in enumerate(batch):
             if isinstance(result, list):
                 d.callback(result[i])
             else:   # a bug in the batch: temporary failure for all, never "delivered"
@@ -242,13 +262,20 @@ class DeliveryBatcher:
             self._start()
 
 
-def deliver_batch(stores, jobs):
-    """Worker thread: every job's mailboxes; per job, one Outcome per recipient."""
+def deliver_batch(stores, jobs, log=None):
+    """Worker thread: every job's mailboxes; per job, one Outcome per recipient.
+
+    A job is ``(targets, message, sender[, qid, redelivery])``.  With a queue id
+    and a delivery ``log`` every copy is recorded (by the store, before it is
+    visible); on a redelivery a mailbox the log and the store agree already
+    holds the message gets no second copy."""
     when = time.time()
-    per_store = {}      # kind -> [(job, rcpt, slot)], items
+    per_store = {}      # kind -> [(job, rcpt, slot)], items, keys
     results = []        # per job: per recipient: list of Outcomes (filled below)
     shared = []         # (slots, k, source slots, source k): a mailbox already in this job
-    for j, (targets, message, sender) in enumerate(jobs):
+    for j, job in enumerate(jobs):
+        targets, message, sender = job[:3]
+        qid, redelivery = (job[3], job[4]) if len(job) > 3 and log is not None else (None, False)
         seen_loop = delivered_to(message[:65536])
         results.append([])
         placed = {}     # (kind, location) -> where its outcome will be, in this job
@@ -263,15 +290,23 @@ def deliver_batch(stores, jobs):
                     slots.append(None)
                     shared.append((slots, len(slots) - 1) + placed[(kind, location)])
                     continue
+                if redelivery and _holds(stores[kind], log, qid, location):
+                    slots.append(Delivered(ALREADY))
+                    placed[(kind, location)] = (slots, len(slots) - 1)
+                    continue
                 prefix = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
                 slots.append(None)
                 placed[(kind, location)] = (slots, len(slots) - 1)
-                refs, items = per_store.setdefault(kind, ([], []))
+                refs, items, keys = per_store.setdefault(kind, ([], [], []))
                 refs.append((slots, len(slots) - 1))
                 items.append((location, prefix, message, quota, sender or "MAILER-DAEMON", when))
-    for kind, (refs, items) in per_store.items():
+                keys.append((qid, rcpt) if qid else None)
+    for kind, (refs, items, keys) in per_store.items():
         try:
-            outcomes = stores[kind].deliver_many(items)
+            if any(keys):
+                outcomes = stores[kind].deliver_many(items, log=log, keys=keys)
+            else:
+                outcomes = stores[kind].deliver_many(items)
         except Exception as e:  # a bug must not turn into "delivered"
             outcomes = [TempFail(Reply(451, "4.3.0", f"Local delivery error: {type(e).__name__}"))] * len(items)
         for (slots, k), outcome in zip(refs, outcomes):
@@ -279,6 +314,18 @@ def deliver_batch(stores, jobs):
     for slots, k, source, sk in shared:
         slots[k] = source[sk]
     return [[_worst(slots) for slots in per_rcpt] for per_rcpt in results]
+
+
+def _holds(store, log, qid, location):
+    """True when the delivery log names a copy of ``qid`` in ``location`` and the
+    store confirms it is there (a record alone is not enough: the copy may have
+    failed after the record was written, or been deleted since)."""
+    holds = getattr(store, "holds", None)
+    try:
+        where = log.find(qid, location)
+        return where is not None and holds is not None and bool(holds(location, where))
+    except (OSError, ValueError, TypeError):
+        return False    # deliver: a possible duplicate, never a loss
 
 
 def _worst(results):

@@ -8,6 +8,11 @@ and filesystem rather than two fsyncs per message).  Unique names are
 ``<sec>.M<usec>P<pid>Q<counter>.<host>,S=<size>,W=<crlf-size>``: ``S`` is the
 size on disk (LF line ends) and ``W`` the RFC 822 size with CRLF, which Dovecot
 uses without opening the file.
+
+With a delivery log (mailsys.mda.dedupe) each copy's final name is recorded
+after its bytes are written to ``tmp/`` and before the first flush, which
+makes the record durable with the file (the same syncfs when the log shares
+the filesystem); nothing reaches ``new/`` unrecorded.
 """
 import itertools
 import os
@@ -72,8 +77,11 @@ class MaildirStore:
     def deliver(self, path, prefix, message, quota, sender=None, when=None):
         return self.deliver_many([(path, prefix, message, quota, sender, when)])[0]
 
-    def deliver_many(self, items):
-        """Deliver several messages; one Outcome per item, in order."""
+    def deliver_many(self, items, log=None, keys=None):
+        """Deliver several messages; one Outcome per item, in order.
+
+        ``keys[i]``, when given, is ``(queue id, recipient)``: item i's final name
+        goes to the delivery ``log`` before the copy becomes visible."""
         outcomes = [None] * len(items)
         sizes = {}
         written = []    # (index, path, tmp, name)
@@ -102,8 +110,14 @@ class MaildirStore:
             written.append((i, path, tmp, name))
         if not written:
             return outcomes
+        flush = [tmp for _, _, tmp, _ in written]
+        recorded = [(keys[i], path, name) for i, path, _, name in written
+                    if log is not None and keys and keys[i]]
         try:
-            self._flush([tmp for _, _, tmp, _ in written])
+            if recorded:
+                log.write([(qid, rcpt, path, name) for (qid, rcpt), path, name in recorded])
+                flush.append(log.path)
+            self._flush(flush)
         except OSError as e:
             for i, _, tmp, _ in written:
                 _unlink(tmp)
@@ -111,8 +125,13 @@ class MaildirStore:
             return outcomes
         linked = []
         for i, path, tmp, name in written:
+            # On a name clash in new/ (never seen in practice) the new name is
+            # recorded before the link too; its flush is the one of new/ below.
+            rename = None
+            if recorded and keys[i]:
+                rename = (lambda key, path: lambda new: log.write([key + (path, new)]))(keys[i], path)
             try:
-                self._link_new(path, tmp, name)
+                self._link_new(path, tmp, name, rename)
                 linked.append((i, path))
             except OSError as e:
                 _unlink(tmp)
@@ -151,7 +170,7 @@ class MaildirStore:
         os.close(fd)
         return tmp, name
 
-    def _link_new(self, path, tmp, name):
+    def _link_new(self, path, tmp, name, renamed=None):
         size_part = name.split(",", 1)[1]
         while True:
             try:
@@ -161,7 +180,25 @@ class MaildirStore:
                 # Never overwrite: pick a new name (the counter moves on).
                 base = self._unique(0, 0).split(",", 1)[0]
                 name = f"{base},{size_part}"
+                if renamed is not None:
+                    renamed(name)
         os.unlink(tmp)
+        return name
+
+    def holds(self, path, name):
+        """Whether the Maildir at ``path`` holds the file ``name`` (a delivery log
+        record): in new/, or in cur/ under the same name with a ``:2,...`` info
+        suffix as a reader leaves it."""
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            return False
+        if os.path.exists(os.path.join(path, "new", name)):
+            return True
+        prefix = name + ":"
+        try:
+            with os.scandir(os.path.join(path, "cur")) as entries:
+                return any(e.name == name or e.name.startswith(prefix) for e in entries)
+        except FileNotFoundError:
+            return False
 
     def messages(self, path):
         out = []

@@ -7,6 +7,10 @@ lock on the mbox itself.  Waiting for them is bounded: past ``lock_timeout`` the
 delivery is a temporary failure and the sender's MTA retries.  The append is
 fsynced; on any error the file is truncated back to its size before the append,
 so a reader never sees half a message.
+
+With a delivery log (mailsys.mda.dedupe) each record's offset, length and
+CRC-32 are logged and the log made durable (fdatasync) before the append is
+written, so no copy is ever in the mbox unrecorded.
 """
 import errno
 import fcntl
@@ -14,6 +18,7 @@ import os
 import re
 import threading
 import time
+import zlib
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -67,12 +72,17 @@ class MboxStore:
     def deliver(self, path, prefix, message, quota, sender="MAILER-DAEMON", when=None):
         return self.deliver_many([(path, prefix, message, quota, sender, when)])[0]
 
-    def deliver_many(self, items):
-        """Deliver several messages; each mbox is locked, appended and fsynced once."""
+    def deliver_many(self, items, log=None, keys=None):
+        """Deliver several messages; each mbox is locked, appended and fsynced once.
+
+        ``keys[i]``, when given, is ``(queue id, recipient)``: where item i goes
+        is written to the delivery ``log`` before the append."""
         outcomes = [None] * len(items)
         by_box = {}
         for i, (path, prefix, message, quota, sender, when) in enumerate(items):
-            by_box.setdefault(path, []).append((i, self._record(prefix, message, sender, when), quota))
+            key = keys[i] if keys and log is not None else None
+            by_box.setdefault(path, []).append((i, self._record(prefix, message, sender, when), quota,
+                                                key))
         for path, records in by_box.items():
             lock = self._thread_lock(path)
             if not lock.acquire(timeout=self.lock_timeout):
@@ -80,7 +90,7 @@ class MboxStore:
                     outcomes[i] = TempFail(LOCKED)
                 continue
             try:
-                for i, outcome in self._append(path, records):
+                for i, outcome in self._append(path, records, log):
                     outcomes[i] = outcome
             finally:
                 lock.release()
@@ -95,10 +105,10 @@ class MboxStore:
         return (b"From " + envelope.encode("utf-8", "replace") + b" " + stamp.encode("ascii")
                 + b"\n" + quote(body) + b"\n")
 
-    def _append(self, path, records):
+    def _append(self, path, records, log=None):
         """[(index, Outcome)] for the records of one mbox, appended under its locks."""
         def every(outcome):
-            return [(i, outcome) for i, _, _ in records]
+            return [(i, outcome) for i, _, _, _ in records]
 
         directory = os.path.dirname(path)
         try:
@@ -125,14 +135,19 @@ class MboxStore:
                         return every(TempFail(LOCKED))
                     self._sleep(0.05)
             start = end = self._cut_torn_tail(fd, path)
-            results, data = [], []
-            for i, record, quota in records:
+            results, data, logged = [], [], []
+            for i, record, quota, key in records:
                 if quota and end + len(record) > quota:
                     results.append((i, PermFail(OVER_QUOTA)))
                     continue
+                if key is not None:
+                    logged.append(key + (path, [end, len(record), zlib.crc32(record)]))
                 data.append(record)
                 end += len(record)
                 results.append((i, Delivered()))
+            if logged:
+                log.write(logged)
+                log.sync()
             blob = b"".join(data)
             view = memoryview(blob)
             at = start
@@ -159,6 +174,24 @@ class MboxStore:
                 os.unlink(dotlock)
             except OSError:
                 pass
+
+    def holds(self, path, where):
+        """Whether the mbox at ``path`` holds the record a delivery log names:
+        ``[offset, length, crc32]``, the bytes there starting with ``From ``."""
+        offset, length, crc = where
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length > 5):
+            return False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_size < offset + length:
+                return False
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        return data.startswith(b"From ") and zlib.crc32(data) == crc
 
     def _cut_torn_tail(self, fd, path):
         """The size to append at.  Every append of ours ends with a blank line and

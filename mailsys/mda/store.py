@@ -24,10 +24,18 @@ class IMailStore(Interface):
         trouble (that is a TempFail) and never leaves a partial message visible.
         """
 
-    def deliver_many(items):
+    def deliver_many(items, log=None, keys=None):
         """``deliver`` for a list of ``(location, prefix, message, quota, sender,
         when)`` tuples; one Outcome each, in order.  Stores make a batch durable
-        together, which is what makes concurrent deliveries cheap."""
+        together, which is what makes concurrent deliveries cheap.
+
+        With a delivery log (mailsys.mda.dedupe.DeliveryLog) and ``keys[i] =
+        (queue id, recipient)``, item i's whereabouts are written to the log
+        before the copy becomes visible, durable no later than the copy."""
+
+    def holds(location, where):
+        """True if the mailbox holds the copy a delivery log record describes
+        (``where`` as this store logged it); False when in doubt."""
 
     def size(location):
         """Bytes currently stored in the mailbox (0 if it does not exist yet)."""

@@ -2,6 +2,11 @@
 
 Parsed and validated here so the state machine only sees typed values and the
 queue record keeps exactly what the client asked for.
+
+Two private MAIL parameters exist between our queue and our own MDA, accepted
+only where the LMTP server advertises ``XQID`` (docs/mda.rst, "Exactly once after
+a crash"): ``XQID=<queue id>`` and the bare ``XREDELIVERY``.  Everywhere else they
+are unknown options (``555 5.5.4``).
 """
 import re
 
@@ -11,6 +16,8 @@ from mailsys.smtp.reply import Reply
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 MAX_ENVID = 100   # RFC 3461 4.4
+# Our queue ids (mailsys.spool.QueueIds): upper-case hex, 17 digits today, at most 20.
+QUEUE_ID = re.compile(r"[0-9A-F]{1,20}\Z")
 
 
 class ParamError(Exception):
@@ -66,7 +73,8 @@ def _split(text):
 class MailParams:
     """What MAIL FROM asked for."""
 
-    __slots__ = ("size", "body", "smtputf8", "ret", "envid")
+    __slots__ = ("size", "body", "smtputf8", "ret", "envid", "xqid", "redelivery")
+    _PUBLIC = ("size", "body", "smtputf8", "ret", "envid")
 
     def __init__(self):
         self.size = None
@@ -74,9 +82,12 @@ class MailParams:
         self.smtputf8 = False
         self.ret = None
         self.envid = None
+        self.xqid = None           # XQID: the sending queue's id (LMTP from our own queue)
+        self.redelivery = False    # XREDELIVERY: the queue recovered this message after a crash
 
     def as_dict(self):
-        return {k: getattr(self, k) for k in self.__slots__ if getattr(self, k) not in (None, False)}
+        """The standard parameters given (what a queue record keeps)."""
+        return {k: getattr(self, k) for k in self._PUBLIC if getattr(self, k) not in (None, False)}
 
 
 class RcptParams:
@@ -95,8 +106,9 @@ class RcptParams:
         return d
 
 
-def parse_mail_params(text, max_size):
-    """Parse MAIL parameters; ``max_size`` is the SIZE limit we advertise."""
+def parse_mail_params(text, max_size, private=()):
+    """Parse MAIL parameters; ``max_size`` is the SIZE limit we advertise,
+    ``private`` the private keywords advertised (``"XQID"`` or nothing)."""
     p = MailParams()
     for key, value in _split(text):
         if key == "SIZE":
@@ -127,8 +139,18 @@ def parse_mail_params(text, max_size):
             if not envid or len(envid) > MAX_ENVID or not _printable_ascii(envid):
                 raise _bad("Bad ENVID parameter")
             p.envid = envid
+        elif key == "XQID" and "XQID" in private:
+            if value is None or not QUEUE_ID.match(value):
+                raise _bad("Bad XQID parameter")
+            p.xqid = value
+        elif key == "XREDELIVERY" and "XQID" in private:
+            if value is not None:
+                raise _bad("XREDELIVERY takes no value")
+            p.redelivery = True
         else:
             raise ParamError(Reply(555, "5.5.4", f"Unsupported option: {key[:30]}"))
+    if p.redelivery and p.xqid is None:
+        raise _bad("XREDELIVERY needs XQID")
     return p
 
 

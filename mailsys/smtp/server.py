@@ -83,8 +83,9 @@ class SMTPServerProtocol(Protocol):
     lmtp = False
 
     def __init__(self, handler, hostname, *, limits, clock, lmtp=False, tls_available=False,
-                 auth_mechanisms=()):
+                 auth_mechanisms=(), etrn=False):
         self.handler = handler
+        self.etrn = etrn
         self.hostname = hostname
         self.limits = limits
         self.clock = clock
@@ -367,8 +368,16 @@ class SMTPServerProtocol(Protocol):
         ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
         if not self.lmtp:
             ext.append("DSN")
+        if self.etrn:
+            ext.append("ETRN")
+        ext += self._private_extensions()
         ext.append("HELP")
         return ext
+
+    def _private_extensions(self):
+        """Keywords only our own MDA offers (LMTP; ``XQID``): the handler decides."""
+        offer = getattr(self.handler, "private_extensions", None) if self.lmtp else None
+        return tuple(offer(self)) if offer is not None else ()
 
     def _ehlo_response(self):
         lines = [self.hostname] + self.extensions()
@@ -389,7 +398,8 @@ class SMTPServerProtocol(Protocol):
             return
         path, ptext = split_path_and_params(arg[m.end():])
         try:
-            params = parse_mail_params(ptext, self.limits.message_size) if ptext.strip() else \
+            params = parse_mail_params(ptext, self.limits.message_size,
+                                       self._private_extensions()) if ptext.strip() else \
                 parse_mail_params("", 0)
             if not self.esmtp and ptext.strip():
                 raise ParamError(Reply(555, "5.5.4", "Error: parameters need EHLO"))
@@ -524,6 +534,40 @@ class SMTPServerProtocol(Protocol):
     def do_EXPN(self, arg):
         self._reply(R.EXPN_DISABLED, "expn")
 
+    def do_ETRN(self, arg):
+        """RFC 1985: a site we hold mail for asks for it now.  The handler decides
+        who may; the reply never says how much is waiting (the queue may be in
+        another process), so it is always 250 "started"."""
+        if not self.etrn:
+            self._error(Reply(502, "5.5.1", "ETRN is not offered on this port"), "etrn")
+            return
+        if self.helo is None:
+            self._error(Reply(503, "5.5.1", "Error: send HELO/EHLO first"), "etrn")
+            return
+        if self.txn is not None:
+            self._error(Reply(503, "5.5.1", "Error: ETRN is not allowed within a mail transaction"),
+                        "etrn")
+            return
+        node = arg.strip()
+        if not node or " " in node:
+            self._error(Reply(501, "5.5.4", "Syntax: ETRN domain"), "etrn")
+            return
+        if node.startswith("#"):
+            self._error(Reply(458, "4.3.0", f"Unable to queue messages for node {node[:64]}: "
+                                            f"queue names are not supported"), "etrn")
+            return
+        from mailsys.smtp.address import parse_domain
+
+        domain = parse_domain(node[1:] if node.startswith("@") else node)
+        if domain is None or domain.startswith("["):
+            self._error(Reply(501, "5.5.4", "Syntax: ETRN domain (a domain name)"), "etrn")
+            return
+        result = self.handler.etrn(self, domain)
+        if result is None:
+            self._reply(Reply(250, "2.0.0", f"Queuing for node {domain} started"), "etrn")
+        else:
+            self._error(result, "etrn")
+
     def do_HELP(self, arg):
         verbs = ["LHLO"] if self.lmtp else ["EHLO", "HELO"]
         if self.tls_available and not self.tls:
@@ -531,6 +575,8 @@ class SMTPServerProtocol(Protocol):
         if self.auth_mechanisms:
             verbs.append("AUTH")
         verbs += ["MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"]
+        if self.etrn:
+            verbs.append("ETRN")
         self._reply(Reply(214, "2.0.0", "Commands: " + " ".join(verbs), "See RFC 5321"), "help")
 
     def do_STARTTLS(self, arg):
@@ -633,4 +679,5 @@ class SMTPServerProtocol(Protocol):
         "EHLO": do_EHLO, "HELO": do_HELO, "LHLO": do_LHLO, "MAIL": do_MAIL, "RCPT": do_RCPT,
         "DATA": do_DATA, "RSET": do_RSET, "NOOP": do_NOOP, "QUIT": do_QUIT, "VRFY": do_VRFY,
         "EXPN": do_EXPN, "HELP": do_HELP, "STARTTLS": do_STARTTLS, "AUTH": do_AUTH,
+        "ETRN": do_ETRN,
     }

@@ -1022,3 +1022,109 @@ def stored_form(sender, account, message):
     in front, every line end LF."""
     head = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
     return (head + message).replace(b"\r\n", b"\n")
+
+
+# --- POP3 (issue 7) ----------------------------------------------------------------------
+#
+# Added for tests/integration/test_pop3*.py and tests/security/test_pop3_attacks.py.
+# Nothing above this line is changed by them.
+
+def start_pop3(make_server, accounts=MDA_ACCOUNTS, overrides=None, name=None, hostname=TLS_NAME):
+    """:func:`start_mda` plus the ``pop3`` (STLS) and ``pop3s`` roles on free loopback
+    ports (``server.pop3_port``, ``server.pop3s_port``) and a self-signed certificate
+    for ``hostname`` (``server.certificate``) written before the server starts."""
+    from mailsys.tls import write_self_signed
+
+    pop3_port, pop3s_port = free_ports(2)
+    listen = {"listen": {"pop3": [f"tcp:{pop3_port}:interface={LOOPBACK}"],
+                         "pop3s": [f"tcp:{pop3s_port}:interface={LOOPBACK}"]}}
+
+    def make_with_certificate(overrides=None, start=True, name=None):
+        server = make_server(overrides, start=False, name=name)
+        server.pop3_port, server.pop3s_port = pop3_port, pop3s_port
+        server.certificate = Path(server.config["tls"]["certificate"])
+        server.key = Path(server.config["tls"]["key"])
+        write_self_signed(hostname, str(server.certificate), str(server.key))
+        if start:
+            server.start()
+        return server
+
+    return start_mda(make_with_certificate, overrides=merge(listen, overrides), name=name,
+                     accounts=accounts)
+
+
+def pop3_tls_context():
+    """A client TLS context that accepts the test's self-signed certificate."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def pop3_client(server, implicit=True, login=None, password="integration test password",
+                timeout=30):
+    """A poplib client on ``server``: POP3_SSL on pop3s (``implicit``), else POP3 plus
+    STLS; logged in as ``login`` when given."""
+    import poplib
+
+    if implicit:
+        client = poplib.POP3_SSL(LOOPBACK, server.pop3s_port, context=pop3_tls_context(),
+                                 timeout=timeout)
+    else:
+        client = poplib.POP3(LOOPBACK, server.pop3_port, timeout=timeout)
+        client.stls(pop3_tls_context())
+    if login is not None:
+        client.user(login)
+        client.pass_(password)
+    return client
+
+
+# --- remote delivery (issue 6) ----------------------------------------------------------
+#
+# Added for tests/integration/test_remote_*.py.  Nothing above this line is changed.
+
+class PostfixMXPeer(PostfixPeer):
+    """The Postfix peer as a destination MX: it accepts mail for ``domains`` from
+    anyone, for the listed ``mailboxes`` only (others: 550 5.1.1 at RCPT), and
+    delivers it with the virtual agent to ``vmail/DOMAIN/LOCAL/`` Maildirs (uid
+    5000, as in ../shared/anchors/postfix.sh).  Nothing is relayed."""
+
+    HOSTNAME = "mx.postfix.test"
+
+    def __init__(self, base, domains, mailboxes):
+        super().__init__(base, relayhost="")
+        self.domains = list(domains)
+        self.mailboxes = list(mailboxes)
+        self.vmail = self.base / "vmail"
+
+    def write_config(self):
+        super().write_config()
+        self.vmail.mkdir(parents=True, exist_ok=True)
+        os.chown(self.vmail, 5000, 5000)
+        maps = ", ".join(f"{m}={m.partition('@')[2]}/{m.partition('@')[0]}/"
+                         for m in self.mailboxes)
+        extra = {
+            "virtual_mailbox_domains": " ".join(self.domains),
+            "virtual_mailbox_base": self.vmail,
+            "virtual_mailbox_maps": f"inline:{{ {maps} }}",
+            "virtual_uid_maps": "static:5000",
+            "virtual_gid_maps": "static:5000",
+            "smtpd_recipient_restrictions": "reject_unauth_destination",
+            "smtpd_relay_restrictions": "reject_unauth_destination",
+            "mynetworks": "",
+        }
+        # Replace rather than append: every duplicate key is a warning logged by
+        # every Postfix process, and a burst of them can fill postlogd's socket.
+        main = self.etc / "main.cf"
+        kept = [line for line in main.read_text().splitlines()
+                if line.partition("=")[0].strip() not in extra]
+        main.write_text("\n".join(kept) + "\n" + "".join(
+            f"{k} = {os.fspath(v)}\n" for k, v in extra.items()))
+        with open(self.etc / "master.cf", "a") as f:
+            f.write("virtual   unix  -       n       n       -       -       virtual\n")
+
+    def maildir(self, address):
+        local, _, domain = address.partition("@")
+        return self.vmail / domain / local

@@ -2,7 +2,12 @@
 ``twistd -n mailsys`` with no configuration in an empty directory, an account
 added with ``mailsys user add``, then real clients: swaks on the mta port and
 msmtp through submission (STARTTLS) and submissions (implicit TLS) with the
-self-signed certificate the server made on its first start."""
+self-signed certificate the server made on its first start.
+
+The embedded default resolves with /etc/resolv.conf, and this machine may send no
+query outside loopback: the server runs in a mount namespace of its own where
+/etc/resolv.conf names 127.0.0.1, where nothing answers (mail for other domains
+then waits in the queue, as it would during a DNS outage)."""
 import os
 import shutil
 import subprocess
@@ -25,7 +30,11 @@ def embedded(tmp_path):
     assert not busy, f"ports of the embedded default already in use: {busy}"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.pop("MAILSYS_CONFIG", None)
-    proc = subprocess.Popen(TWISTD + ["-n", "--pidfile=", "--logfile=twistd.log", "mailsys"],
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\n")
+    private_dns = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                   str(resolv)]
+    proc = subprocess.Popen(private_dns + TWISTD + ["-n", "--pidfile=", "--logfile=twistd.log", "mailsys"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not all(port_accepts(p, timeout=0.2) for p in PORTS):

@@ -42,7 +42,7 @@ def test_banner_and_ehlo(server):
     lines = text.decode().split("\n")
     assert lines[0] == HOSTNAME
     assert sorted(lines[1:]) == sorted(["PIPELINING", "SIZE 26214400", "ENHANCEDSTATUSCODES",
-                                        "8BITMIME", "SMTPUTF8", "DSN", "HELP"])
+                                        "8BITMIME", "SMTPUTF8", "DSN", "ETRN", "HELP"])
     # No certificate configured: no STARTTLS; the mta role never offers AUTH.
 
 

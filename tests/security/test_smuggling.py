@@ -14,7 +14,7 @@ IDS = ["LF.LF", "CR.CR", "LF.CRLF", "CRLF.LF", "CRLF.CR", "CR.CRLF", "LF.CR", "C
 
 BANNER = b"220 mx.example.com ESMTP\r\n"
 EHLO = (b"250-mx.example.com\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250-ENHANCEDSTATUSCODES\r\n"
-        b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250 HELP\r\n")
+        b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250-ETRN\r\n250 HELP\r\n")
 SENDER_OK = b"250 2.1.0 Ok\r\n"
 RCPT_OK = b"250 2.1.5 Ok\r\n"
 GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -83,7 +83,7 @@ def test_smuggling_split_around_the_fake_end(variant):
 def test_smuggled_commands_never_reach_the_handler(variant):
     proto, t, h, clock = connect()
     proto.dataReceived(script(variant))
-    assert t.value() == EXPECTED
+    assert t.value() == EXPECTED.replace(b"250-ETRN\r\n", b"")   # ETRN: the mta role only
     assert [c for c in h.calls if c[0] in ("mail", "rcpt")] == [
         ("mail", "sender@remote.example", {}), ("rcpt", "alice@example.com", {})]
     assert h.messages == []

@@ -204,7 +204,8 @@ def ehlo_lines(role):
     kw = ["PIPELINING", "SIZE 26214400"]
     if role == "submission":
         kw.append("AUTH PLAIN LOGIN")
-    kw += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "DSN", "HELP"]
+    kw += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "DSN"]
+    kw += ["ETRN", "HELP"] if role == "mta" else ["HELP"]
     lines = [HOSTNAME] + kw
     return "".join(f"250{' ' if i == len(lines) - 1 else '-'}{k}\r\n"
                    for i, k in enumerate(lines)).encode()

@@ -1,0 +1,257 @@
+"""``mailsys sendmail``: the sendmail command line that cron, mailx, PHP and
+scripts expect, injecting into a running server.
+
+Flags follow Postfix's sendmail(1): ``-f``/``-r`` sender, ``-F`` full name,
+``-t`` recipients from To/Cc/Bcc (added to any on the command line; Bcc lines
+are then removed), ``-i``/``-oi`` (a line of one dot does not end the
+message), ``-N``/``-R``/``-V`` DSN requests (NOTIFY, RET, ENVID), and the no-op flags old programs
+pass (``-oXXX``, ``-odb``, ``-v``, ``-m``, ``-bm``, ``-U``).  ``-bp`` lists the
+queue and ``-bi`` (newaliases) does nothing: aliases reload by themselves.
+
+The message is read from stdin (at most ``limits.message_size`` bytes), line
+ends made CRLF, the header completed with From, Date and Message-ID when
+missing (RFC 6409 section 8), and handed over on the submit socket
+(mailsys.control): the command exits 0 only once the server has the message
+on disk, fsynced.  Unqualified addresses get the first local domain (else the
+host name), as Postfix appends ``myorigin``.
+"""
+import email.utils
+import os
+import pwd
+import re
+import sys
+import time
+import uuid
+
+from mailsys.cli import EXIT_USAGE, CommandError, load_config
+
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_VALUE_FLAGS = set("fFrNRVBCLhpqX")
+_IGNORED_FLAGS = set("vmnUGdeA")
+
+
+class Usage(CommandError):
+    def __init__(self, message):
+        super().__init__(message, EXIT_USAGE)
+
+
+def parse_argv(argv):
+    """Sendmail's own flag syntax (``-fSENDER``, ``-f SENDER``, ``-oi``)."""
+    opts = {"sender": None, "fullname": None, "extract": False, "dots": True, "config": None,
+            "mode": "m", "notify": None, "ret": None, "envid": None}
+    rcpts = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if a == "--":
+            rcpts.extend(argv[i:])
+            break
+        if a == "--config" or a.startswith("--config="):
+            if "=" in a:
+                opts["config"] = a.partition("=")[2]
+            elif i < len(argv):
+                opts["config"], i = argv[i], i + 1
+            else:
+                raise Usage("--config needs a path")
+            continue
+        if not a.startswith("-") or a == "-":
+            rcpts.append(a)
+            continue
+        flag, value = a[1], a[2:]
+        if flag in _VALUE_FLAGS and not value:
+            if i >= len(argv):
+                raise Usage(f"option -{flag} needs a value")
+            value, i = argv[i], i + 1
+        if flag in "fr":
+            opts["sender"] = value
+        elif flag == "F":
+            opts["fullname"] = value
+        elif flag == "t":
+            opts["extract"] = True
+        elif flag == "i":
+            opts["dots"] = False
+        elif flag == "o":
+            if value == "i":
+                opts["dots"] = False
+            # every other -oX is an old sendmail.cf option: accepted, ignored
+        elif flag == "b":
+            if value not in ("m", "p", "i", "d"):
+                raise Usage(f"-b{value} is not supported (use -bm, -bp or -bi)")
+            opts["mode"] = value
+        elif flag == "N":
+            opts["notify"] = value
+        elif flag == "R":
+            opts["ret"] = value
+        elif flag == "V":
+            opts["envid"] = value
+        elif flag in _IGNORED_FLAGS or flag in _VALUE_FLAGS:
+            pass
+        else:
+            raise Usage(f"unknown option -{flag}")
+    out = []
+    for r in rcpts:
+        out.extend(x.strip() for x in r.split(",") if x.strip())
+    return opts, out
+
+
+def read_message(stream, limit, dots):
+    """stdin up to ``limit`` bytes, CRLF line ends; without -i a line holding
+    only "." ends it, as in sendmail."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise CommandError(f"message too big: more than limits.message_size ({limit} bytes)")
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if dots:
+        if data.startswith(b".\n") or data == b".":
+            data = b""
+        else:
+            end = data.find(b"\n.\n")
+            if end >= 0:
+                data = data[:end + 1]
+            elif data.endswith(b"\n."):
+                data = data[:-1]
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    return data.replace(b"\n", b"\r\n")
+
+
+def split_header(message):
+    """(header lines, body) of a CRLF message.  The header ends at the first
+    empty line or at the first line that is no field (then the body starts
+    there and a blank line is put in between)."""
+    lines = message.split(b"\r\n")
+    header = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line == b"":
+            i += 1
+            break
+        if _FIELD.match(line) or (header and line[:1] in (b" ", b"\t")):
+            header.append(line)
+            i += 1
+            continue
+        break
+    body = b"\r\n".join(lines[i:])
+    return header, body
+
+
+def fields(header):
+    """[(lowercase name, unfolded value)] of header lines."""
+    out = []
+    for line in header:
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] = (out[-1][0], out[-1][1] + b" " + line.strip())
+            continue
+        name, _, value = line.partition(b":")
+        out.append((name.strip().lower(), value.strip()))
+    return out
+
+
+def drop_field(header, name):
+    out, dropping = [], False
+    for line in header:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                out.append(line)
+            continue
+        dropping = line.split(b":", 1)[0].strip().lower() == name
+        if not dropping:
+            out.append(line)
+    return out
+
+
+def qualify(address, domain):
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    if address and "@" not in address:
+        address = f"{address}@{domain}"
+    return address
+
+
+def default_domain(config):
+    return config.domains.local[0] if config.domains.local else config.server.hostname
+
+
+def compose(opts, rcpts, message, config, login):
+    """The envelope (sender, recipients) and the completed message."""
+    domain = default_domain(config)
+    header, body = split_header(message)
+    have = fields(header)
+    names = {n for n, _ in have}
+    if opts["extract"]:
+        values = [v.decode("utf-8", "replace") for n, v in have if n in (b"to", b"cc", b"bcc")]
+        rcpts = rcpts + [a for _, a in email.utils.getaddresses(values) if a]
+        header = drop_field(header, b"bcc")
+    rcpts = [qualify(r, domain) for r in rcpts]
+    if not rcpts:
+        raise Usage("no recipients: name them as arguments or use -t")
+    sender = qualify(opts["sender"], domain) if opts["sender"] is not None else f"{login}@{domain}"
+    extra = []
+    if b"from" not in names:
+        name = opts["fullname"]
+        shown = sender or f"MAILER-DAEMON@{domain}"
+        extra.append(f"From: {email.utils.formataddr((name, shown)) if name else shown}")
+    if b"date" not in names:
+        extra.append(f"Date: {email.utils.formatdate(time.time(), localtime=True)}")
+    if b"message-id" not in names:
+        extra.append(f"Message-ID: <{time.strftime('%Y%m%d%H%M%S')}.{uuid.uuid4().hex[:16]}"
+                     f"@{config.server.hostname}>")
+    head = b"".join(line + b"\r\n" for line in header)
+    head += "".join(x + "\r\n" for x in extra).encode("utf-8")
+    return sender, rcpts, head + b"\r\n" + body
+
+
+def run(argv, stdin=None, out=None):
+    from mailsys import control
+
+    opts, rcpts = parse_argv(argv)
+    args = type("Args", (), {"config": opts["config"]})()
+    if opts["mode"] == "i":
+        return 0
+    if opts["mode"] == "p":
+        from mailsys.queue_cli import cli_list
+
+        args.json = False
+        return cli_list(args, out or sys.stdout)
+    config = load_config(args)
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    message = read_message(stdin, config.limits.message_size, opts["dots"])
+    login = pwd.getpwuid(os.getuid()).pw_name
+    sender, rcpts, message = compose(opts, rcpts, message, config, login)
+    request = {"cmd": "submit", "sender": sender, "recipients": rcpts, "size": len(message),
+               **dsn_request(opts)}
+    path = control.submit_path(config)
+    try:
+        answer = control.request(path, request, message)
+    except control.NotRunning as e:
+        raise CommandError(f"{e}; the message was not sent")
+    if not answer.get("ok"):
+        raise CommandError(f"{answer.get('error')}; the message was not sent")
+    return 0
+
+
+DSN_NOTIFY = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+
+
+def dsn_request(opts):
+    """-N, -R, -V as the submit request's DSN fields (RFC 3461 values)."""
+    out = {}
+    if opts["notify"]:
+        notify = [x.strip().upper() for x in opts["notify"].split(",") if x.strip()]
+        if not notify or not set(notify) <= DSN_NOTIFY or ("NEVER" in notify and len(notify) > 1):
+            raise Usage("-N takes never, or a list of success, failure and delay")
+        out["notify"] = notify
+    if opts["ret"]:
+        ret = opts["ret"].strip().upper()
+        if ret not in ("HDRS", "FULL"):
+            raise Usage("-R takes hdrs or full")
+        out["ret"] = ret
+    if opts["envid"]:
+        envid = opts["envid"]
+        if not (envid.isascii() and envid.isprintable()) or len(envid) > 100:
+            raise Usage("-V takes printable ASCII, at most 100 characters")
+        out["envid"] = envid
+    return out

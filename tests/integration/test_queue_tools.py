@@ -1,0 +1,246 @@
+"""``mailsys queue ...``, ETRN and ``mailsys sendmail`` against a live server.
+
+The default test server has no LMTP listener, so local mail stays deferred with a
+known reason: exactly what the queue tools must show and steer.
+"""
+import json
+import os
+import re
+import socket
+import stat
+
+import pytest
+
+from tests.integration.harness import LOOPBACK, lmtp_overrides, lmtp_socket_path, wait_for_files
+
+pytestmark = pytest.mark.integration
+
+NO_LMTP = "451 4.3.5 No LMTP listener is configured (listen.lmtp is empty)"
+QUIET = {"queue": {"retry_min": 3600, "retry_max": 3600}}
+
+
+def send(server, sender, rcpts, subject):
+    with server.smtp() as s:
+        s.sendmail(sender, rcpts, f"Subject: {subject}\r\n\r\nbody of {subject}\r\n")
+    return server.wait_for_log(rf"([0-9A-F]+): client=.*from=<{re.escape(sender)}>", timeout=10)
+
+
+def queue_ids(server, n):
+    text = server.wait_for_log(r"(?s)" + r".*?status=deferred" * n, timeout=20)
+    assert text
+    return re.findall(r"([0-9A-F]{10,}): to=<[^>]*>, relay=lmtp, delay=[0-9.]+, dsn=4\.3\.5, "
+                      r"status=deferred", server.log_text())
+
+
+def cli(server, *argv, status=0):
+    p = server.mailsys_cli(*argv)
+    assert p.returncode == status, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+@pytest.fixture
+def queued(make_server):
+    server = make_server(QUIET)
+    send(server, "alice@example.org", ["joe@example.com"], "first")
+    send(server, "carol@example.org", ["joe@example.com", "bob@example.net"], "second")
+    ids = []
+    while len(set(ids)) < 2:
+        ids = queue_ids(server, 3)
+    first, second = sorted(set(ids))
+    return server, first, second
+
+
+def test_list_shows_each_message_and_each_recipients_last_error(queued):
+    server, first, second = queued
+    out = cli(server, "queue", "list").stdout.splitlines()
+    assert len(out) == 6, out
+    assert re.fullmatch(rf"{first} +\d+  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d  <alice@example.org>  "
+                        rf"\(deferred, next attempt \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\)", out[0]), out[0]
+    assert out[1] == f"    deferred  <joe@example.com>  ({NO_LMTP})"
+    assert out[2].startswith(f"{second} ") and "<carol@example.org>" in out[2]
+    assert out[3] == f"    deferred  <joe@example.com>  ({NO_LMTP})"
+    assert out[4] == f"    deferred  <bob@example.net>  ({NO_LMTP})"
+    assert re.fullmatch(r"-- 2 messages, \d+ bytes", out[5])
+
+    data = json.loads(cli(server, "queue", "list", "--json").stdout)
+    assert [m["id"] for m in data] == [first, second]
+    assert data[1]["sender"] == "carol@example.org"
+    assert data[1]["state"] == "deferred" and data[1]["attempts"] == 1
+    assert [(r["address"], r["state"], r["error"], r["dsn"]) for r in data[1]["recipients"]] == [
+        ("joe@example.com", "deferred", NO_LMTP, "4.3.5"),
+        ("bob@example.net", "deferred", NO_LMTP, "4.3.5")]
+    assert data[0]["size"] == len(server.spool()[0].read_message())
+
+
+def test_show_prints_the_envelope_and_the_header(queued):
+    server, first, _ = queued
+    out = cli(server, "queue", "show", first).stdout
+    assert "attempts: 1\n" in out
+    assert "received from: localhost [127.0.0.1] via mta\n" in out
+    assert f"recipient <joe@example.com>: deferred, dsn 4.3.5, last attempt " in out
+    assert "\nSubject: first\n" in out
+    assert f"by mx.mailsys.test (mailsys) with ESMTP id {first}" in out
+    p = cli(server, "queue", "show", "ABCDEF0123", status=1)
+    assert p.stderr == "mailsys: no message ABCDEF0123 in the queue\n"
+    p = cli(server, "queue", "show", "../etc", status=1)
+    assert p.stderr == "mailsys: '../etc' is not a queue id\n"
+
+
+def test_hold_release_delete_and_their_survival_of_a_restart(queued):
+    server, first, second = queued
+    assert cli(server, "queue", "hold", first).stdout == f"{first}: placed on hold\n"
+    assert server.wait_for_log(rf"{first}: placed on hold")
+    data = json.loads(cli(server, "queue", "list", "--json").stdout)
+    assert [(m["id"], m["state"], m["next_attempt"]) for m in data][0] == (first, "held", None)
+    p = cli(server, "queue", "hold", first, status=1)
+    assert p.stderr == f"mailsys: no message {first} in the queue to hold\n"
+
+    assert cli(server, "queue", "delete", second).stdout == f"{second}: deleted\n"
+    assert server.wait_for_log(rf"{second}: removed \(deleted by the administrator\)")
+
+    server.stop()
+    server.start()
+    data = json.loads(cli(server, "queue", "list", "--json").stdout)
+    assert [(m["id"], m["state"]) for m in data] == [(first, "held")]
+    assert f"{first}: to=" not in server.log_since_start()       # held: no attempt at start
+
+    assert cli(server, "queue", "release", first).stdout == f"{first}: released\n"
+    assert server.wait_for_log(rf"{first}: released from hold")
+    # Released: attempted at once (and deferred again, no LMTP here).
+    assert server.wait_for_log(rf"(?s)released from hold.*{first}: to=<joe@example.com>, "
+                               rf"relay=lmtp, .*status=deferred", timeout=10)
+    assert [m["state"] for m in json.loads(cli(server, "queue", "list", "--json").stdout)] == ["deferred"]
+
+    assert cli(server, "queue", "delete", "ALL").stdout == f"{first}: deleted\n"
+    assert cli(server, "queue", "list").stdout == "Mail queue is empty\n"
+    server.stop()
+    server.start()
+    assert cli(server, "queue", "list").stdout == "Mail queue is empty\n"
+
+
+def test_flush_attempts_now_and_by_domain(queued):
+    server, first, second = queued
+    before = server.log_text().count("status=deferred")
+    assert cli(server, "queue", "flush", "--domain", "example.org").stdout == \
+        "0 messages scheduled for delivery now (domain example.org)\n"
+    assert cli(server, "queue", "flush", "--domain", "example.net").stdout == \
+        "1 message scheduled for delivery now (domain example.net)\n"
+    server.wait_for_log(r"(?s)flush: 1 message\(s\) scheduled for example\.net.*"
+                        rf"{second}: to=<bob@example\.net>.*status=deferred")
+    assert cli(server, "queue", "flush").stdout == "2 messages scheduled for delivery now\n"
+    server.wait_for_log(r"(?s)flush: 2 message\(s\) scheduled$" + r".*?status=deferred" * 3)
+    assert server.log_text().count("status=deferred") == before + 2 + 3
+
+
+def test_etrn_from_mynetworks_flushes_a_domain(queued):
+    server, first, second = queued
+    with socket.create_connection((LOOPBACK, server.port), timeout=10) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        s.sendall(b"ETRN example.net\r\n")
+        assert f.readline() == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+        s.sendall(b"EHLO client.example.org\r\n")
+        lines = []
+        while not lines or lines[-1][3:4] != b" ":
+            lines.append(f.readline())
+        assert b"250-ETRN\r\n" in lines
+        s.sendall(b"ETRN #queue\r\nETRN bad..domain\r\nETRN @example.net\r\nQUIT\r\n")
+        assert f.readline() == (b"458 4.3.0 Unable to queue messages for node #queue: "
+                                b"queue names are not supported\r\n")
+        assert f.readline() == b"501 5.5.4 Syntax: ETRN domain (a domain name)\r\n"
+        assert f.readline() == b"250 2.0.0 Queuing for node example.net started\r\n"
+        assert f.readline().startswith(b"221 2.0.0")
+    server.wait_for_log(r"ETRN from localhost\[127\.0\.0\.1\]: example\.net")
+    server.wait_for_log(rf"(?s)flush: 1 message\(s\) scheduled for example\.net.*"
+                        rf"{second}: to=<bob@example\.net>.*status=deferred")
+
+
+def test_etrn_is_refused_outside_mynetworks(make_server):
+    server = make_server({"relay": {"mynetworks": []}})
+    with socket.create_connection((LOOPBACK, server.port), timeout=10) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"HELO client.example.org\r\nETRN example.com\r\nQUIT\r\n")
+        assert f.readline().startswith(b"250 ")
+        assert f.readline() == (b"459 4.7.1 <example.com>: Node not allowed: client not in "
+                                b"relay.mynetworks\r\n")
+    assert server.wait_for_log(r"reject: ETRN from localhost\[127\.0\.0\.1\]: 459 4\.7\.1 example\.com")
+    assert "flush:" not in server.log_text()
+
+
+def test_control_sockets_are_private_and_public_as_documented(server):
+    control = server.state_dir / "control.sock"
+    submit = server.state_dir / "public" / "submit.sock"
+    assert stat.S_ISSOCK(control.stat().st_mode) and stat.S_IMODE(control.stat().st_mode) == 0o600
+    assert stat.S_IMODE(submit.stat().st_mode) == 0o666
+    assert stat.S_IMODE(server.state_dir.stat().st_mode) == 0o711
+    assert stat.S_IMODE((server.state_dir / "spool").stat().st_mode) == 0o700
+    # The public socket takes mail and nothing else.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(submit))
+        s.sendall(b'{"cmd": "list"}\n')
+        assert json.loads(s.makefile("rb").readline()) == {
+            "ok": False, "error": "'list' is not allowed on this socket"}
+
+
+def test_queue_commands_say_when_the_server_is_not_running(make_server):
+    server = make_server(start=False)
+    p = cli(server, "queue", "list", status=1)
+    assert p.stderr.startswith(f"mailsys: mailsys is not running (nothing answers on "
+                               f"{server.state_dir}/control.sock")
+    p = server.mailsys_cli("sendmail", "joe@example.com", input="Subject: x\n\nbody\n")
+    assert p.returncode == 1
+    assert p.stderr.endswith("the message was not sent\n")
+
+
+@pytest.fixture
+def delivering(tmp_path, make_server):
+    return make_server(lmtp_overrides(lmtp_socket_path(tmp_path)))
+
+
+def test_sendmail_t_ends_in_the_mailbox(delivering):
+    server = delivering
+    message = ("From: Cron Daemon <root@example.com>\nTo: Joe <joe@example.com>\n"
+               "Bcc: bob@example.net\nSubject: cron output\n\nline one\n.\n..two dots\n")
+    p = server.mailsys_cli("sendmail", "-t", "-oi", "-f", "root@example.com", input=message)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    joe = server.base / "mail" / "example.com" / "joe" / "Maildir"
+    bob = server.base / "mail" / "example.net" / "bob" / "Maildir"
+    assert len(wait_for_files(joe, 1, timeout=30)) == 1
+    [data] = wait_for_files(bob, 1, timeout=30).values()
+    head, _, body = data.partition(b"\n\n")
+    assert body == b"line one\n.\n..two dots\n"
+    assert b"\nBcc:" not in head and b"Subject: cron output" in head
+    assert head.startswith(b"Return-Path: <root@example.com>\nDelivered-To: bob@example.net\n"
+                           b"Received: by mx.mailsys.test (mailsys, from userid %d)\n\tid "
+                           % os.getuid())
+    assert re.search(rb"\nMessage-ID: <\d{14}\.[0-9a-f]{16}@mx\.mailsys\.test>", head)
+    assert re.search(rb"\nDate: ", head)
+    log = server.wait_for_log(r"([0-9A-F]+): uid=\d+, from=<root@example\.com>, size=\d+, "
+                              r"nrcpt=2 \(queued\)")
+    assert log
+
+
+def test_sendmail_without_i_stops_at_a_dot_line_and_qualifies_addresses(delivering):
+    server = delivering
+    p = server.mailsys_cli("sendmail", "joe", input="Subject: dots\n\nkept\n.\nnot kept\n")
+    assert (p.returncode, p.stderr) == (0, "")
+    joe = server.base / "mail" / "example.com" / "joe" / "Maildir"
+    [data] = wait_for_files(joe, 1, timeout=30).values()
+    assert data.endswith(b"\n\nkept\n")
+    login = __import__("pwd").getpwuid(os.getuid()).pw_name
+    assert f"Return-Path: <{login}@example.com>".encode() in data
+    assert f"\nFrom: {login}@example.com\n".encode() in data
+
+
+def test_sendmail_refuses_bad_input_with_one_clear_sentence(delivering):
+    server = delivering
+    p = server.mailsys_cli("sendmail", "-t", input="Subject: no rcpt\n\nx\n")
+    assert (p.returncode, p.stderr) == (2, "mailsys sendmail: no recipients: name them as "
+                                           "arguments or use -t\n")
+    p = server.mailsys_cli("sendmail", "a b@example.com", input="Subject: x\n\nx\n")
+    assert p.returncode == 1
+    assert p.stderr == ("mailsys sendmail: bad recipient address 'a b@example.com': Bad recipient "
+                        "address syntax; the message was not sent\n")
+    p = server.mailsys_cli("sendmail", "-bs", input="")
+    assert p.returncode == 2 and "-bs is not supported" in p.stderr

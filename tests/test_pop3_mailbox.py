@@ -1,0 +1,270 @@
+"""The read side of the stores for POP3 (mailsys.pop3.mailbox), on mailboxes
+written by the MDA's own stores: sizes, unique ids, reading, the QUIT commit,
+locking, and 10,000-message mailboxes."""
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mailsys.mda.maildir import MaildirStore
+from mailsys.mda.mbox import MboxStore
+from mailsys.mda.store import mailbox_location
+from mailsys.pop3 import mailbox as mb
+from mailsys.pop3.mailbox import MailboxError, MailboxLock, MaildirBox, MboxBox
+from mailsys.pop3.wire import encode
+
+PREFIX = b"Return-Path: <a@b.org>\r\nDelivered-To: joe@example.com\r\n"
+
+
+def message(i):
+    return (b"Subject: m%d\r\n\r\nbody %d\r\nFrom the start\r\n>From quoted\r\n.dot\r\n" % (i, i))
+
+
+def stored(i):
+    return (PREFIX + message(i)).replace(b"\r\n", b"\n")
+
+
+def rfc1939_size(data, unquote=False):
+    """CRLF octets of a stored message, from the encoder's own output."""
+    wire = encode(data, unquote)[:-3]
+    return len(wire) - sum(1 for line in wire.split(b"\r\n") if line.startswith(b".."))
+
+
+def read_all(box, entry):
+    r = box.open(entry)
+    try:
+        return r.read()
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def maildir(tmp_path):
+    path = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    store = MaildirStore()
+    for i in range(3):
+        assert store.deliver(path, PREFIX, message(i), 0).delivered
+        time.sleep(0.002)   # distinct microsecond stamps: delivery order is listing order
+    return path
+
+
+@pytest.fixture
+def mbox(tmp_path):
+    path = mailbox_location(str(tmp_path), "box@example.com", "mbox")
+    store = MboxStore(lock_timeout=0.2)
+    for i in range(3):
+        assert store.deliver(path, PREFIX, message(i), 0, sender="a@b.org", when=1_700_000_000 + i).delivered
+    return path
+
+
+# -- Maildir --------------------------------------------------------------------------
+
+def test_maildir_lists_in_delivery_order_with_wire_sizes_and_base_names(maildir):
+    entries = MaildirBox(maildir).load()
+    names = sorted(os.listdir(os.path.join(maildir, "new")))
+    assert [e.uid for e in entries] == names          # base names, no flags yet
+    for i, e in enumerate(entries):
+        assert e.size == rfc1939_size(stored(i))
+        assert e.size == int(e.uid.rsplit("W=", 1)[1])
+        assert read_all(MaildirBox(maildir), e) == stored(i)
+
+
+def test_maildir_size_without_w_is_counted_from_the_file(tmp_path):
+    path = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (path / sub).mkdir(parents=True)
+    (path / "new" / "1.a.host").write_bytes(b"A: 1\n\nx\n")
+    (path / "cur" / "2.b.host,S=9:2,F").write_bytes(b"B: 2\r\n\r\ny\n")
+    (path / "new" / ".hidden").write_bytes(b"ignored")
+    entries = MaildirBox(str(path)).load()
+    assert [(e.uid, e.size) for e in entries] == [("1.a.host", 11), ("2.b.host,S=9", 11)]
+
+
+def test_maildir_uid_is_a_digest_when_the_name_is_no_valid_uidl(tmp_path):
+    path = tmp_path / "Maildir"
+    (path / "new").mkdir(parents=True)
+    long = "1." + "x" * 80
+    (path / "new" / long).write_bytes(b"a\n")
+    (entry,) = MaildirBox(str(path)).load()
+    assert entry.uid == hashlib.sha1(long.encode()).hexdigest() and len(entry.uid) == 40
+
+
+def test_maildir_commit_deletes_and_flags_seen_like_dovecot(maildir):
+    box = MaildirBox(maildir)
+    e0, e1, e2 = box.load()
+    # Another reader flagged message 2 meanwhile (new -> cur with F).
+    os.rename(os.path.join(maildir, "new", e2.ref[1]), os.path.join(maildir, "cur", e2.uid + ":2,F"))
+    assert box.commit([e0], [e0, e1, e2]) == 0
+    assert sorted(os.listdir(os.path.join(maildir, "new"))) == []
+    assert sorted(os.listdir(os.path.join(maildir, "cur"))) == sorted([e1.uid + ":2,S", e2.uid + ":2,FS"])
+    # Ids and sizes of what remains are unchanged in the next session.
+    again = MaildirBox(maildir).load()
+    assert [(e.uid, e.size) for e in again] == [(e1.uid, e1.size), (e2.uid, e2.size)]
+
+
+def test_maildir_commit_finds_a_message_renamed_after_the_listing(maildir):
+    box = MaildirBox(maildir)
+    e0, _, _ = box.load()
+    os.rename(os.path.join(maildir, "new", e0.ref[1]), os.path.join(maildir, "cur", e0.uid + ":2,"))
+    assert read_all(box, e0) == stored(0)
+    assert box.commit([e0], []) == 0
+    assert os.listdir(os.path.join(maildir, "cur")) == []
+
+
+def test_maildir_message_gone_is_a_mailbox_error_and_deleting_it_is_fine(maildir):
+    box = MaildirBox(maildir)
+    e0, _, _ = box.load()
+    os.unlink(os.path.join(maildir, "new", e0.ref[1]))
+    with pytest.raises(MailboxError):
+        box.open(e0)
+    assert box.commit([e0], [e0]) == 0
+
+
+def test_maildir_missing_is_empty(tmp_path):
+    assert MaildirBox(str(tmp_path / "nothing")).load() == []
+
+
+def test_maildir_10000_messages_list_from_names_only(tmp_path, monkeypatch):
+    path = tmp_path / "Maildir"
+    (path / "new").mkdir(parents=True)
+    (path / "cur").mkdir()
+    for i in range(10_000):
+        sub = "new" if i % 2 else "cur"
+        suffix = "" if sub == "new" else ":2,S"
+        (path / sub / f"{1_700_000_000 + i}.M{i}P1Q{i}.host,S=100,W=104{suffix}").write_bytes(b"")
+
+    def no_reading(*a, **k):
+        raise AssertionError("a message file was read to list the mailbox")
+
+    monkeypatch.setattr(mb, "wire_size", no_reading)
+    start = time.monotonic()
+    entries = MaildirBox(str(path)).load()
+    assert time.monotonic() - start < 5
+    assert len(entries) == 10_000 and sum(e.size for e in entries) == 1_040_000
+    assert [e.uid.split(".")[0] for e in entries[:3]] == ["1700000000", "1700000001", "1700000002"]
+    assert len({e.uid for e in entries}) == 10_000
+
+
+# -- mbox --------------------------------------------------------------------------------
+
+def test_mbox_lists_unquoted_messages_with_wire_sizes(mbox):
+    box = MboxBox(mbox)
+    entries = box.load()
+    try:
+        assert len(entries) == 3
+        for i, e in enumerate(entries):
+            raw = read_all(box, e)
+            # as stored: mboxrd-quoted; the encoder unquotes on the way out
+            assert raw == stored(i).replace(b"\nFrom the", b"\n>From the").replace(b"\n>From q", b"\n>>From q")
+            assert encode(raw, unquote=True) == encode(stored(i))
+            assert e.size == rfc1939_size(stored(i))
+        assert len({e.uid for e in entries}) == 3
+        assert [e.uid for e in MboxBox(mbox).load()] == [e.uid for e in entries]
+    finally:
+        box.close()
+
+
+def test_mbox_identical_records_get_distinct_ids(tmp_path):
+    path = tmp_path / "mbox"
+    record = b"From a@b.org Thu Jan  1 00:00:00 2026\nSubject: same\n\nbody\n\n"
+    path.write_bytes(record * 3)
+    box = MboxBox(str(path))
+    uids = [e.uid for e in box.load()]
+    box.close()
+    digest = hashlib.sha1(record).hexdigest()
+    assert uids == [digest, digest + "-2", digest + "-3"]
+
+
+def test_mbox_commit_rewrites_without_deleted_and_keeps_later_appends(mbox):
+    box = MboxBox(mbox)
+    e0, e1, e2 = box.load()
+    # A delivery after the login: it must survive the rewrite.
+    assert MboxStore().deliver(mbox, PREFIX, message(3), 0, sender="a@b.org").delivered
+    ino = os.stat(mbox).st_ino
+    assert box.commit([e1], [e0]) == 0
+    box.close()
+    assert os.stat(mbox).st_ino != ino                       # replaced by rename
+    assert oct(os.stat(mbox).st_mode & 0o777) == "0o600"
+    assert not os.path.exists(mbox + ".lock")
+    assert MboxStore().messages(mbox) == [stored(0), stored(2), stored(3)]
+    again = MboxBox(mbox)
+    uids = [e.uid for e in again.load()]
+    again.close()
+    assert uids[:2] == [e0.uid, e2.uid]
+
+
+def test_mbox_commit_refuses_when_another_program_replaced_the_file(mbox):
+    box = MboxBox(mbox)
+    e0, _, _ = box.load()
+    data = open(mbox, "rb").read()
+    os.unlink(mbox)
+    with open(mbox, "wb") as f:
+        f.write(data)
+    with pytest.raises(MailboxError):
+        box.commit([e0], [])
+    box.close()
+    assert MboxStore().messages(mbox)[0] == stored(0)
+    assert not os.path.exists(mbox + ".lock")
+
+
+def test_mbox_waits_for_the_mda_dotlock_then_gives_up(mbox):
+    open(mbox + ".lock", "w").close()
+    box = MboxBox(mbox, lock_timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(MailboxError):
+        box.load()
+    assert 0.15 < time.monotonic() - start < 2
+    assert os.path.exists(mbox + ".lock")    # someone else's lock is left alone
+
+
+def test_mbox_missing_is_empty(tmp_path):
+    box = MboxBox(str(tmp_path / "mbox"))
+    assert box.load() == []
+    assert box.commit([], []) == 0
+
+
+def test_mbox_10000_messages_scan_once(tmp_path):
+    path = mailbox_location(str(tmp_path), "big@example.com", "mbox")
+    store = MboxStore()
+    items = [(path, PREFIX, message(i), 0, "a@b.org", 1_700_000_000) for i in range(10_000)]
+    assert all(o.delivered for o in store.deliver_many(items))
+    box = MboxBox(path)
+    start = time.monotonic()
+    entries = box.load()
+    elapsed = time.monotonic() - start
+    try:
+        assert len(entries) == 10_000 and len({e.uid for e in entries}) == 10_000
+        assert elapsed < 10, elapsed
+        assert read_all(box, entries[9_999]).startswith(b"Return-Path: <a@b.org>\nDelivered-To")
+        assert sum(e.size for e in entries) == sum(rfc1939_size(stored(i)) for i in range(10_000))
+    finally:
+        box.close()
+
+
+# -- the one-session lock -----------------------------------------------------------------
+
+def test_mailbox_lock_is_exclusive_and_released(tmp_path):
+    a, b = MailboxLock(str(tmp_path)), MailboxLock(str(tmp_path))
+    assert a.acquire() is True
+    assert b.acquire() is False
+    a.release()
+    assert b.acquire() is True
+    b.release()
+
+
+def test_mailbox_lock_excludes_another_process(tmp_path):
+    lock = MailboxLock(str(tmp_path))
+    assert lock.acquire()
+    code = ("import sys; from mailsys.pop3.mailbox import MailboxLock; "
+            "print(MailboxLock(sys.argv[1]).acquire())")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.stdout == "False\n", out.stderr
+    lock.release()
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.stdout == "True\n", out.stderr
