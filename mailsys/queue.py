@@ -41,7 +41,8 @@ POSTMASTER_ROLE = "postmaster-notice"   # envelope client role of a double-bounc
 
 
 class Recipient:
-    __slots__ = ("index", "addr", "state", "error", "notify", "orcpt", "when", "status", "mta")
+    __slots__ = ("index", "addr", "state", "error", "notify", "orcpt", "when", "status", "mta",
+                 "reported")
 
     def __init__(self, index, spec):
         self.index = index
@@ -53,6 +54,7 @@ class Recipient:
         self.when = None
         self.status = None
         self.mta = None          # host name of the remote MTA that last answered
+        self.reported = False    # its failure already went back to the sender
 
     @property
     def domain(self):
@@ -156,6 +158,9 @@ class QueueManager(service.Service):
             msg.warned = True
         if "hold" in rec:
             msg.held = bool(rec["hold"])
+        for i in rec.get("reported", ()):
+            if 0 <= i < len(msg.rcpts):
+                msg.rcpts[i].reported = True
 
     # -- service ---------------------------------------------------------------------
 
@@ -303,6 +308,14 @@ class QueueManager(service.Service):
         if not due:
             yield self._finish(msg)
             return
+        # Recipients that failed for good are reported now, not when the last
+        # deferred one is settled days later (Postfix does the same).
+        failed = [r for r in msg.rcpts if r.state == "failed" and not r.reported]
+        if failed:
+            yield self._report(msg, "failure", failed)
+            for r in failed:
+                r.reported = True
+            yield self.journal.append({"id": msg.qid, "reported": [r.index for r in failed]})
         msg.attempts += 1
         cfg = self.config.queue
         backoff = min(cfg.retry_min * 2 ** (msg.attempts - 1), cfg.retry_max)
@@ -324,7 +337,7 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def _finish(self, msg):
-        failed = [r for r in msg.rcpts if r.state == "failed"]
+        failed = [r for r in msg.rcpts if r.state == "failed" and not r.reported]
         sent = [r for r in msg.rcpts if r.state == "sent"]
         if failed:
             yield self._report(msg, "failure", failed)

@@ -410,3 +410,32 @@ def test_deleting_a_message_in_flight_lets_the_attempt_finish(q):
     assert "QF" not in q.qm.messages
     assert q.clock.getDelayedCalls() == [] or all(
         c.func.__name__ != "_attempt" for c in q.clock.getDelayedCalls())
+
+
+def test_a_permanent_failure_is_reported_at_once_while_others_wait(q):
+    q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "<ghost@example.com>: User unknown")),
+                      TempFail(Reply(452, "4.2.2", "Mailbox full"))],
+                     [Delivered()]]
+    q.qm.add(Entry("QP", "a@b.org", ["ghost@example.com", "ann@example.com"]))
+    q.clock.advance(0)
+    assert len(q.spool.committed) == 1                  # at once, not after ann is settled
+    report = q.spool.committed[0][2].decode()
+    assert "Final-Recipient: rfc822; ghost@example.com" in report
+    assert "ann@example.com" not in report.split("\r\n\r\n", 2)[2].split("Content-Type: message")[0] \
+        or "Final-Recipient: rfc822; ann@example.com" not in report
+    assert {"id": "QP", "reported": [0]} in q.journal.records
+    q.clock.advance(RETRY_MIN)
+    assert "QP" not in q.qm.messages
+    assert len(q.spool.committed) == 1                  # ghost is not reported twice
+
+
+def test_reported_failures_are_not_reported_again_after_a_restart(q):
+    entry = Entry("QS", "a@b.org", ["ghost@example.com", "ann@example.com"])
+    qm2 = QueueManager(config=q.qm.config, spool=q.spool, journal=q.journal, clock=q.clock,
+                       lmtp=q.lmtp, local_domains=["example.com"], rng=lambda: 0.5)
+    qm2.load([entry], [{"id": "QS", "r": 0, "s": "failed", "e": "550 5.1.1 x", "t": 0, "dsn": "5.1.1"},
+                       {"id": "QS", "reported": [0]}])
+    qm2.startService()
+    q.clock.advance(0)
+    assert "QS" not in qm2.messages
+    assert q.spool.committed == []
