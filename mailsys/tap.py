@@ -24,6 +24,7 @@ from mailsys.config import ConfigError, load, workers as worker_count
 log = Logger(namespace="mailsys")
 
 LOCK_WAIT = 10.0   # seconds to wait for a previous instance's processes to be gone
+LMTP_SESSIONS = 40   # concurrent LMTP deliveries from the queue to the MDA
 
 
 class Options(usage.Options):
@@ -167,7 +168,11 @@ class MailHost(service.MultiService):
         if self.config.listen.lmtp:
             from mailsys.couriers.lmtp import LMTPCourier
 
-            lmtp = LMTPCourier(self.reactor, self.config.listen.lmtp[0], self.config.server.hostname)
+            # 40 sessions: the MDA commits each batch with one flush, so more
+            # concurrent deliveries make bigger batches (bench/e2e.py: 4k-20 went
+            # from 220 to 256 msg/s over 10 sessions on this machine kind).
+            lmtp = LMTPCourier(self.reactor, self.config.listen.lmtp[0], self.config.server.hostname,
+                               max_sessions=LMTP_SESSIONS)
         from mailsys.couriers.remote import from_config
 
         # Relay domains and every other non-local domain go out this way.
