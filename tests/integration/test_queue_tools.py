@@ -244,3 +244,59 @@ def test_sendmail_refuses_bad_input_with_one_clear_sentence(delivering):
                         "address syntax; the message was not sent\n")
     p = server.mailsys_cli("sendmail", "-bs", input="")
     assert p.returncode == 2 and "-bs is not supported" in p.stderr
+
+
+def test_any_local_user_may_submit_but_only_the_service_user_may_steer(users_text):
+    """A process running as ``nobody`` (forked, so no exec of a Python it may not
+    read) reaches public/submit.sock through the 0711 state directory, is named
+    by its kernel uid, and is refused on control.sock by the file mode."""
+    import shutil
+    import tempfile
+
+    from mailsys.control import request
+    from tests.integration.harness import MailsysServer
+
+    base = tempfile.mkdtemp(prefix="mailsys-uid-", dir="/tmp")
+    os.chmod(base, 0o711)        # pytest's own tmp_path is private to root
+    server = MailsysServer(base + "/m", QUIET, users_text=users_text)
+    os.chmod(server.base, 0o711)
+    try:
+        server.start()
+        nobody = 65534
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                              # the child: never returns into pytest
+            status = 1
+            try:
+                os.close(read)
+                os.setgid(nobody)
+                os.setuid(nobody)
+                try:
+                    socket.socket(socket.AF_UNIX).connect(str(server.state_dir / "control.sock"))
+                    result = "control: connected"
+                except PermissionError:
+                    result = "control: refused"
+                message = b"Subject: from nobody\r\n\r\nhi\r\n"
+                answer = request(str(server.state_dir / "public" / "submit.sock"),
+                                 {"cmd": "submit", "sender": "", "recipients": ["joe@example.com"],
+                                  "size": len(message)}, message)
+                os.write(write, json.dumps([result, answer]).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            data = f.read()
+        assert os.waitpid(pid, 0)[1] == 0
+        result, answer = json.loads(data)
+        assert result == "control: refused"
+        assert answer["ok"] is True and re.fullmatch(r"[0-9A-F]+", answer["id"])
+        server.wait_for_log(rf"{answer['id']}: uid={nobody}, from=<>, size=\d+, nrcpt=1 \(queued\)")
+        [entry] = [e for e in server.spool() if e.queue_id == answer["id"]]
+        assert entry.read_message().startswith(
+            f"Received: by mx.mailsys.test (mailsys, from userid {nobody})\r\n\tid {answer['id']}\r\n"
+            f"\tfor <joe@example.com>; ".encode())
+        assert entry.envelope["client"]["uid"] == nobody
+    finally:
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
