@@ -64,7 +64,13 @@ def mbox(tmp_path):
 
 def test_maildir_lists_in_delivery_order_with_wire_sizes_and_base_names(maildir):
     entries = MaildirBox(maildir).load()
-    names = sorted(os.listdir(os.path.join(maildir, "new")))
+    # Delivery order is numeric (seconds, then microseconds: "M99" before "M100"),
+    # which a plain string sort gets wrong when the microseconds change length.
+    def numeric(name):
+        sec, usec = name.split(".")[:2]
+        return int(sec), int(usec[1:].split("P")[0])
+
+    names = sorted(os.listdir(os.path.join(maildir, "new")), key=numeric)
     assert [e.uid for e in entries] == names          # base names, no flags yet
     for i, e in enumerate(entries):
         assert e.size == rfc1939_size(stored(i))

@@ -123,17 +123,12 @@ class MboxStore:
         start = None
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            deadline = self._clock() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        return every(from_os_error(e))
-                    if self._clock() >= deadline:
-                        return every(TempFail(LOCKED))
-                    self._sleep(0.05)
+            try:
+                held = lock_fcntl(fd, fcntl.LOCK_EX, self.lock_timeout, self._clock, self._sleep)
+            except OSError as e:
+                return every(from_os_error(e))
+            if not held:
+                return every(TempFail(LOCKED))
             start = end = self._cut_torn_tail(fd, path)
             results, data, logged = [], [], []
             for i, record, quota, key in records:
@@ -226,27 +221,10 @@ class MboxStore:
         return keep
 
     def _take_dotlock(self, dotlock):
-        deadline = self._clock() + self.lock_timeout
-        while True:
-            try:
-                fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                os.close(fd)
-                return True
-            except FileExistsError:
-                try:
-                    if self._clock() - os.stat(dotlock).st_mtime > STALE_DOTLOCK:
-                        os.unlink(dotlock)
-                        continue
-                except FileNotFoundError:
-                    continue
-                except OSError:
-                    return False
-            except OSError:
-                return False
-            if self._clock() >= deadline:
-                return False
-            self._sleep(0.05)
+        try:
+            return take_dotlock(dotlock, self.lock_timeout, self._clock, self._sleep)
+        except OSError:
+            return False
 
     def messages(self, path):
         try:
@@ -264,3 +242,44 @@ class MboxStore:
                 chunk = chunk[:-1]
             out.append(unquote(chunk))
         return out
+
+
+# -- the locks, shared with every reader of an mbox (mailsys.pop3) ---------------------
+
+def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep):
+    """Create ``dotlock`` exclusively (removing one older than STALE_DOTLOCK, left
+    by a crashed holder).  True once held; False when another holder kept it past
+    ``timeout`` seconds.  Any other OSError is the caller's."""
+    deadline = clock() + timeout
+    while True:
+        try:
+            fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                if clock() - os.stat(dotlock).st_mtime > STALE_DOTLOCK:
+                    os.unlink(dotlock)
+                    continue
+            except FileNotFoundError:
+                continue
+        if clock() >= deadline:
+            return False
+        sleep(0.05)
+
+
+def lock_fcntl(fd, kind, timeout, clock=time.time, sleep=time.sleep):
+    """``lockf(fd, kind)`` waiting at most ``timeout`` seconds: True once held,
+    False on timeout; an error other than "held by another" is raised."""
+    deadline = clock() + timeout
+    while True:
+        try:
+            fcntl.lockf(fd, kind | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if clock() >= deadline:
+            return False
+        sleep(0.05)

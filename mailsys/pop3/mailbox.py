@@ -17,7 +17,6 @@ Everything here is blocking file work; the POP3 service runs ``load`` and
 * :class:`MailboxLock` is the one-POP3-session-per-mailbox lock: an ``flock``
   on ``HOME/mailsys-pop3.lock``, which works across the worker processes.
 """
-import errno
 import fcntl
 import hashlib
 import os
@@ -26,7 +25,7 @@ import tempfile
 import time
 
 from mailsys.files import fsync_dir
-from mailsys.mda.mbox import STALE_DOTLOCK
+from mailsys.mda.mbox import lock_fcntl, take_dotlock
 from mailsys.pop3.wire import SizeCounter, wire_size
 
 LOCK_NAME = "mailsys-pop3.lock"
@@ -260,36 +259,13 @@ class MboxBox:
 
     def _take_dotlock(self):
         dotlock = self.path + ".lock"
-        deadline = self._clock() + self.lock_timeout
-        while True:
-            try:
-                fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                os.close(fd)
-                return dotlock
-            except FileExistsError:
-                try:
-                    if self._clock() - os.stat(dotlock).st_mtime > STALE_DOTLOCK:
-                        os.unlink(dotlock)
-                        continue
-                except FileNotFoundError:
-                    continue
-            if self._clock() >= deadline:
-                raise MailboxError("mbox is locked by another program")
-            self._sleep(0.05)
+        if not take_dotlock(dotlock, self.lock_timeout, self._clock, self._sleep):
+            raise MailboxError("mbox is locked by another program")
+        return dotlock
 
     def _fcntl_lock(self, fd, kind):
-        deadline = self._clock() + self.lock_timeout
-        while True:
-            try:
-                fcntl.lockf(fd, kind | fcntl.LOCK_NB)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if self._clock() >= deadline:
-                raise MailboxError("mbox is locked by another program")
-            self._sleep(0.05)
+        if not lock_fcntl(fd, kind, self.lock_timeout, self._clock, self._sleep):
+            raise MailboxError("mbox is locked by another program")
 
     def load(self):
         try:
