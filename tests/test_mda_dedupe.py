@@ -230,6 +230,33 @@ def test_a_torn_tail_is_cut_before_the_next_record(tmp_path):
     assert reader.find(QID, "/m/joe") == "a" and reader.find(OTHER, "/m/joe") == "b"
 
 
+def test_a_long_running_log_is_rotated_and_stays_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(dedupe, "ROTATE_BYTES", 200)
+    now = [1000.0]
+    d = str(tmp_path / "mda")
+    log = DeliveryLog(d, 0, clock=lambda: now[0])
+    reader = DeliveryLog(d, 1)
+    first = [(f"{i:X}", "joe@example.com", "/m/joe", f"f{i}") for i in range(1, 5)]
+    log.write(first)
+    assert reader.find("1", "/m/joe") == "f1"       # read: the reader is now at the end of it
+    log.write([("5", "joe@example.com", "/m/joe", "f5")])
+    assert os.listdir(d) == ["delivered-0.log"]    # over the size, but too soon to rotate
+    now[0] += dedupe.ROTATE_AGE
+    log.write([("6", "joe@example.com", "/m/joe", "f6")])
+    assert sorted(os.listdir(d)) == ["delivered-0.log", "delivered-0.old.log"]
+    # A reader that had consumed the file now named .old reads both correctly.
+    assert reader.find("5", "/m/joe") == "f5" and reader.find("6", "/m/joe") == "f6"
+    assert DeliveryLog(d, 2).find("1", "/m/joe") == "f1"
+    log.write([(f"{i:X}", "joe@example.com", "/m/joe", f"f{i}") for i in range(7, 12)])
+    now[0] += dedupe.ROTATE_AGE
+    log.write([("C", "joe@example.com", "/m/joe", "f12")])
+    # The round before last is gone: records older than ROTATE_AGE were journaled long ago.
+    fresh = DeliveryLog(d, 2)
+    assert fresh.find("1", "/m/joe") is None and fresh.find("5", "/m/joe") is None
+    assert fresh.find("6", "/m/joe") == "f6" and fresh.find("C", "/m/joe") == "f12"
+    assert compact(d, {"7"}) == 1 and os.listdir(d) == ["delivered-0.old.log"]
+
+
 def test_compaction_keeps_only_live_queue_ids(tmp_path):
     d = str(tmp_path / "mda")
     DeliveryLog(d, 0).write([(QID, "joe@example.com", "/m/joe", "a"),

@@ -18,6 +18,12 @@ the first lookup, then only what was appended since).  Worker 0 compacts the
 files at start-up, before any worker runs, keeping only the records of
 messages still in the queue (:func:`compact`, called by mailsys.queue).
 
+A record matters only until the queue has journaled the delivery, which it does
+right after the MDA's reply, so a server that runs for months does not keep
+them all: once its file passes ROTATE_BYTES, and at most once per ROTATE_AGE,
+a worker renames it ``delivered-W.old.log`` (dropping the previous old file,
+whose records are all older than ROTATE_AGE) and starts a new one.
+
 A record is one JSON line: ``{"q": qid, "r": rcpt, "l": mailbox, "w": where}``.
 A line that does not parse (a torn tail after a power loss) is skipped: the
 worst a lost record can do is let one duplicate through, never lose mail,
@@ -31,7 +37,9 @@ import time
 
 from mailsys.files import write_atomically
 
-LOG_NAME = re.compile(r"delivered-[0-9]+\.log\Z")
+LOG_NAME = re.compile(r"delivered-[0-9]+(?:\.old)?\.log\Z")
+ROTATE_BYTES = 4 << 20     # a worker's log is rotated past this size ...
+ROTATE_AGE = 600.0         # ... at most this often (seconds)
 # Records of messages minted more than this after the process started cannot be
 # the subject of a redelivery (only messages recovered at start-up are): they
 # are not kept in memory.  Generous, so a clock stepped back does not matter.
@@ -73,11 +81,14 @@ class DeliveryLog:
     def __init__(self, directory, worker=0, clock=time.time):
         self.directory = directory
         self.path = os.path.join(directory, f"delivered-{worker}.log")
+        self.old_path = os.path.join(directory, f"delivered-{worker}.old.log")
         self.started = clock()
+        self._clock = clock
+        self._rotated = self.started
         self._fd = None
         self._lock = threading.Lock()
         self._index = None      # {(qid, mailbox): where}, built on the first lookup
-        self._consumed = {}     # file path -> bytes of it already read into the index
+        self._consumed = {}     # file path -> (inode, bytes of it already read into the index)
 
     # -- writing ----------------------------------------------------------------------
 
@@ -111,9 +122,22 @@ class DeliveryLog:
         with self._lock:
             if self._fd is None:
                 self._open()
+            elif os.fstat(self._fd).st_size > ROTATE_BYTES:
+                self._rotate()
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view):]
+
+    def _rotate(self):
+        """Start a new file; the previous one is kept one more round."""
+        now = self._clock()
+        if now - self._rotated < ROTATE_AGE:
+            return
+        self._rotated = now
+        os.replace(self.path, self.old_path)
+        os.close(self._fd)
+        self._fd = None
+        self._open()
 
     def sync(self):
         with self._lock:
@@ -148,11 +172,12 @@ class DeliveryLog:
         horizon = self.started + FUTURE_MARGIN
         for name in names:
             path = os.path.join(self.directory, name)
-            start = self._consumed.get(path, 0)
+            ino, start = self._consumed.get(path, (None, 0))
             try:
                 with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size < start:     # replaced (compacted) under us: read it again
+                    st = os.fstat(f.fileno())
+                    size = st.st_size
+                    if st.st_ino != ino or size < start:   # replaced (rotated, compacted)
                         start = 0
                     f.seek(start)
                     data = f.read(size - start)
@@ -163,7 +188,7 @@ class DeliveryLog:
             for rec, _ in _records(data[:end]):
                 if everything or qid_time(rec["q"]) <= horizon:
                     self._index[(rec["q"], rec["l"])] = rec.get("w")
-            self._consumed[path] = start + end
+            self._consumed[path] = (st.st_ino, start + end)
 
 
 def compact(directory, live):
