@@ -74,22 +74,6 @@ MAILSYS_CONFIG = _e2e_config()
 
 # -- measuring --------------------------------------------------------------------------------
 
-def tree_cpu(pid):
-    """CPU seconds (user+system) of a process and all its live descendants, including
-    what their reaped children used (cutime/cstime): Postfix's smtpd processes come
-    and go during a run."""
-    data = common._read(f"/proc/{pid}/stat")
-    if not data:
-        return None
-    fields = data.rsplit(")", 1)[1].split()
-    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            for child in common._read(f"/proc/{pid}/task/{task}/children").split():
-                total += tree_cpu(int(child)) or 0.0
-    return total
-
-
 def wait_count(directory, n, deadline):
     """(perf_counter() when ``directory`` first holds ``n`` entries or None, entries seen).
 
@@ -188,7 +172,7 @@ class Mailsys(lmtpbench.Mailsys):
         lmtpbench.clear(self.new_dir())
 
     def cpu(self):
-        return tree_cpu(self.proc.pid) if self.proc else None
+        return common.tree_cpu(self.proc.pid) if self.proc else None
 
     def pid(self):
         return self.proc.pid if self.proc else None
@@ -241,7 +225,7 @@ class Postfix(common.Postfix):
 
     def cpu(self):
         pid = self.pid()
-        return tree_cpu(pid) if pid else None
+        return common.tree_cpu(pid) if pid else None
 
     def finish_run(self, case, result):
         log = common._read(os.path.join(self.base, "maillog"))[self._log_offset:]

@@ -89,17 +89,6 @@ def wait_files(directory, n, timeout):
         time.sleep(0.005)
 
 
-def tree_cpu(pid):
-    """CPU seconds of a process and its direct children (mailsys's worker processes)."""
-    total = rb.proc_cpu(pid)
-    if total is None:
-        return None
-    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
-        for child in rb._read(f"/proc/{pid}/task/{task}/children").split():
-            total += rb.proc_cpu(int(child)) or 0.0
-    return total
-
-
 MAILSYS_CONFIG = """\
 # written by bench/lmtp.py
 [server]
@@ -204,7 +193,7 @@ class Mailsys:
             raise BenchError("mailsys is not running")
 
     def cpu(self):
-        return tree_cpu(self.proc.pid) if self.proc else None
+        return rb.tree_cpu(self.proc.pid) if self.proc else None
 
     def finish_run(self, case, result):
         if self.proc.poll() is not None:

@@ -144,13 +144,20 @@ def wait_port(port, proc=None, timeout=30.0, what="server"):
     raise BenchError(f"{what} not listening on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
-def proc_cpu(pid):
-    """utime+stime in seconds of a process (all its threads), or None."""
+def tree_cpu(pid):
+    """CPU seconds (user+system) of a process and all its live descendants,
+    including what their reaped children used (cutime/cstime): mailsys's worker
+    processes, Postfix's smtpd processes that come and go during a run."""
     data = _read(f"/proc/{pid}/stat")
     if not data:
         return None
     fields = data.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in _read(f"/proc/{pid}/task/{task}/children").split():
+                total += tree_cpu(int(child)) or 0.0
+    return total
 
 
 def tail(path, n=30):
@@ -305,7 +312,7 @@ class Mailsys:
             raise BenchError(f"warm-up failed: {e}\n  log:\n{tail(self.log)}")
 
     def cpu(self):
-        return proc_cpu(self.proc.pid) if self.proc else None
+        return tree_cpu(self.proc.pid) if self.proc else None
 
     def _stop(self):
         stop_process(self.proc)
@@ -400,7 +407,7 @@ class Sink:
             raise BenchError("smtp-sink is not running")
 
     def cpu(self):
-        return proc_cpu(self.proc.pid) if self.proc else None
+        return tree_cpu(self.proc.pid) if self.proc else None
 
     def finish_run(self, case, result, expected):
         pass

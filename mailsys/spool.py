@@ -264,7 +264,7 @@ class Spool:
         self.segments = os.path.join(directory, "segments")
         self.incoming = os.path.join(directory, "incoming")
         self.segment_limit = segment_limit
-        self.fsync = fsync and not os.environ.get("XX_NOFSYNC")
+        self.fsync = fsync
         self.ids = QueueIds(worker=worker)
         self.entries = []
         self._memory = 0
