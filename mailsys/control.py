@@ -69,6 +69,54 @@ def _queue_id(value):
     return value
 
 
+def check_submit(request, limit):
+    """Validate a submission request in place (normalised addresses, ``smtputf8``);
+    RequestError says what is wrong.  The maildrop (mailsys.maildrop) uses it too."""
+    size = request.get("size")
+    if not isinstance(size, int) or size < 0:
+        raise RequestError("the message size is missing")
+    if size > limit:
+        raise RequestError(f"message too big: {size} bytes; limits.message_size is {limit}")
+    try:
+        sender = request.get("sender") or ""
+        if not isinstance(sender, str):
+            raise TypeError("sender")
+        utf8 = not sender.isascii()
+        found = parse_path(f"<{sender}>", "sender", smtputf8=True, allow_null=True)
+        request["sender"] = str(found) if found is not None else ""
+        rcpts = request.get("recipients")
+        if not isinstance(rcpts, list) or not rcpts:
+            raise RequestError("no recipients")
+        if len(rcpts) > MAX_RECIPIENTS:
+            raise RequestError(f"too many recipients (at most {MAX_RECIPIENTS})")
+        out = []
+        for r in rcpts:
+            if not isinstance(r, str):
+                raise TypeError("recipient")
+            utf8 = utf8 or not r.isascii()
+            try:
+                out.append(str(parse_path(f"<{r}>", "recipient", smtputf8=True)))
+            except AddressError as e:
+                raise RequestError(f"bad recipient address {r[:100]!r}: {e.reply.text}")
+        request["recipients"] = out
+        request["smtputf8"] = utf8
+        notify = request.get("notify")
+        if notify is not None and (not isinstance(notify, list) or not notify or not set(notify)
+                                   <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+                                   or ("NEVER" in notify and len(notify) > 1)):
+            raise RequestError("bad DSN notify list")
+        if request.get("ret") not in (None, "HDRS", "FULL"):
+            raise RequestError("bad DSN ret")
+        envid = request.get("envid")
+        if envid is not None and not (isinstance(envid, str) and envid.isascii()
+                                      and envid.isprintable() and len(envid) <= 100):
+            raise RequestError("bad DSN envid")
+    except AddressError as e:
+        raise RequestError(f"bad sender address {sender[:100]!r}: {e.reply.text}")
+    except TypeError:
+        raise RequestError("addresses must be strings")
+
+
 def normalise_newlines(data):
     """CRLF, bare LF and bare CR all become CRLF: what the spool holds, and
     what no outgoing line may break (never a bare CR or LF on the wire)."""
@@ -151,54 +199,8 @@ class ControlProtocol(Protocol):
                     c.isspace() or c in "@[]<>\\\"" for c in domain):
                 raise RequestError("a domain name is required")
         if cmd == "submit":
-            self._check_submit(request)
+            check_submit(request, self.service.config.limits.message_size)
         return request
-
-    def _check_submit(self, request):
-        size = request.get("size")
-        limit = self.service.config.limits.message_size
-        if not isinstance(size, int) or size < 0:
-            raise RequestError("the message size is missing")
-        if size > limit:
-            raise RequestError(f"message too big: {size} bytes; limits.message_size is {limit}")
-        try:
-            sender = request.get("sender") or ""
-            if not isinstance(sender, str):
-                raise TypeError("sender")
-            utf8 = not sender.isascii()
-            found = parse_path(f"<{sender}>", "sender", smtputf8=True, allow_null=True)
-            request["sender"] = str(found) if found is not None else ""
-            rcpts = request.get("recipients")
-            if not isinstance(rcpts, list) or not rcpts:
-                raise RequestError("no recipients")
-            if len(rcpts) > MAX_RECIPIENTS:
-                raise RequestError(f"too many recipients (at most {MAX_RECIPIENTS})")
-            out = []
-            for r in rcpts:
-                if not isinstance(r, str):
-                    raise TypeError("recipient")
-                utf8 = utf8 or not r.isascii()
-                try:
-                    out.append(str(parse_path(f"<{r}>", "recipient", smtputf8=True)))
-                except AddressError as e:
-                    raise RequestError(f"bad recipient address {r[:100]!r}: {e.reply.text}")
-            request["recipients"] = out
-            request["smtputf8"] = utf8
-            notify = request.get("notify")
-            if notify is not None and (not isinstance(notify, list) or not notify or not set(notify)
-                                       <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
-                                       or ("NEVER" in notify and len(notify) > 1)):
-                raise RequestError("bad DSN notify list")
-            if request.get("ret") not in (None, "HDRS", "FULL"):
-                raise RequestError("bad DSN ret")
-            envid = request.get("envid")
-            if envid is not None and not (isinstance(envid, str) and envid.isascii()
-                                          and envid.isprintable() and len(envid) <= 100):
-                raise RequestError("bad DSN envid")
-        except AddressError as e:
-            raise RequestError(f"bad sender address {sender[:100]!r}: {e.reply.text}")
-        except TypeError:
-            raise RequestError("addresses must be strings")
 
     def _dispatch(self, body=None):
         request = self._request
@@ -315,7 +317,11 @@ def listen(service, reactor):
 # -- client side ----------------------------------------------------------------------
 
 class NotRunning(Exception):
-    pass
+    """No answer; ``absent`` when nothing listens at all (the server is down)."""
+
+    def __init__(self, message, absent=False):
+        super().__init__(message)
+        self.absent = absent
 
 
 def request(path, req, body=b"", timeout=120):
@@ -327,7 +333,7 @@ def request(path, req, body=b"", timeout=120):
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NotRunning(f"mailsys is not running (nothing answers on {path}: "
-                             f"{e.strerror}); start it with 'twistd -n mailsys'")
+                             f"{e.strerror}); start it with 'twistd -n mailsys'", absent=True)
         except PermissionError:
             raise NotRunning(f"permission denied on {path}; run this as the user "
                              f"mailsys runs as (or root)")

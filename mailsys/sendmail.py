@@ -12,7 +12,9 @@ The message is read from stdin (at most ``limits.message_size`` bytes), line
 ends made CRLF, the header completed with From, Date and Message-ID when
 missing (RFC 6409 section 8), and handed over on the submit socket
 (mailsys.control): the command exits 0 only once the server has the message
-on disk, fsynced.  Unqualified addresses get the first local domain (else the
+on disk, fsynced; when the server is down it leaves the message in the maildrop
+for the server to pick up when it starts (mailsys.maildrop), as Postfix's
+postdrop does.  Unqualified addresses get the first local domain (else the
 host name), as Postfix appends ``myorigin``.
 """
 import email.utils
@@ -227,7 +229,16 @@ def run(argv, stdin=None, out=None):
     try:
         answer = control.request(path, request, message)
     except control.NotRunning as e:
-        raise CommandError(f"{e}; the message was not sent")
+        if not e.absent:
+            raise CommandError(f"{e}; the message was not sent")
+        from mailsys import maildrop
+
+        try:
+            maildrop.drop(config, request, message)   # picked up when the server starts
+        except OSError as err:
+            raise CommandError(f"{e}, and the maildrop {maildrop.maildrop_path(config)} is not "
+                               f"usable ({err.strerror}); the message was not sent")
+        return 0
     if not answer.get("ok"):
         raise CommandError(f"{answer.get('error')}; the message was not sent")
     return 0

@@ -94,6 +94,7 @@ class MailHost(service.MultiService):
         self.queue = None
         self.journal = None
         self.remote = None          # worker 0: the outbound courier (mailsys.couriers.remote)
+        self.pickup = None          # worker 0: the maildrop reader (mailsys.maildrop)
         self.control_ports = []
         self.notify_parent = None   # worker processes: a line to worker 0 (mailsys.workers)
 
@@ -146,6 +147,9 @@ class MailHost(service.MultiService):
         if self.adopt is None:
             self._load_queue()
             self._listen_control()
+            from mailsys import maildrop
+
+            maildrop.prepare(self.config)
         if self.adopt is None:
             for role, endpoint, factory in self.listeners:
                 d = endpoints.serverFromString(self.reactor, endpoint).listen(factory)
@@ -257,6 +261,10 @@ class MailHost(service.MultiService):
         super().startService()
         if self.queue is not None:
             self.queue.startService()
+            from mailsys.maildrop import Pickup
+
+            self.pickup = Pickup(self, self.reactor)
+            self.pickup.start()
         if self.adopt is None and self.nworkers > 1:
             from mailsys.workers import WorkerPool
 
@@ -289,6 +297,8 @@ class MailHost(service.MultiService):
             waits.append(defer.maybeDeferred(self.queue.stopService))
         if self.remote is not None:
             self.remote.idle()        # QUIT to every pooled outbound session
+        if self.pickup is not None:
+            self.pickup.stop()
         d = defer.DeferredList(waits)
 
         def closed(result):

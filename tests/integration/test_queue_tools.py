@@ -300,3 +300,27 @@ def test_any_local_user_may_submit_but_only_the_service_user_may_steer(users_tex
     finally:
         server.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_sendmail_while_the_server_is_down_is_picked_up_at_start(make_server):
+    server = make_server(QUIET)
+    server.stop()
+    p = server.mailsys_cli("sendmail", "-f", "cron@example.com", "joe@example.com",
+                           input="Subject: nightly\n\nran fine\n")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    drops = os.listdir(server.state_dir / "maildrop")
+    assert len(drops) == 1 and re.fullmatch(r"[0-9a-f]{32}\.drop", drops[0])
+    assert stat.S_IMODE((server.state_dir / "maildrop").stat().st_mode) == 0o1733
+    server.start()
+    qid = server.wait_for_log(r"([0-9A-F]+): picked up from the maildrop \(uid \d+\)")
+    assert qid
+    assert os.listdir(server.state_dir / "maildrop") == []
+    [m] = [m for m in json.loads(cli(server, "queue", "list", "--json").stdout)
+           if m["sender"] == "cron@example.com"]
+    assert [r["address"] for r in m["recipients"]] == ["joe@example.com"]
+    [entry] = [e for e in server.spool() if e.queue_id == m["id"]]
+    message = entry.read_message()
+    assert message.startswith(f"Received: by mx.mailsys.test (mailsys, from userid {os.getuid()})"
+                              f"\r\n\tid {m['id']}\r\n\tfor <joe@example.com>; ".encode())
+    assert b"\r\nSubject: nightly\r\nFrom: cron@example.com\r\n" in message
+    assert message.endswith(b"\r\n\r\nran fine\r\n")
