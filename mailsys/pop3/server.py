@@ -232,6 +232,11 @@ class POP3Server(Protocol):
         if self._closing:
             return
         self._buf += data
+        self._process_safely()
+
+    def _process_safely(self):
+        """Run the command loop; a bug ends the session with a reply, never
+        escapes to the reactor."""
         try:
             self._process()
         except Exception:
@@ -286,13 +291,7 @@ class POP3Server(Protocol):
             resume = getattr(self.transport, "resumeProducing", None)
             if resume is not None:
                 resume()
-        try:
-            self._process()
-        except Exception:
-            log.failure(f"{self.label}: POP3 session failed", client=self.label)
-            if not self._closing:
-                self._send("-ERR [SYS/TEMP] Internal error")
-                self._close()
+        self._process_safely()
 
     def _line(self, raw):
         if self._sasl:
