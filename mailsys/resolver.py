@@ -23,8 +23,10 @@ The DNS work is blocking dnspython in the reactor's thread pool (as
 mailsys.rdns does), so the reactor never waits for a name server; the logic
 itself is a plain function of the answers and is tested with a fake lookup.
 """
+import functools
 import ipaddress
 import random
+import socket
 
 from twisted.internet import defer, threads
 
@@ -104,11 +106,14 @@ class NextHop:
     reactor's pool); tests pass a synchronous ``run`` and a fake lookup.
 
     ``ourselves`` is our host name; ``own_addresses`` the ``(ip, port)`` pairs we
-    listen on (``ip`` None for every address: then any loopback address on that
-    port counts as ours).
+    listen on (``ip`` None for every address: then any loopback address, and any
+    address of this machine (``is_local``), on that port counts as ours: an MX
+    named otherwise but resolving to our public address is still us).
     """
 
-    def __init__(self, lookup, *, ourselves="", own_addresses=(), run=None, rng=None):
+    def __init__(self, lookup, *, ourselves="", own_addresses=(), run=None, rng=None,
+                 is_local=None):
+        self.is_local = is_local or local_address
         self.lookup = lookup
         self.ourselves = _name(ourselves)
         self.own_addresses = {(None if ip is None else ipaddress.ip_address(ip), int(port))
@@ -193,7 +198,9 @@ class NextHop:
         ip = ipaddress.ip_address(hop.ip)
         if (ip, hop.port) in self.own_addresses:
             return True
-        return (ip.is_loopback or ip.is_unspecified) and (None, hop.port) in self.own_addresses
+        if (None, hop.port) not in self.own_addresses:
+            return False
+        return ip.is_loopback or ip.is_unspecified or self.is_local(str(ip))
 
     def _without_self(self, domain, hosts, explicit):
         """Postfix's rule: drop our own MX and every one not better than it."""
@@ -251,3 +258,18 @@ def dns_lookup(nameservers=(), timeout=5):
         return OK, [rr.address for rr in answer.rrset]
 
     return lookup
+
+
+@functools.lru_cache(maxsize=1024)
+def local_address(ip):
+    """Whether ``ip`` is an address of this machine: the kernel lets a socket bind
+    to it (EADDRNOTAVAIL otherwise), which covers every interface and alias
+    without reading them.  (A host with ``ip_nonlocal_bind`` set answers yes for
+    everything: there, name the listener's address in ``listen.mta``.)"""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False

@@ -5,7 +5,7 @@ from collections import Counter
 
 from twisted.trial import unittest
 
-from mailsys.resolver import NODATA, NXDOMAIN, OK, TEMP, Hop, NextHop, order_mx
+from mailsys.resolver import NODATA, NXDOMAIN, OK, TEMP, Hop, NextHop, local_address, order_mx
 from mailsys.smtp.reply import Reply
 
 
@@ -123,6 +123,23 @@ class Rules(unittest.TestCase):
     def test_wildcard_listener_matches_loopback(self):
         nh = nexthop(ZONE, own_addresses=[(None, 25)])
         self.assertEqual(route(nh, "byaddr.test").error.status, "5.4.6")
+
+    def test_wildcard_listener_matches_every_address_of_this_machine(self):
+        zone = {**ZONE, ("public.test", "MX"): [(10, "mx.public.test")],
+                ("mx.public.test", "A"): ["192.0.2.7"]}
+        ours = nexthop(zone, own_addresses=[(None, 25)], is_local=lambda ip: ip == "192.0.2.7")
+        self.assertEqual(route(ours, "public.test").error.status, "5.4.6")
+        theirs = nexthop(zone, own_addresses=[(None, 25)], is_local=lambda ip: False)
+        self.assertEqual(route(theirs, "public.test").hops, [Hop("mx.public.test", "192.0.2.7", 25, 10)])
+        # A listener on one address only: another local address is not us.
+        one = nexthop(zone, own_addresses=[("127.0.0.1", 25)], is_local=lambda ip: True)
+        self.assertEqual(route(one, "public.test").hops, [Hop("mx.public.test", "192.0.2.7", 25, 10)])
+
+    def test_local_address_asks_the_kernel(self):
+        self.assertTrue(local_address("127.0.0.1"))
+        self.assertTrue(local_address("127.0.0.53"))        # all of 127/8 is local on Linux
+        self.assertFalse(local_address("192.0.2.1"))        # TEST-NET-1: never assigned
+        self.assertFalse(local_address("2001:db8::1"))      # documentation prefix
 
     def test_bracketed_host_no_mx_lookup(self):
         r = route(nexthop(ZONE), "mx2.remote.test", 587, mx=False)
