@@ -21,7 +21,6 @@ point, root.  ``--profile`` needs py-spy.  Only 127.0.0.1 is ever contacted.
 """
 import argparse
 import collections
-import contextlib
 import fcntl
 import json
 import os
@@ -589,46 +588,22 @@ def main(argv=None):
             problems.append(f"{name}: not measured: {e}")
             say(f"!!! {name}: not measured: {e}")
 
-    results, profiles = [], {}
+    profiles = {}
+
+    def profile_run(live, case, results):
+        """One extra mailsys run with py-spy attached, left out of the medians."""
+        for s in live:
+            if args.profile and s.name == "mailsys":
+                r = run_one(s, case, runs + 1, args.wait, args.settle, profile=args.profile)
+                results.append(r)
+                if "profile_summary" in r:
+                    profiles[case["name"]] = r["profile_summary"]
+                    say(format_profile(r["profile_summary"]))
+
     started = time.monotonic()
-    old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
-    try:
-        for case in cases:
-            say(f"case {case['name']}: {case['meaning']}")
-            live = []
-            for s in systems:
-                try:
-                    s.start_case(case)
-                    live.append(s)
-                except BenchError as e:
-                    problems.append(f"{s.name} {case['name']}: could not start: {e}")
-                    say(f"  !!! FAILED: {s.name} could not start for {case['name']}: {e}")
-                    with contextlib.suppress(BenchError):
-                        s.stop_case()
-            try:
-                for run in range(1, runs + 1):
-                    for s in live:          # ABAB
-                        results.append(run_one(s, case, run, args.wait, args.settle))
-                for s in live:
-                    if args.profile and s.name == "mailsys":
-                        r = run_one(s, case, runs + 1, args.wait, args.settle, profile=args.profile)
-                        results.append(r)
-                        if "profile_summary" in r:
-                            profiles[case["name"]] = r["profile_summary"]
-                            say(format_profile(r["profile_summary"]))
-            finally:
-                for s in live:
-                    with contextlib.suppress(BenchError):
-                        s.stop_case()
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        for s in systems:
-            with contextlib.suppress(Exception):
-                s.stop_case()
-        if args.keep or any(not r["ok"] for r in results):
-            say(f"\nkept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    results = common.interleave(systems, cases, runs,
+                                lambda s, case, run: run_one(s, case, run, args.wait, args.settle),
+                                problems, workdir=workdir, keep=args.keep, after=profile_run)
 
     facts["loadavg_end"] = common._read("/proc/loadavg").strip()
     facts["busiest_at_end"] = other_load()

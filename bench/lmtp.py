@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -447,39 +446,9 @@ def main(argv=None):
             problems.append(f"{name}: not measured: {e}")
             say(f"!!! {name}: not measured: {e}")
 
-    results = []
     started = time.monotonic()
-    old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
-    try:
-        for case in cases:
-            say(f"case {case['name']}: {case['meaning']}")
-            live = []
-            for s in systems:
-                try:
-                    s.start_case(case)
-                    live.append(s)
-                except BenchError as e:
-                    problems.append(f"{s.name} {case['name']}: could not start: {e}")
-                    say(f"  !!! FAILED: {s.name} could not start for {case['name']}: {e}")
-                    with contextlib.suppress(BenchError):
-                        s.stop_case()
-            try:
-                for run in range(1, runs + 1):
-                    for s in live:          # ABAB
-                        results.append(run_one(s, case, run, args.wait))
-            finally:
-                for s in live:
-                    with contextlib.suppress(BenchError):
-                        s.stop_case()
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        for s in systems:
-            with contextlib.suppress(Exception):
-                s.stop_case()
-        if args.keep or any(not r["ok"] for r in results):
-            say(f"\nkept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    results = rb.interleave(systems, cases, runs, lambda s, case, run: run_one(s, case, run, args.wait),
+                            problems, workdir=workdir, keep=args.keep)
 
     facts["loadavg_end"] = rb._read("/proc/loadavg").strip()
     facts["duration_s"] = round(time.monotonic() - started, 1)

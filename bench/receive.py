@@ -608,6 +608,57 @@ def format_table(rows, ratios):
     return "\n".join(out)
 
 
+def interleave(systems, cases, runs, measure, problems, *, workdir, keep, label=None, after=None):
+    """The measuring loop every benchmark here shares: per case, start each
+    system, then ``runs`` rounds of ``measure(system, case, run)`` with every
+    system once per round (ABAB: the noise of a shared machine hits all alike),
+    then ``after(live_systems, case, results)`` if given, then stop them.  A
+    system that cannot start gets failed results and a line in ``problems``.
+    ``workdir`` is removed at the end unless ``keep`` or a run failed.  SIGTERM
+    stops cleanly.  Returns the list of results."""
+    label = label or (lambda name: name)
+    results = []
+    old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
+    try:
+        for case in cases:
+            say(f"case {case['name']}: {case['meaning']}")
+            live = []
+            for s in systems:
+                try:
+                    s.start_case(case)
+                    live.append(s)
+                except BenchError as e:
+                    problems.append(f"{s.name} {case['name']}: could not start: {e}")
+                    say(f"  !!! FAILED: {label(s.name) or s.name} could not start for {case['name']}: {e}")
+                    with contextlib.suppress(BenchError):
+                        s.stop_case()
+                    results.extend(dict(case=case["name"], system=s.name, run=run, ok=False,
+                                        problems=[f"could not start: {e}"])
+                                   for run in range(1, runs + 1))
+            try:
+                for run in range(1, runs + 1):
+                    for s in live:       # ABAB: every system once per round
+                        results.append(measure(s, case, run))
+                if after is not None:
+                    after(live, case, results)
+            finally:
+                for s in live:
+                    try:
+                        s.stop_case()
+                    except BenchError as e:
+                        say(f"  !!! {s.name}: stop failed: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        for s in systems:
+            with contextlib.suppress(Exception):
+                s.stop_case()
+        if keep or any(not r["ok"] for r in results):
+            say(f"\nkept {workdir} (state directories and logs)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -682,42 +733,9 @@ def main(argv=None):
             problems.append(f"{name}: not measured: {e}")
             say(f"!!! {name}: not measured: {e}")
 
-    results = []
     started = time.monotonic()
-    try:
-        for case in cases:
-            say(f"case {case['name']}: {case['meaning']}")
-            live = []
-            for s in systems:
-                try:
-                    s.start_case(case)
-                    live.append(s)
-                except BenchError as e:
-                    problems.append(f"{s.name} {case['name']}: could not start: {e}")
-                    say(f"  !!! FAILED: {LABEL[s.name]} could not start for {case['name']}: {e}")
-                    with contextlib.suppress(BenchError):
-                        s.stop_case()
-                    for run in range(1, runs + 1):
-                        results.append(dict(case=case["name"], system=s.name, run=run, ok=False,
-                                            problems=[f"could not start: {e}"]))
-            try:
-                for run in range(1, runs + 1):
-                    for s in live:       # ABAB: every system once per round
-                        results.append(run_one(s, case, run))
-            finally:
-                for s in live:
-                    try:
-                        s.stop_case()
-                    except BenchError as e:
-                        say(f"  !!! {s.name}: stop failed: {e}")
-    finally:
-        for s in systems:
-            with contextlib.suppress(Exception):
-                s.stop_case()
-        if args.keep or any(not r["ok"] for r in results):
-            say(f"\nkept {workdir} (state directories and logs)")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    results = interleave(systems, cases, runs, run_one, problems, workdir=workdir, keep=args.keep,
+                         label=LABEL.get)
 
     facts["loadavg_end"] = _read("/proc/loadavg").strip()
     facts["duration_s"] = round(time.monotonic() - started, 1)
