@@ -86,6 +86,7 @@ class DeliveryLog:
         self._clock = clock
         self._rotated = self.started
         self._fd = None
+        self._size = 0
         self._lock = threading.Lock()
         self._index = None      # {(qid, mailbox): where}, built on the first lookup
         self._consumed = {}     # file path -> (inode, bytes of it already read into the index)
@@ -111,6 +112,7 @@ class DeliveryLog:
             os.close(fd)
             raise
         self._fd = fd
+        self._size = os.fstat(fd).st_size   # kept up to date by write(): no stat per batch
 
     def write(self, records):
         """Append ``[(qid, rcpt, mailbox, where)]`` with one write and no flush:
@@ -122,11 +124,12 @@ class DeliveryLog:
         with self._lock:
             if self._fd is None:
                 self._open()
-            elif os.fstat(self._fd).st_size > ROTATE_BYTES:
+            elif self._size > ROTATE_BYTES:
                 self._rotate()
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view):]
+            self._size += len(data)
 
     def _rotate(self):
         """Start a new file; the previous one is kept one more round."""
