@@ -54,21 +54,12 @@ TARGETS = {"4k-20": 2.0, "1m-5": 1.0}     # issue 5: mailsys/postfix end to end,
 SYSTEMS = ["mailsys", "postfix"]
 
 
-def _e2e_config():
-    """bench/receive.py's configuration with the LMTP role on a unix socket, DNS at an
-    unused loopback port and an optional ``server.workers``."""
-    text = common.MAILSYS_CONFIG
-    for old, new in (("# written by bench/receive.py", "# written by bench/e2e.py"),
-                     ('state_dir = "{state}"\n', 'state_dir = "{state}"\n{workers}'),
-                     ("lmtp = []", 'lmtp = ["unix:{base}/lmtp.sock"]'),
-                     ('nameservers = ["127.0.0.1:1"]', 'nameservers = ["127.0.0.1:{dns_port}"]')):
-        if old not in text:
-            raise SystemExit(f"bench/receive.py's MAILSYS_CONFIG changed: {old!r} not found")
-        text = text.replace(old, new)
-    return text
-
-
-MAILSYS_CONFIG = _e2e_config()
+# bench/receive.py's configuration with the LMTP role on a unix socket, DNS at an
+# unused loopback port and an optional ``server.workers``.
+MAILSYS_CONFIG = common.derive_config("e2e.py", (
+    ('state_dir = "{state}"\n', 'state_dir = "{state}"\n{workers}'),
+    ("lmtp = []", 'lmtp = ["unix:{base}/lmtp.sock"]'),
+    ('nameservers = ["127.0.0.1:1"]', 'nameservers = ["127.0.0.1:{dns_port}"]')))
 
 
 # -- measuring --------------------------------------------------------------------------------

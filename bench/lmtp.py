@@ -88,37 +88,10 @@ def wait_files(directory, n, timeout):
         time.sleep(0.005)
 
 
-MAILSYS_CONFIG = """\
-# written by bench/lmtp.py
-[server]
-hostname = "bench.example.com"
-state_dir = "{state}"
-
-[listen]
-mta = []
-submission = []
-submissions = []
-lmtp = ["tcp:{port}:interface=127.0.0.1"]
-pop3 = []
-pop3s = []
-
-[tls]
-certificate = "{base}/no-tls/fullchain.pem"
-key = "{base}/no-tls/privkey.pem"
-
-[domains]
-local = ["example.com"]
-
-[accounts]
-users = "{base}/users"
-aliases = "{base}/aliases"
-
-[mailbox]
-root = "{base}/mail"
-
-[dns]
-nameservers = ["127.0.0.1:1"]
-"""
+# bench/receive.py's configuration with only the LMTP role, on TCP.
+MAILSYS_CONFIG = rb.derive_config("lmtp.py", (
+    ('mta = ["tcp:{port}:interface=127.0.0.1"]', "mta = []"),
+    ("lmtp = []", 'lmtp = ["tcp:{port}:interface=127.0.0.1"]')))
 
 
 class Mailsys:

@@ -241,6 +241,17 @@ nameservers = ["127.0.0.1:1"]
 """
 
 
+
+def derive_config(script, replacements):
+    """MAILSYS_CONFIG with ``replacements`` (old, new) applied, for the other
+    benchmarks: one configuration to keep current.  Every ``old`` must be there."""
+    text = MAILSYS_CONFIG.replace("# written by bench/receive.py", f"# written by bench/{script}")
+    for old, new in replacements:
+        if old not in text:
+            raise SystemExit(f"bench/receive.py's MAILSYS_CONFIG changed: {old!r} not found")
+        text = text.replace(old, new)
+    return text
+
 class Mailsys:
     """Our server, started by twistd with a fresh state directory for every run."""
 
