@@ -94,6 +94,7 @@ class MailHost(service.MultiService):
         self.queue = None
         self.journal = None
         self.remote = None          # worker 0: the outbound courier (mailsys.couriers.remote)
+        self.lmtp = None            # worker 0: the LMTP courier to our MDA (mailsys.couriers.lmtp)
         self.pickup = None          # worker 0: the maildrop reader (mailsys.maildrop)
         self.control_ports = []
         self.notify_parent = None   # worker processes: a line to worker 0 (mailsys.workers)
@@ -175,8 +176,8 @@ class MailHost(service.MultiService):
             # 40 sessions: the MDA commits each batch with one flush, so more
             # concurrent deliveries make bigger batches (bench/e2e.py: 4k-20 went
             # from 220 to 256 msg/s over 10 sessions on this machine kind).
-            lmtp = LMTPCourier(self.reactor, self.config.listen.lmtp[0], self.config.server.hostname,
-                               max_sessions=LMTP_SESSIONS)
+            lmtp = self.lmtp = LMTPCourier(self.reactor, self.config.listen.lmtp[0],
+                                           self.config.server.hostname, max_sessions=LMTP_SESSIONS)
         from mailsys.couriers.remote import from_config
 
         # Relay domains and every other non-local domain go out this way.
@@ -275,6 +276,26 @@ class MailHost(service.MultiService):
                      hostname=self.config.server.hostname, state_dir=self.config.server.state_dir,
                      n=self.nworkers)
 
+    def serve_lmtp(self, serving):
+        """Whether worker 0 accepts on the MDA's LMTP listeners (the WorkerPool
+        turns this off while another worker runs).
+
+        The queue's LMTP sessions are long-lived (mailsys.couriers.lmtp), and the
+        kernel hands a connection to whichever process accepts first: usually the
+        one that just connected.  Every delivery's MDA work would then land on
+        worker 0, which already runs the queue, the courier, the journal and the
+        log; left to the other workers, the load splits evenly across the CPUs
+        (docs/performance.rst).  With no other worker running, worker 0 serves
+        LMTP itself, so local delivery never stops."""
+        if self.adopt is not None:
+            return
+        for (role, _, _), port in zip(self.listeners, self.ports):
+            if role == "lmtp":
+                if serving:
+                    self.reactor.addReader(port)
+                else:
+                    self.reactor.removeReader(port)
+
     def stopService(self):
         from twisted.internet import defer
 
@@ -297,6 +318,8 @@ class MailHost(service.MultiService):
             waits.append(defer.maybeDeferred(self.queue.stopService))
         if self.remote is not None:
             self.remote.idle()        # QUIT to every pooled outbound session
+        if self.lmtp is not None:
+            self.lmtp.idle()          # and to the idle sessions to our MDA
         if self.pickup is not None:
             self.pickup.stop()
         d = defer.DeferredList(waits)

@@ -732,10 +732,10 @@ def test_client_endpoint_for_refuses(listen):
 class Harness:
     """A courier on MemoryReactorClock: connections are answered by hand."""
 
-    def __init__(self, max_sessions=2, timeout=300):
+    def __init__(self, max_sessions=2, timeout=300, max_messages=1):
         self.reactor = MemoryReactorClock()
         self.courier = LMTPCourier(self.reactor, "unix:/run/lmtp.sock", HOST, timeout=timeout,
-                                   max_sessions=max_sessions)
+                                   max_sessions=max_sessions, max_messages=max_messages)
         self.accepted = 0
 
     def deliver(self, recipients, message=MSG, sender="alice@example.org", params=None):
@@ -981,11 +981,41 @@ def mda_session(tmp_path):
         shuttle(client, ct, server_proto, st_)
         return results[0]
 
+    def run_many(deliveries, sender="alice@example.org"):
+        """Every delivery over one reused session: the outcomes of each."""
+        clock = task.Clock()
+        server_proto = LMTPFactory(mda, limits, "mda.example.com", clock).buildProtocol(None)
+        st_ = StringTransportWithDisconnection()
+        st_.protocol = server_proto
+        plans = [courier_module._Plan(sender, rcpts(*r), {}) for r, _ in deliveries]
+        pending = list(zip(plans, (m for _, m in deliveries)))
+        results = []
+
+        def ready(proto):
+            if pending:
+                plan, message = pending.pop(0)
+                proto.send(sender, plan.unique, message, {}).addCallback(
+                    lambda o, plan=plan: results.append(plan.expand(o)))
+            else:
+                proto.quit()
+
+        plan, message = pending.pop(0)
+        client = LMTPClientProtocol(HOST, sender, plan.unique, message, {}, clock=clock,
+                                    on_ready=ready)
+        client.result.addCallback(lambda o: results.append(plan.expand(o)))
+        ct = StringTransportWithDisconnection()
+        ct.protocol = client
+        server_proto.makeConnection(st_)
+        client.makeConnection(ct)
+        shuttle(client, ct, server_proto, st_)
+        assert client.transactions == len(deliveries) and client.closed.called
+        return results
+
     def box(address):
         local, _, domain = address.partition("@")
         return store.messages(f"{tmp_path}/{domain}/{local}/Maildir")
 
-    return SimpleNamespace(run=run, box=box)
+    return SimpleNamespace(run=run, run_many=run_many, box=box)
 
 
 def test_against_our_server_protocol(mda_session):
@@ -1066,3 +1096,181 @@ def test_a_close_that_never_completes_is_aborted_after_the_timeout():
     clock.advance(300)
     assert not t.connected and proto.closed.called
     assert proto.result.result[0].delivered
+
+
+# --- session reuse ------------------------------------------------------------------------------
+
+def one_delivery(proto, t):
+    """Answer one pipelined transaction on an established session: what the client
+    wrote for it; what it wrote after the final replies stays in ``t``."""
+    sent = t.value()
+    t.clear()
+    n = sent.count(b"RCPT TO:")
+    proto.dataReceived(MAIL_OK + RCPT_OK * n + START)
+    sent += t.value()
+    t.clear()
+    proto.dataReceived(DELIVERED * n)
+    return sent
+
+
+def idle_session(max_sessions):
+    """A courier (up to 5 deliveries a session) with one session that has made
+    one delivery and is now idle: (harness, protocol, transport)."""
+    h = Harness(max_sessions=max_sessions, max_messages=5)
+    h.deliver(["joe@example.com"])
+    proto, t = h.accept(0)
+    proto.dataReceived(GREETING + LHLO_FULL)
+    one_delivery(proto, t)
+    return h, proto, t
+
+
+def test_reused_session_carries_the_next_delivery_without_a_new_lhlo():
+    h = Harness(max_sessions=1, max_messages=5)
+    first = h.deliver(["joe@example.com"])
+    second = h.deliver(["ann@example.com"], sender="bob@example.org")
+    proto, t = h.accept(0)
+    proto.dataReceived(GREETING + LHLO_FULL)
+    wrote = one_delivery(proto, t)
+    assert wrote.startswith(b"LHLO queue.example.org\r\nMAIL FROM:<alice@example.org> SIZE=")
+    assert first == [[Delivered(Reply(250, "2.0.0", "Ok: delivered"))]]
+    # The second delivery went out on the same connection at once: no QUIT, no LHLO.
+    assert t.value().startswith(b"MAIL FROM:<bob@example.org> SIZE=")
+    assert b"RCPT TO:<ann@example.com>\r\n" in t.value()
+    wrote = one_delivery(proto, t)
+    assert second[0][0].delivered
+    assert h.attempts == 1 and proto.transactions == 2
+    assert b"QUIT" not in wrote and b"LHLO" not in wrote
+    assert h.courier.active == 1 and h.courier.idle_sessions == 1
+
+
+def test_idle_session_quits_after_the_idle_timeout():
+    h, proto, t = idle_session(max_sessions=1)
+    t.clear()
+    h.reactor.advance(courier_module.IDLE_TIMEOUT - 0.1)
+    assert t.value() == b"" and h.courier.idle_sessions == 1
+    h.reactor.advance(0.1)
+    assert t.value() == b"QUIT\r\n" and h.courier.idle_sessions == 0
+    proto.dataReceived(BYE)
+    assert not t.connected and h.courier.active == 0
+
+
+def test_an_idle_session_takes_a_later_delivery():
+    h, proto, t = idle_session(max_sessions=3)
+    t.clear()
+    h.reactor.advance(1)
+    later = h.deliver(["ann@example.com"])
+    assert h.attempts == 1 and t.value().startswith(b"MAIL FROM:<alice@example.org>")
+    one_delivery(proto, t)
+    assert later[0][0].delivered
+    # The idle timer restarted: a full IDLE_TIMEOUT from the second delivery.
+    t.clear()
+    h.reactor.advance(courier_module.IDLE_TIMEOUT - 0.5)
+    assert t.value() == b""
+
+
+def test_session_quits_after_max_messages():
+    h = Harness(max_sessions=1, max_messages=2)
+    results = [h.deliver([f"u{i}@example.com"]) for i in range(3)]
+    proto, t = h.accept(0)
+    proto.dataReceived(GREETING + LHLO_FULL)
+    one_delivery(proto, t)
+    one_delivery(proto, t)
+    assert t.value() == b"QUIT\r\n"
+    assert results[0][0][0].delivered and results[1][0][0].delivered and results[2] == []
+    assert h.attempts == 1
+    proto.dataReceived(BYE)
+    assert h.attempts == 2          # the third delivery on a new connection
+    proto2, t2 = h.accept(1)
+    proto2.dataReceived(GREETING + LHLO_FULL)
+    one_delivery(proto2, t2)
+    assert results[2][0][0].delivered
+
+
+@pytest.mark.parametrize("reply", [b"550 5.1.8 Bad sender\r\n", b"451 4.3.0 Try later\r\n"])
+def test_a_delivery_without_final_replies_ends_the_session(reply):
+    h = Harness(max_sessions=1, max_messages=5)
+    first = h.deliver(["joe@example.com"])
+    second = h.deliver(["ann@example.com"])
+    proto, t = h.accept(0)
+    proto.dataReceived(GREETING + LHLO_FULL)
+    t.clear()
+    proto.dataReceived(reply + RCPT_OK)
+    assert t.value() == b"QUIT\r\n" and not first[0][0].delivered
+    assert second == [] and h.attempts == 1
+    proto.dataReceived(BYE)
+    assert h.attempts == 2 and second == []
+
+
+def test_reused_session_lost_before_mail_is_answered_retries_on_a_new_connection():
+    h, proto, t = idle_session(max_sessions=1)
+    later = h.deliver(["ann@example.com"])
+    assert t.value().startswith(b"MAIL FROM:")
+    t.loseConnection()              # the server had closed the idle connection
+    assert later == [] and h.attempts == 2
+    proto2, t2 = h.accept(1)
+    proto2.dataReceived(GREETING + LHLO_FULL)
+    one_delivery(proto2, t2)
+    assert later[0][0].delivered
+
+
+def test_reused_session_lost_after_mail_is_answered_is_a_temporary_failure():
+    h, proto, t = idle_session(max_sessions=1)
+    later = h.deliver(["ann@example.com"])
+    proto.dataReceived(MAIL_OK + RCPT_OK + START)
+    t.loseConnection()              # the body may have arrived: never "delivered", never retried here
+    (o,) = later[0]
+    assert isinstance(o, TempFail) and (o.reply.code, o.reply.status) == (451, "4.4.2")
+    assert h.attempts == 1 and h.courier.active == 0
+
+
+def test_retries_on_dead_sessions_are_bounded():
+    h = Harness(max_sessions=3, max_messages=5)
+    for i in range(3):
+        h.deliver([f"u{i}@example.com"])
+    sessions = [h.accept(i) for i in range(3)]
+    for proto, t in sessions:
+        proto.dataReceived(GREETING + LHLO_FULL)
+        one_delivery(proto, t)
+        t.clear()
+    assert h.courier.idle_sessions == 3
+    later = h.deliver(["ann@example.com"])
+    # Each idle session in turn takes the delivery and dies before MAIL is answered.
+    for n in range(courier_module.MAX_RETRIES + 1):
+        (proto, t), = [(p, t) for p, t in sessions if t.value()]
+        assert later == [] and t.value().startswith(b"MAIL FROM:")
+        t.clear()
+        t.loseConnection()
+    (o,) = later[0]
+    assert isinstance(o, TempFail) and (o.reply.code, o.reply.status) == (451, "4.4.2")
+    assert h.attempts == 3 and h.courier.active == 0
+
+
+def test_idle_session_lost_is_forgotten():
+    h, proto, t = idle_session(max_sessions=1)
+    t.loseConnection()
+    assert h.courier.idle_sessions == 0 and h.courier.active == 0
+    h.deliver(["ann@example.com"])
+    assert h.attempts == 2
+
+
+def test_idle_closes_idle_sessions_and_fires_when_they_are_gone():
+    h, proto, t = idle_session(max_sessions=2)
+    t.clear()
+    done = h.courier.idle()
+    assert t.value() == b"QUIT\r\n" and not done.called
+    proto.dataReceived(BYE)
+    assert done.called and h.courier.active == 0
+
+
+def test_reuse_against_our_server_protocol(mda_session):
+    """Three deliveries over one session to our own LMTP server: three copies, and
+    the server took them as three transactions on one connection."""
+    outcomes = mda_session.run_many([(["joe@example.com"], b"Subject: 1\r\n\r\none\r\n"),
+                                     (["joe@example.com", "nobody@example.com"],
+                                      b"Subject: 2\r\n\r\ntwo\r\n"),
+                                     (["joe@example.com"], b"Subject: 3\r\n\r\n.three\r\n")])
+    assert [o[0].delivered for o in outcomes] == [True, True, True]
+    assert isinstance(outcomes[1][1], PermFail) and outcomes[1][1].reply.status == "5.1.1"
+    assert [m.split(b"\n")[2] for m in mda_session.box("joe@example.com")] == [
+        b"Subject: 1", b"Subject: 2", b"Subject: 3"]
+    assert mda_session.box("joe@example.com")[2].endswith(b"\n.three\n")

@@ -150,8 +150,39 @@ def test_too_big_refused_for_every_recipient(session):
 
 
 def test_delivered_to_parser():
-    head = b"Delivered-To: <A@B.c>\r\nX: y\r\ndelivered-to:  d@e.f \r\n\r\nDelivered-To: no@x\r\n"
+    # The MDA's messages have LF line ends (converted as they arrived).
+    head = b"Delivered-To: <A@B.c>\nX: y\ndelivered-to:  d@e.f \n\nDelivered-To: no@x\n"
     assert delivered_to(head) == {"a@b.c", "d@e.f"}
+    assert delivered_to(b"Subject: x\n\n") == set()
+    assert delivered_to(b"Delivered-To: a@b.c") == {"a@b.c"}      # no body, no final LF
+
+
+def test_size_limit_counts_crlf_bytes_as_before(session):
+    """The body reaches the MDA with LF line ends, but SIZE and the limit still
+    count the message as sent (CRLF): 10000 bytes pass, 10001 do not, although
+    both are much smaller in LF."""
+    sizes = []
+    data_end = session.proto.handler.data_end
+    session.proto.handler.data_end = lambda proto, txn, size: sizes.append(size) or data_end(proto, txn, size)
+    exact = b"xx\r\n" * 2499 + b"..x\r\n"         # the stuffing dot is not counted
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n"
+                       + exact + b".\r\n")
+    assert out.endswith(b"250 2.0.0 Ok: delivered\r\n")
+    assert sizes == [10000]
+    over = b"xx\r\n" * 2499 + b"xxx\r\n"
+    out = run(session, b"MAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n" + over + b".\r\n")
+    assert out.endswith(b"552 5.3.4 Error: message file too big\r\n")
+    assert sizes == [10000]
+    (stored,) = session.stores["maildir"].messages(f"{session.root}/example.com/joe/Maildir")
+    assert stored.endswith(b"\n" + b"xx\n" * 2499 + b".x\n") and b"\r" not in stored
+
+
+def test_bare_newline_still_refused_for_every_recipient(session):
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\n"
+                       b"RCPT TO:<box@example.com>\r\nDATA\r\nSubject: x\r\n\r\na\nb\r\n.\r\n")
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                        + b"550 5.5.2 Error: bare <CR> or <LF> in message; use <CR><LF> line endings\r\n" * 2)
+    assert session.stores["maildir"].messages(f"{session.root}/example.com/joe/Maildir") == []
 
 
 def test_messages_finishing_together_are_delivered_as_one_batch(tmp_path):
@@ -174,7 +205,7 @@ def test_messages_finishing_together_are_delivered_as_one_batch(tmp_path):
     target = [("joe@example.com", [("joe@example.com", "maildir", 0, "/m/joe")])]
     results = []
     for i in range(4):
-        b.submit(target, b"Subject: %d\r\n\r\n" % i, "a@b.org").addCallback(results.append)
+        b.submit(target, b"Subject: %d\n\n" % i, "a@b.org").addCallback(results.append)
     assert len(held) == 1                # the first went at once, three wait
     d, f, args = held.pop()
     d.callback(f(*args))
@@ -248,3 +279,22 @@ def test_refused_data_gets_one_reply_per_accepted_rcpt_even_repeated(session):
                        b"RCPT TO:<joe@example.com>\r\nDATA\r\n" + b"x" * 20000 + b"\r\n.\r\n")
     assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
                         + b"552 5.3.4 Error: message file too big\r\n" * 2)
+
+
+@pytest.mark.parametrize("lmtp, wants_lf, lf", [(True, True, True), (True, False, False),
+                                                 (False, True, False)])
+def test_lf_body_only_for_an_lmtp_handler_that_asks(lmtp, wants_lf, lf):
+    """Only the MDA (LMTP, ``wants_lf``) gets LF chunks; an SMTP listener's body is
+    untouched whatever its handler says.  The size is the CRLF one either way."""
+    from tests.helpers import FakeHandler, connect
+
+    handler = FakeHandler()
+    handler.wants_lf = wants_lf
+    proto, t, h, clock = connect(handler, lmtp=lmtp)
+    hello = b"LHLO x\r\n" if lmtp else b"EHLO x\r\n"
+    body = b"Subject: x\r\n\r\n..dot\r\nline\r\n"
+    proto.dataReceived(hello + b"MAIL FROM:<a@b.org>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n"
+                       + body + b".\r\n")
+    crlf = body.replace(b"\r\n..", b"\r\n.")
+    assert h.messages == [crlf.replace(b"\r\n", b"\n") if lf else crlf]
+    assert ("data_end", len(crlf), ["joe@example.com"]) in h.calls

@@ -25,6 +25,7 @@ from mailsys.spool import QueueIds
 QID = "1985091482119000A"
 OTHER = "1985091482119400B"
 MSG = b"Subject: once\r\nMessage-ID: <once@example.org>\r\n\r\nexactly once\r\n"
+MSG_LF = MSG.replace(b"\r\n", b"\n")     # as the MDA hands it to the stores
 LIMITS = SimpleNamespace(message_size=10000, recipients=100, command_timeout=300,
                          data_timeout=600, auth_failures=3)
 
@@ -405,13 +406,13 @@ def test_deliver_batch_on_the_memory_store(tmp_path):
     store = MemoryStore()
     log = DeliveryLog(str(tmp_path / "mda"), 0)
     targets = [("joe@example.com", [("joe@example.com", "maildir", 0, "/m/joe")])]
-    (first,) = deliver_batch({"maildir": store}, [(targets, MSG, "a@b.org", QID, False)], log)
+    (first,) = deliver_batch({"maildir": store}, [(targets, MSG_LF, "a@b.org", QID, False)], log)
     assert first == [Delivered()]
-    (again,) = deliver_batch({"maildir": store}, [(targets, MSG, "a@b.org", QID, True)], log)
+    (again,) = deliver_batch({"maildir": store}, [(targets, MSG_LF, "a@b.org", QID, True)], log)
     assert again[0].reply.text == "Ok: already delivered"
     assert len(store.messages("/m/joe")) == 1
     # Old-style jobs (no queue id) still work, and never touch the log.
-    (plain,) = deliver_batch({"maildir": store}, [(targets, MSG, "a@b.org")], log)
+    (plain,) = deliver_batch({"maildir": store}, [(targets, MSG_LF, "a@b.org")], log)
     assert plain == [Delivered()] and len(store.messages("/m/joe")) == 2
 
 
@@ -421,7 +422,7 @@ def test_a_name_clash_in_new_is_recorded_under_the_new_name(tmp_path):
     store._unique = lambda size, vsize: f"100.M1P1Q{next(counter)}.h,S={size},W={vsize}"
     log = DeliveryLog(str(tmp_path / "mda"), 0)
     loc = str(tmp_path / "Maildir")
-    item = (loc, b"", MSG, 0, "a@b.org", None)
+    item = (loc, b"", MSG_LF, 0, "a@b.org", None)
     assert store.deliver_many([item], log=log, keys=[(QID, "joe@example.com")])[0].delivered
     assert store.deliver_many([item], log=log, keys=[(OTHER, "joe@example.com")])[0].delivered
     names = sorted(os.listdir(os.path.join(loc, "new")))

@@ -23,8 +23,13 @@ def message(i):
     return (b"Subject: m%d\r\n\r\nbody %d\r\nFrom the start\r\n>From quoted\r\n.dot\r\n" % (i, i))
 
 
+def as_stored(i):
+    """(prefix, message) as the MDA hands them to a store: LF line ends."""
+    return PREFIX.replace(b"\r\n", b"\n"), message(i).replace(b"\r\n", b"\n")
+
+
 def stored(i):
-    return (PREFIX + message(i)).replace(b"\r\n", b"\n")
+    return b"".join(as_stored(i))
 
 
 def rfc1939_size(data, unquote=False):
@@ -46,7 +51,7 @@ def maildir(tmp_path):
     path = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
     store = MaildirStore()
     for i in range(3):
-        assert store.deliver(path, PREFIX, message(i), 0).delivered
+        assert store.deliver(path, *as_stored(i), 0).delivered
         time.sleep(0.002)   # distinct microsecond stamps: delivery order is listing order
     return path
 
@@ -56,7 +61,7 @@ def mbox(tmp_path):
     path = mailbox_location(str(tmp_path), "box@example.com", "mbox")
     store = MboxStore(lock_timeout=0.2)
     for i in range(3):
-        assert store.deliver(path, PREFIX, message(i), 0, sender="a@b.org", when=1_700_000_000 + i).delivered
+        assert store.deliver(path, *as_stored(i), 0, sender="a@b.org", when=1_700_000_000 + i).delivered
     return path
 
 
@@ -188,7 +193,7 @@ def test_mbox_commit_rewrites_without_deleted_and_keeps_later_appends(mbox):
     box = MboxBox(mbox)
     e0, e1, e2 = box.load()
     # A delivery after the login: it must survive the rewrite.
-    assert MboxStore().deliver(mbox, PREFIX, message(3), 0, sender="a@b.org").delivered
+    assert MboxStore().deliver(mbox, *as_stored(3), 0, sender="a@b.org").delivered
     ino = os.stat(mbox).st_ino
     assert box.commit([e1], [e0]) == 0
     box.close()
@@ -235,7 +240,7 @@ def test_mbox_missing_is_empty(tmp_path):
 def test_mbox_10000_messages_scan_once(tmp_path):
     path = mailbox_location(str(tmp_path), "big@example.com", "mbox")
     store = MboxStore()
-    items = [(path, PREFIX, message(i), 0, "a@b.org", 1_700_000_000) for i in range(10_000)]
+    items = [(path, *as_stored(i), 0, "a@b.org", 1_700_000_000) for i in range(10_000)]
     assert all(o.delivered for o in store.deliver_many(items))
     box = MboxBox(path)
     start = time.monotonic()

@@ -37,8 +37,13 @@ def message(i):
     return (b"Subject: m%d\r\n\r\nbody %d\r\n.leading dot\r\nFrom here\r\n" % (i, i))
 
 
+def as_stored(i):
+    """(prefix, message) as the MDA hands them to a store: LF line ends."""
+    return PREFIX.replace(b"\r\n", b"\n"), message(i).replace(b"\r\n", b"\n")
+
+
 def stored(i):
-    return (PREFIX + message(i)).replace(b"\r\n", b"\n")
+    return b"".join(as_stored(i))
 
 
 def plain(user, password, authz=""):
@@ -144,7 +149,7 @@ def root(tmp_path):
     path = mailbox_location(str(tmp_path), USER, "maildir")
     store = MaildirStore()
     for i in range(3):
-        assert store.deliver(path, PREFIX, message(i), 0).delivered
+        assert store.deliver(path, *as_stored(i), 0).delivered
         time.sleep(0.002)
     return str(tmp_path)
 
@@ -420,7 +425,7 @@ def test_mbox_session_unquotes_and_deletes_at_quit(tmp_path):
     path = mailbox_location(root, USER, "mbox")
     store = MboxStore()
     for i in range(3):
-        assert store.deliver(path, PREFIX, message(i), 0, sender="a@b.org").delivered
+        assert store.deliver(path, *as_stored(i), 0, sender="a@b.org").delivered
     c = logged_in(root, "mbox")
     s = sizes()
     assert c.send(b"STAT\r\n") == f"+OK 3 {sum(s)}\r\n".encode()

@@ -304,7 +304,43 @@ def test_only_deferrals_skip_the_fdatasync(q):
     q.clock.advance(RETRY_MIN)
     kinds = [(r.get("s") or ("done" if r.get("done") else "next"), d)
              for r, d in zip(q.journal.records, q.journal.durable)]
-    assert kinds == [("deferred", False), ("next", False), ("sent", True), ("done", True)]
+    assert kinds == [("deferred", False), ("next", False), ("sent", True), ("done", False)]
+
+
+def test_done_is_durable_only_when_a_report_went_out(q):
+    q.lmtp.script = [[Delivered()], [PermFail(Reply(550, "5.1.1", "x"))], [Delivered()]]
+    q.qm.add(Entry("QN", "a@b.org", ["joe@example.com"]))
+    q.qm.add(Entry("QB", "a@b.org", ["ghost@example.com"]))
+    q.qm.add(Entry("QS", "a@b.org", [{"rcpt": "joe@example.com", "state": "queued",
+                                      "notify": ["SUCCESS"]}]))
+    q.clock.advance(0)
+    done = {r["id"]: d for r, d in zip(q.journal.records, q.journal.durable) if r.get("done")
+            and r["id"] in ("QN", "QB", "QS")}
+    assert done == {"QN": False, "QB": True, "QS": True}
+    assert len(q.spool.committed) == 2          # the bounce of QB, the success report of QS
+
+
+def test_a_lost_done_record_finishes_the_message_again_without_a_second_delivery(q):
+    from mailsys.queue import QueueManager
+
+    q.lmtp.script = [[Delivered()]]
+    entry = Entry("QL", "a@b.org", ["joe@example.com"])
+    q.qm.add(entry)
+    q.clock.advance(0)
+    assert [r.get("s") or "done" for r in q.journal.records if r.get("id") == "QL"] == ["sent", "done"]
+    # A crash lost the lazy "done": the restarted queue sees the durable "sent" only.
+    kept = [r for r, d in zip(q.journal.records, q.journal.durable) if d]
+    fresh = QueueManager(config=q.qm.config, spool=q.spool, journal=q.journal, clock=q.clock,
+                         lmtp=q.lmtp, remote=None, local_domains=["example.com"],
+                         hostname="mx.example.com", rng=lambda: 0.5)
+    fresh.load([entry], kept)
+    assert "QL" in fresh.messages
+    fresh.startService()
+    q.clock.advance(0)
+    assert "QL" not in fresh.messages
+    assert q.journal.records[-1] == {"id": "QL", "done": True}
+    assert q.spool.committed == []
+    assert len(q.lmtp.calls) == 1               # nothing delivered a second time
 
 
 def test_an_attempt_that_blows_up_is_retried_later(q):

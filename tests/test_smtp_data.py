@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mailsys.smtp.data import DataReader
+from mailsys.smtp.data import DataReader, LFDataReader
 
 
 def run(*segments):
@@ -19,12 +19,18 @@ def run(*segments):
     return body, rest, reader
 
 
-def run_split(data, cuts):
+def segments(data, cuts):
+    """``data`` cut at ``cuts`` (any order, repeats and out-of-range cuts ignored)."""
     cuts = sorted(set(c for c in cuts if 0 < c < len(data)))
     segs, last = [], 0
     for c in cuts + [len(data)]:
         segs.append(data[last:c])
         last = c
+    return segs
+
+
+def run_split(data, cuts):
+    segs = segments(data, cuts)
     out = []
     reader = DataReader(out.append)
     rest = None
@@ -199,3 +205,128 @@ def test_result_independent_of_segmentation(wire, data):
     cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=15))
     assert run_split(wire, cuts) == whole
     assert run_split(wire, range(len(wire))) == whole
+
+
+# -- LF mode (the MDA): the same reader, converted to LF on arrival -------------------------
+
+def run_lf_split(data, cuts):
+    """run_split with LFDataReader: (LF body, remainder, bare_newline, size)."""
+    segs = segments(data, cuts)
+    out = []
+    reader = LFDataReader(lambda chunk, size: out.append((chunk, size)))
+    rest = None
+    for seg in segs:
+        if rest is not None:
+            rest += seg
+            continue
+        rest = reader.feed(seg)
+    assert all(chunk for chunk, _ in out), "empty chunk passed to the sink"
+    assert reader.size == sum(size for _, size in out)
+    if not reader.bare_newline:
+        # Without bare LF every LF stands for one CRLF.
+        assert all(size == len(c) + c.count(b"\n") for c, size in out)
+    return b"".join(c for c, _ in out), rest, reader.bare_newline, reader.size
+
+
+def same_as_crlf_mode(wire, cuts):
+    """LF mode gives DataReader's body with LF line ends, and DataReader's
+    remainder, bare_newline flag and (CRLF) size."""
+    body, rest, bare, size = run_split(wire, cuts)
+    assert run_lf_split(wire, cuts) == (body.replace(b"\r\n", b"\n"), rest, bare, size)
+
+
+def every_split(wire):
+    """Cuts at every byte boundary: each single one, each pair, and all at once."""
+    yield []
+    for i in range(1, len(wire)):
+        yield [i]
+        for j in range(i + 1, len(wire)):
+            yield [i, j]
+    yield range(len(wire))
+
+
+LF_CASES = [
+    b".\r\n",                                  # empty message
+    b"\r\n.\r\n",                              # one empty line
+    b"Subject: x\r\n\r\nhello\r\n.\r\n",
+    b"..leading\r\n.\r\n",                     # stuffed dot on the very first line
+    b".x\r\n.\r\n",
+    b"..\r\n.\r\n",                            # a line of one dot
+    b"...\r\n..\r\n.\r\n",
+    b"a\r\n..b\r\n..\r\n.\r\n",
+    b"a.b\r\nx..\r\n.\r\n",
+    b"\r\n\r\n..\r\n\r\n.\r\n",
+    b"a\r\r\n.\r\n",                           # bare CR right before CRLF
+    b"a\r\r\n..b\r\n.\r\n",
+    b"a\rb\r\n.\r\n",
+    b"a\nb\r\n.\r\n",                          # bare LF
+    b"a\n.b\r\n.\r\n",                         # a dot after a bare LF is no line start
+    b"a\n..\r\n.\r\n",
+    b"\n.x\r\n.\r\n",                          # bare LF on the first line
+    b"\r.\r\nx\r\n.\r\n",
+    b"a\n\r\n.\r\n",
+    b"a\r\n.\nb\r\n.\r\n",
+    b"hi\r\n.\r\nQUIT\r\nNOOP",                # pipelined commands after the end
+    b"hi\r\n.\r\n.\r\n\r\n",
+    b"a\n.\nMAIL FROM:<x@y>\r\n.\r\nQUIT\r\n",
+    b"x\r\n.",                                 # not ended (yet)
+    b"x\r\n..\r",
+]
+
+
+@pytest.mark.parametrize("wire", LF_CASES)
+def test_lf_mode_matches_crlf_mode_at_every_split(wire):
+    for cuts in every_split(wire):
+        same_as_crlf_mode(wire, cuts)
+
+
+@pytest.mark.parametrize("wire, body", [
+    (b"Subject: x\r\n\r\n..a\r\n.b\r\nc.\r\n.\r\n", b"Subject: x\n\n.a\nb\nc.\n"),
+    (b"..leading\r\n.\r\n", b".leading\n"),
+    (b".\r\n", b""),
+])
+def test_lf_mode_output(wire, body):
+    got, rest, bare, size = run_lf_split(wire, [])
+    assert (got, rest, bare) == (body, b"", False)
+    assert size == len(body) + body.count(b"\n")
+
+
+def test_lf_mode_cut_between_cr_and_lf_and_before_a_dot():
+    wire = b"a\r\n..b\r\n.\r\n"
+    for cuts in ([2], [3], [2, 3], [3, 4], [1, 2, 3, 4]):
+        assert run_lf_split(wire, cuts) == (b"a\n.b\n", b"", False, 7)
+
+
+@pytest.mark.parametrize("segments, bare", [
+    ([b"a\r", b"\nb\r\n.\r\n"], False),
+    ([b"a\r", b"b\r\n.\r\n"], True),
+    ([b"a\r\n", b"\nb\r\n.\r\n"], True),
+    ([b"a\r\r\n.\r\n"], True),
+])
+def test_lf_mode_bare_newline_flag(segments, bare):
+    cuts = [sum(map(len, segments[:i])) for i in range(1, len(segments))]
+    assert run_lf_split(b"".join(segments), cuts)[2] is bare
+
+
+def test_lf_mode_carry_is_a_few_bytes():
+    r = LFDataReader(lambda chunk, size: None)
+    assert r.feed(b"x" * 100000 + b"\r\n.\r") is None
+    assert len(r._pending) <= 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_line, max_size=12), trailing=st.binary(max_size=20), data=st.data())
+def test_lf_mode_any_message_any_segmentation(lines, trailing, data):
+    wire = _stuff(lines) + b".\r\n" + trailing
+    cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=12))
+    message = b"".join(l + b"\n" for l in lines)
+    assert run_lf_split(wire, cuts) == (message, trailing, False, len(message) + len(lines))
+    assert run_lf_split(wire, range(len(wire)))[0] == message
+
+
+@settings(max_examples=400, deadline=None)
+@given(wire=_noise, data=st.data())
+def test_lf_mode_matches_crlf_mode_on_noise(wire, data):
+    same_as_crlf_mode(wire, [])
+    same_as_crlf_mode(wire, data.draw(st.lists(st.integers(0, len(wire)), max_size=15)))
+    same_as_crlf_mode(wire, range(len(wire)))

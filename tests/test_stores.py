@@ -12,9 +12,11 @@ from mailsys.mda.memory import MemoryStore
 from mailsys.mda.store import IMailStore, UnsafeMailbox, mailbox_location
 from mailsys.smtp.reply import Reply
 
-PREFIX = b"Return-Path: <a@b.org>\r\nDelivered-To: joe@example.com\r\n"
-MESSAGE = b"Subject: hi\r\n\r\nline one\r\nFrom here\r\n>From there\r\n.dot\r\n"
-STORED = (PREFIX + MESSAGE).replace(b"\r\n", b"\n")
+# The contract: prefix and message arrive with LF line ends (the MDA's DATA reader
+# converted them) and are stored as they are.
+PREFIX = b"Return-Path: <a@b.org>\nDelivered-To: joe@example.com\n"
+MESSAGE = b"Subject: hi\n\nline one\nFrom here\n>From there\n.dot\n"
+STORED = PREFIX + MESSAGE
 
 
 @pytest.fixture(params=["maildir", "mbox", "memory"])
@@ -39,12 +41,12 @@ def test_deliver_then_read_back_exactly(store):
 
 def test_many_messages_keep_order_and_bytes(store):
     s, loc = store
-    bodies = [b"Subject: %d\r\n\r\nFrom %d\r\n" % (i, i) for i in range(30)]
+    bodies = [b"Subject: %d\n\nFrom %d\n" % (i, i) for i in range(30)]
     for b in bodies:
         assert s.deliver(loc, b"", b, 0).delivered
     got = s.messages(loc)
     assert len(got) == 30
-    assert sorted(got) == sorted(b.replace(b"\r\n", b"\n") for b in bodies)
+    assert sorted(got) == sorted(bodies)
 
 
 def test_size_grows_with_deliveries(store):
@@ -86,13 +88,28 @@ def test_maildir_layout_and_names(tmp_path):
     assert msg.as_bytes().replace(b"\r\n", b"\n") == STORED or bytes(msg) == STORED
 
 
+def test_maildir_sizes_of_one_message_shared_by_mailboxes(tmp_path):
+    """The line ends of a message are counted once for all its mailboxes; each
+    name still carries its own prefix's sizes."""
+    s = MaildirStore()
+    joe, ann = (mailbox_location(str(tmp_path), a, "maildir") for a in ("joe@example.com", "ann@x.org"))
+    other = b"Return-Path: <>\nDelivered-To: ann@x.org\nX-Extra: 1\n"
+    assert all(o.delivered for o in s.deliver_many([(joe, PREFIX, MESSAGE, 0, "a@b.org", None),
+                                                    (ann, other, MESSAGE, 0, "a@b.org", None)]))
+    for loc, stored in ((joe, STORED), (ann, other + MESSAGE)):
+        (name,) = os.listdir(os.path.join(loc, "new"))
+        crlf_size = len(stored) + stored.count(b"\n")
+        assert name.endswith(f",S={len(stored)},W={crlf_size}")
+        assert s.messages(loc) == [stored]
+
+
 def test_maildir_never_overwrites(tmp_path, monkeypatch):
     s = MaildirStore()
     loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
     names = iter(["1.M1P1Q1.h,S=1,W=1", "1.M1P1Q1.h,S=1,W=1", "1.M1P1Q2.h,S=1,W=1"])
     monkeypatch.setattr(s, "_unique", lambda size, vsize: next(names))
-    assert s.deliver(loc, b"", b"a\r\n", 0).delivered
-    assert s.deliver(loc, b"", b"b\r\n", 0).delivered   # first pick collides, second is new
+    assert s.deliver(loc, b"", b"a\n", 0).delivered
+    assert s.deliver(loc, b"", b"b\n", 0).delivered   # first pick collides, second is new
     assert sorted(os.listdir(os.path.join(loc, "new"))) == ["1.M1P1Q1.h,S=1,W=1", "1.M1P1Q2.h,S=1,W=1"]
     with open(os.path.join(loc, "new", "1.M1P1Q1.h,S=1,W=1"), "rb") as f:
         assert f.read() == b"a\n"
@@ -102,7 +119,7 @@ def test_mbox_format_and_mboxrd_quoting(tmp_path):
     s = MboxStore()
     loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
     s.deliver(loc, PREFIX, MESSAGE, 0, sender="a@b.org", when=0)
-    s.deliver(loc, b"", b"Subject: 2\r\n\r\nFrom x\r\n", 0, sender="", when=0)
+    s.deliver(loc, b"", b"Subject: 2\n\nFrom x\n", 0, sender="", when=0)
     with open(loc, "rb") as f:
         data = f.read()
     assert data.startswith(b"From a@b.org Thu Jan  1 00:00:00 1970\n")
@@ -171,7 +188,7 @@ def test_maildir_disk_error_leaves_nothing_visible(tmp_path, fail_on):
             raise OSError(errno.EIO, "Input/output error")
 
     loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
-    assert MaildirStore().deliver(loc, b"", b"ok\r\n", 0).delivered
+    assert MaildirStore().deliver(loc, b"", b"ok\n", 0).delivered
     outcome = MaildirStore(flush=flush).deliver(loc, PREFIX, MESSAGE, 0)
     assert outcome == TempFail(Reply(451, "4.3.0", "Local I/O error writing mailbox"))
     assert os.listdir(os.path.join(loc, "tmp")) == []
@@ -199,9 +216,9 @@ def test_maildir_recreated_after_removal(tmp_path):
 
     s = MaildirStore()
     loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
-    assert s.deliver(loc, b"", b"a\r\n", 0).delivered
+    assert s.deliver(loc, b"", b"a\n", 0).delivered
     shutil.rmtree(os.path.dirname(loc))
-    assert s.deliver(loc, b"", b"b\r\n", 0).delivered
+    assert s.deliver(loc, b"", b"b\n", 0).delivered
     assert s.messages(loc) == [b"b\n"]
 
 
@@ -225,7 +242,7 @@ def test_mbox_cuts_the_torn_tail_of_a_killed_append(tmp_path):
     complete = open(loc, "rb").read()
     with open(loc, "ab") as f:        # what kill -9 in the middle of an append leaves
         f.write(b"From a@b.org Thu Jan  1 00:00:00 1970\nSubject: half\n\nhalf a mess")
-    assert s.deliver(loc, b"", b"Subject: after\r\n\r\nafter\r\n", 0, sender="a@b.org").delivered
+    assert s.deliver(loc, b"", b"Subject: after\n\nafter\n", 0, sender="a@b.org").delivered
     data = open(loc, "rb").read()
     assert data.startswith(complete) and b"half a mess" not in data
     assert s.messages(loc) == [STORED, b"Subject: after\n\nafter\n"]
@@ -237,7 +254,7 @@ def test_mbox_torn_first_record_is_cut_entirely(tmp_path):
     os.makedirs(os.path.dirname(loc))
     with open(loc, "wb") as f:
         f.write(b"From a@b.org Thu Jan  1 00:00:00 1970\nSubject: half\n\nhal")
-    assert s.deliver(loc, b"", b"Subject: x\r\n\r\nx\r\n", 0).delivered
+    assert s.deliver(loc, b"", b"Subject: x\n\nx\n", 0).delivered
     assert s.messages(loc) == [b"Subject: x\n\nx\n"]
 
 
@@ -248,7 +265,7 @@ def test_mbox_foreign_file_without_final_blank_line_is_kept(tmp_path):
     foreign = b"Some text that is not an mbox record\n"
     with open(loc, "wb") as f:
         f.write(foreign)
-    assert s.deliver(loc, b"", b"Subject: x\r\n\r\nx\r\n", 0).delivered
+    assert s.deliver(loc, b"", b"Subject: x\n\nx\n", 0).delivered
     data = open(loc, "rb").read()
     assert data.startswith(foreign + b"\nFrom ")
 
@@ -257,6 +274,6 @@ def test_mbox_foreign_file_without_final_blank_line_is_kept(tmp_path):
 def test_every_directory_created_is_private(tmp_path, kind):
     store = MaildirStore() if kind == "maildir" else MboxStore()
     loc = mailbox_location(str(tmp_path), "joe@example.com", kind)
-    assert store.deliver(loc, b"", b"a\r\n", 0).delivered
+    assert store.deliver(loc, b"", b"a\n", 0).delivered
     for d in (tmp_path / "example.com", tmp_path / "example.com" / "joe"):
         assert oct(d.stat().st_mode & 0o777) == "0o700", d

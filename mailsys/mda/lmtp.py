@@ -41,11 +41,13 @@ ALREADY = Reply(250, "2.0.0", "Ok: already delivered")
 
 
 def delivered_to(head):
-    """Addresses in Delivered-To headers of the header section (lowercased)."""
-    end = head.find(b"\r\n\r\n")
-    section = head if end < 0 else head[:end + 2]
+    """Addresses in Delivered-To headers of the header section (lowercased).
+
+    ``head`` has LF line ends, as the MDA receives messages (LFDataReader)."""
+    end = head.find(b"\n\n")
+    section = head if end < 0 else head[:end + 1]
     found = set()
-    for line in (b"\r\n" + section).split(b"\r\n"):
+    for line in (b"\n" + section).split(b"\n"):
         if line[:13].lower() == b"delivered-to:":
             found.add(line[13:].strip().decode("utf-8", "replace").strip("<>").lower())
     return found
@@ -112,6 +114,10 @@ class MDA:
 
 
 class LMTPHandler:
+    # The stores keep LF line ends: the DATA reader converts the body as it
+    # arrives (mailsys.smtp.data.LFDataReader), so it is never walked again for it.
+    wants_lf = True
+
     def __init__(self, mda, peer):
         self.mda = mda
         self.peer = peer
@@ -179,7 +185,7 @@ class LMTPHandler:
                                          redelivery=params.redelivery)
                  if local else defer.succeed([])]
         if pairs:
-            waits.append(self.mda.relay(sender, pairs, message).addCallbacks(
+            waits.append(self.mda.relay(sender, pairs, _to_crlf(message)).addCallbacks(
                 lambda entry: Delivered(Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")),
                 lambda f: TempFail(Reply(451, "4.3.0", "Could not queue the copy for an alias's "
                                                        "remote targets"))))
@@ -212,6 +218,12 @@ class LMTPHandler:
 
         d.addCallback(done)
         return d
+
+
+def _to_crlf(message):
+    """The spool keeps messages as received, CRLF; ours arrived converted to LF
+    (and with no bare CR or LF, which were refused), so this is exact."""
+    return message.replace(b"\n", b"\r\n")
 
 
 class DeliveryBatcher:
@@ -265,7 +277,8 @@ class DeliveryBatcher:
 def deliver_batch(stores, jobs, log=None):
     """Worker thread: every job's mailboxes; per job, one Outcome per recipient.
 
-    A job is ``(targets, message, sender[, qid, redelivery])``.  With a queue id
+    A job is ``(targets, message, sender[, qid, redelivery])``, the message
+    with LF line ends (as the stores keep it).  With a queue id
     and a delivery ``log`` every copy is recorded (by the store, before it is
     visible); on a redelivery a mailbox the log and the store agree already
     holds the message gets no second copy."""
@@ -294,7 +307,7 @@ def deliver_batch(stores, jobs, log=None):
                     slots.append(Delivered(ALREADY))
                     placed[(kind, location)] = (slots, len(slots) - 1)
                     continue
-                prefix = f"Return-Path: <{sender}>\r\nDelivered-To: {account}\r\n".encode("utf-8")
+                prefix = f"Return-Path: <{sender}>\nDelivered-To: {account}\n".encode("utf-8")
                 slots.append(None)
                 placed[(kind, location)] = (slots, len(slots) - 1)
                 refs, items, keys = per_store.setdefault(kind, ([], [], []))

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, from_os_error
 from mailsys.mda import durable
-from mailsys.mda.store import IMailStore, make_private_dirs, to_lf
+from mailsys.mda.store import IMailStore, make_private_dirs
 from mailsys.smtp.reply import Reply
 
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full: over quota")
@@ -85,15 +85,13 @@ class MaildirStore:
         outcomes = [None] * len(items)
         sizes = {}
         written = []    # (index, path, tmp, name)
-        bodies = {}     # one LF copy of a message however many mailboxes get it
-        for i, (path, prefix, message, quota, _, _) in enumerate(items):
-            body = bodies.get(id(message))
-            if body is None:
-                lf = to_lf(message)
-                body = bodies[id(message)] = (lf, lf.count(b"\n"))
-            head = to_lf(prefix)
-            data = (head, body[0])
-            size = len(head) + len(body[0])
+        lines = {}      # line ends per message, counted once however many mailboxes get it
+        for i, (path, head, body, quota, _, _) in enumerate(items):
+            n = lines.get(id(body))
+            if n is None:
+                n = lines[id(body)] = body.count(b"\n")
+            data = (head, body)
+            size = len(head) + len(body)
             if quota:
                 used = sizes.get(path)
                 if used is None:
@@ -103,7 +101,8 @@ class MaildirStore:
                     continue
                 sizes[path] = used + size
             try:
-                tmp, name = self._write_tmp(path, data, size, size + head.count(b"\n") + body[1])
+                # W= is the size with CRLF: one more byte per LF.
+                tmp, name = self._write_tmp(path, data, size, size + head.count(b"\n") + n)
             except OSError as e:
                 outcomes[i] = from_os_error(e)
                 continue

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, TempFail, from_os_error
-from mailsys.mda.store import IMailStore, make_private_dirs, to_lf
+from mailsys.mda.store import IMailStore, make_private_dirs
 from mailsys.smtp.reply import Reply
 
 log = Logger(namespace="mailsys.mda")
@@ -97,7 +97,7 @@ class MboxStore:
         return outcomes
 
     def _record(self, prefix, message, sender, when):
-        body = to_lf(prefix + message)
+        body = prefix + message
         if not body.endswith(b"\n"):
             body += b"\n"
         stamp = time.asctime(time.gmtime(when if when is not None else self._clock()))

@@ -4,7 +4,7 @@ import zlib
 from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail
-from mailsys.mda.store import IMailStore, to_lf
+from mailsys.mda.store import IMailStore
 from mailsys.smtp.reply import Reply
 
 
@@ -22,7 +22,7 @@ class MemoryStore:
     def deliver(self, path, prefix, message, quota, sender=None, when=None):
         if self.fail_with is not None:
             return self.fail_with
-        data = to_lf(prefix + message)
+        data = prefix + message
         if quota and self.size(path) + len(data) > quota:
             return PermFail(Reply(552, "5.2.2", "Mailbox full: over quota"))
         self.boxes.setdefault(path, []).append(data)

@@ -16,7 +16,11 @@ class IMailStore(Interface):
     kind = Attribute("'maildir', 'mbox' or 'memory'")
 
     def deliver(location, prefix, message, quota, sender=None, when=None):
-        """Store ``prefix + message`` (bytes, CRLF line ends) durably.
+        """Store ``prefix + message`` (bytes, LF line ends) durably.
+
+        Both arrive with the LF line ends the stores keep (qmail, Postfix's
+        virtual(8) and Dovecot do the same): the MDA's DATA reader converts the
+        body as it arrives, so no store walks a message again to convert it.
 
         ``location`` comes from :func:`mailbox_location`; ``quota`` is bytes (0 =
         unlimited); ``sender`` and ``when`` feed mbox's ``From`` line.
@@ -90,8 +94,3 @@ def make_private_dirs(path, root):
             os.mkdir(directory, 0o700)
         except FileExistsError:
             pass
-
-
-def to_lf(data):
-    """Stores keep Unix line ends, as qmail, Postfix's virtual(8) and Dovecot do."""
-    return data.replace(b"\r\n", b"\n")

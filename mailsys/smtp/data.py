@@ -11,6 +11,10 @@ client's bytes were cut into segments.
 Only ``<CRLF>.<CRLF>`` ends the data (RFC 5321 4.1.1.4).  Lone CR or LF never
 does; they are passed through unchanged but reported, so the caller can refuse
 the message after its real end (SMTP smuggling, CVE-2023-51764).
+
+:class:`LFDataReader` is the same reader for a consumer that stores LF line ends
+(the MDA): it converts each segment as it arrives, so the message is never
+walked again just to change its line ends.
 """
 
 _END = b"\r\n.\r\n"
@@ -19,6 +23,12 @@ _END = b"\r\n.\r\n"
 # of a segment is carried over, so the replace never sees a partial pattern.
 _STUFFED = b"\r\n."
 _UNSTUFFED = b"\r\n"
+# LFDataReader's: the same pattern after CRLF -> LF, valid only while every LF
+# came from a CRLF (no bare LF).
+_CRLF = b"\r\n"
+_LF = b"\n"
+_CR = b"\r"
+_LF_STUFFED = b"\n."
 
 
 class DataReader:
@@ -76,3 +86,40 @@ class DataReader:
         if chunk:
             self.size += len(chunk)
             self._sink(chunk)
+
+
+class LFDataReader(DataReader):
+    """A DataReader whose output has LF line ends: the body is converted once, on
+    arrival, instead of by a later pass over the whole message.
+
+    End-of-data detection and the carried bytes are DataReader's (they work on the
+    wire's CRLF bytes); only ``_emit`` differs.  ``sink(chunk, size)`` gets the
+    unstuffed LF bytes and ``size``, their length in CRLF form (what DataReader
+    would have passed), and ``size`` totals that, so a SIZE limit means the same
+    in both modes.  ``bare_newline`` is set exactly when DataReader sets it.
+    """
+
+    __slots__ = ()
+
+    def _emit(self, chunk):
+        out = chunk.replace(_CRLF, _LF)
+        crlf = len(chunk) - len(out)
+        # Every CR left over was not followed by LF; more LFs than CRLFs replaced
+        # means a bare LF: the same two tests as DataReader's three counts.
+        if _CR in out:
+            self.bare_newline = True
+        if out.count(_LF) == crlf:
+            out = out.replace(_LF_STUFFED, _LF)
+        else:
+            # After a bare LF a "." starts no line: unstuff the CRLF text instead
+            # (rare, and the message is refused; the output still matches DataReader's).
+            self.bare_newline = True
+            out = chunk.replace(_STUFFED, _UNSTUFFED).replace(_CRLF, _LF)
+        if self._virtual:
+            out = out[1:]       # the virtual CRLF in front, now one LF
+            crlf -= 1
+            self._virtual = False
+        if out:
+            size = len(out) + crlf
+            self.size += size
+            self._sink(out, size)

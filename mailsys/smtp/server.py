@@ -20,7 +20,7 @@ from twisted.internet import defer
 from mailsys.logs import MailLog
 from mailsys.smtp import reply as R
 from mailsys.smtp.address import AddressError, parse_path, split_path_and_params
-from mailsys.smtp.data import DataReader
+from mailsys.smtp.data import DataReader, LFDataReader
 from mailsys.smtp.params import ParamError, parse_mail_params, parse_rcpt_params
 from mailsys.smtp.reply import Reply
 from mailsys.smtp import sasl
@@ -468,15 +468,24 @@ class SMTPServerProtocol(Protocol):
             txn.handle = result and None
             self._data_size = 0
             self._data_too_big = False
-            self._reader = DataReader(self._data_chunk)
+            self._reader = self._data_reader()
             self._arm(self.limits.data_timeout)
             self._deadline = self.clock.seconds() + self.limits.data_timeout
             self._send(R.START_DATA)
 
         self._run(self.handler.data(self, txn), answered)
 
-    def _data_chunk(self, chunk):
-        self._data_size += len(chunk)
+    def _data_reader(self):
+        """An LMTP handler that stores LF line ends (``wants_lf``, the MDA) gets
+        the body converted as it arrives: no second pass over it later."""
+        if self.lmtp and getattr(self.handler, "wants_lf", False):
+            return LFDataReader(self._data_chunk)
+        return DataReader(self._data_chunk)
+
+    def _data_chunk(self, chunk, size=None):
+        # ``size``: an LF chunk's length in CRLF form, so limits and the size
+        # handed to data_end are the same whatever the reader.
+        self._data_size += len(chunk) if size is None else size
         if self._data_too_big:
             return
         if self._data_size > self.limits.message_size:

@@ -478,7 +478,12 @@ def test_plus_tags_never_become_paths(make_server):
     created = tree(server.base, skip) - before
     allowed = {str(server.mail_root), str(server.mail_root / "example.com"),
                str(maildir.parent), str(maildir)} | {str(maildir / s) for s in ("tmp", "new", "cur")}
-    strays = {p for p in created if p not in allowed and os.path.dirname(p) != str(maildir / "new")}
+    # Another worker process opens its own (empty) spool segment when it starts,
+    # which may be after the snapshot above: that is not the MDA's doing.
+    segments = str(server.state_dir / "spool" / "segments")
+    strays = {p for p in created if p not in allowed and os.path.dirname(p) != str(maildir / "new")
+              and not (os.path.dirname(p) == segments and p.endswith(".seg")
+                       and os.path.getsize(p) == 0)}
     assert strays == set()
     files = maildir_files(maildir)
     assert len(files) == accepted

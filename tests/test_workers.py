@@ -1,0 +1,193 @@
+"""Worker plumbing without processes: the pipe a worker writes its log lines and
+notifications to, worker 0's relay of them, and who accepts on the MDA's LMTP
+listeners while other workers run."""
+import json
+import os
+
+import pytest
+from twisted.internet import task
+from twisted.logger import LogLevel, globalLogPublisher
+
+from mailsys import workers
+from mailsys.logs import MailLog
+
+
+class Reactor(task.Clock):
+    running = True
+
+
+def read_all(fd):
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    reactor = Reactor()
+    yield workers.ParentPipe(w, reactor), r, reactor
+    os.close(r)
+    os.close(w)
+
+
+def test_log_lines_of_one_turn_go_out_in_one_write(pipe, monkeypatch):
+    parent, r, reactor = pipe
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(workers.os, "write", lambda fd, data: writes.append(bytes(data)) or
+                        real_write(fd, data))
+    parent.log(b"one\n")
+    parent.log(b"two\n")
+    assert read_all(r) == b"" and writes == []
+    reactor.advance(0)
+    assert writes == [b"one\ntwo\n"]
+    assert read_all(r) == b"one\ntwo\n"
+    reactor.advance(0)
+    assert writes == [b"one\ntwo\n"]       # nothing pending, nothing written
+
+
+def test_a_notification_goes_at_once_behind_earlier_log_lines(pipe):
+    parent, r, reactor = pipe
+    parent.log(b"log 1\n")
+    parent.send(b'{"spooled": [1, 2]}\n')
+    assert read_all(r) == b'log 1\n{"spooled": [1, 2]}\n'
+    parent.log(b"log 2\n")
+    reactor.advance(0)
+    assert read_all(r) == b"log 2\n"
+
+
+def test_without_a_running_reactor_lines_go_at_once(pipe):
+    parent, r, reactor = pipe
+    reactor.running = False
+    parent.log(b"late\n")
+    assert read_all(r) == b"late\n"
+
+
+def test_short_writes_are_finished(pipe, monkeypatch):
+    parent, r, reactor = pipe
+    real_write = os.write
+    monkeypatch.setattr(workers.os, "write", lambda fd, data: real_write(fd, bytes(data[:3])))
+    parent.send(b"abcdefghij\n")
+    assert read_all(r) == b"abcdefghij\n"
+
+
+def test_a_pipe_closed_by_worker_zero_is_not_an_error():
+    r, w = os.pipe()
+    os.close(r)
+    parent = workers.ParentPipe(w, Reactor())
+    try:
+        parent.send(b"lost\n")      # EPIPE: worker 0 is gone
+        assert parent.pending == []
+    finally:
+        os.close(w)
+
+
+def test_observer_sends_mail_log_text_as_is_and_renders_others(pipe):
+    parent, r, reactor = pipe
+    observe = workers._stdout_observer(parent)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        MailLog("mailsys.smtpd").info("ABC123: client=x[1.2.3.4]", qid="ABC123")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    observe(events[0])
+    observe({"log_format": "worker {n} said {what}", "n": 1, "what": "hi",
+             "log_level": LogLevel.warn, "log_namespace": "other"})
+    reactor.advance(0)
+    lines = [json.loads(x) for x in read_all(r).splitlines()]
+    assert lines == [{"level": "info", "namespace": "mailsys.smtpd", "text": "ABC123: client=x[1.2.3.4]"},
+                     {"level": "warn", "namespace": "other", "text": "worker 1 said hi"}]
+
+
+def test_worker_zero_re_emits_a_relayed_line():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto = workers.WorkerProcess(pool=None, index=3)
+        proto._relay(json.dumps({"level": "warn", "namespace": "mailsys.lmtp",
+                                 "text": "X: to=<a@b>, status=sent"}).encode())
+        proto._relay(b"not json")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (first, second) = events
+    assert (first["log_namespace"], first["log_level"], first["text"], first["worker"]) == (
+        "mailsys.lmtp", LogLevel.warn, "X: to=<a@b>, status=sent", 3)
+    assert first["log_format"] == "{text}"
+    assert (second["log_namespace"], second["log_level"], second["text"]) == (
+        "mailsys.workers", LogLevel.info, "not json")
+
+
+class Host:
+    """What WorkerPool needs of the MailHost, recording serve_lmtp calls."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.listeners, self.ports = [], []
+        self.lock_fd = 0
+        self.config_path = "/dev/null"
+        self.serving = []
+
+    def serve_lmtp(self, serving):
+        self.serving.append(serving)
+
+
+class Transport:
+    pid = 4242
+
+
+class SpawningReactor(task.Clock):
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, proto, executable, args, env, path, childFDs):
+        proto.transport = Transport()
+        self.spawned.append(proto)
+
+
+def test_worker_zero_leaves_lmtp_to_running_workers_and_takes_it_back():
+    reactor = SpawningReactor()
+    host = Host(reactor)
+    pool = workers.WorkerPool(host, 1)
+    pool.start()
+    assert host.serving == [False]
+    (proto,) = reactor.spawned
+    pool.ended(proto, _reason("killed"))
+    assert host.serving == [False, True]           # no worker left: worker 0 serves LMTP
+    reactor.advance(1)                              # the restart pause
+    assert len(reactor.spawned) == 2 and host.serving == [False, True, False]
+
+
+def test_worker_zero_keeps_lmtp_off_while_another_worker_runs():
+    reactor = SpawningReactor()
+    host = Host(reactor)
+    pool = workers.WorkerPool(host, 2)
+    pool.start()
+    pool.ended(reactor.spawned[0], _reason("killed"))
+    assert host.serving == [False, False]          # worker 2 still runs
+
+
+def test_no_lmtp_change_while_stopping():
+    reactor = SpawningReactor()
+    host = Host(reactor)
+    pool = workers.WorkerPool(host, 1)
+    pool.start()
+    pool.stopping = True
+    pool.ended(reactor.spawned[0], _reason("terminated"))
+    assert host.serving == [False]
+
+
+def _reason(text):
+    from twisted.python.failure import Failure
+
+    return Failure(Exception(text))
