@@ -16,6 +16,7 @@ import time
 
 from twisted.application import service
 from twisted.internet import endpoints
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -24,6 +25,7 @@ from mailsys.config import ConfigError, load, workers as worker_count
 log = Logger(namespace="mailsys")
 
 LOCK_WAIT = 10.0   # seconds to wait for a previous instance's processes to be gone
+QUEUE_LMTP = "lmtp-queue"   # the role of the queue's own socket to the MDA workers
 LMTP_SESSIONS = 40   # concurrent LMTP deliveries from the queue to the MDA
 
 
@@ -142,8 +144,9 @@ class MailHost(service.MultiService):
         os.makedirs(state, mode=0o700, exist_ok=True)
         if self.adopt is None:
             self._lock_state(state)
-            for endpoint in self.config.listen.lmtp:
-                _remove_stale_unix_socket(endpoint)
+            for role, endpoint, _ in self.listeners:
+                if role in ("lmtp", QUEUE_LMTP):
+                    _remove_stale_unix_socket(endpoint)
         self.spool.open(everything=self.adopt is None)
         if self.adopt is None:
             self._load_queue()
@@ -176,7 +179,9 @@ class MailHost(service.MultiService):
             # 40 sessions: the MDA commits each batch with one flush, so more
             # concurrent deliveries make bigger batches (bench/e2e.py: 4k-20 went
             # from 220 to 256 msg/s over 10 sessions on this machine kind).
-            lmtp = self.lmtp = LMTPCourier(self.reactor, self.config.listen.lmtp[0],
+            # With other workers, the queue's own socket to them (see build()).
+            inside = [e for role, e, _ in self.listeners if role == QUEUE_LMTP]
+            lmtp = self.lmtp = LMTPCourier(self.reactor, (inside or self.config.listen.lmtp)[0],
                                            self.config.server.hostname, max_sessions=LMTP_SESSIONS)
         from mailsys.couriers.remote import from_config
 
@@ -277,20 +282,12 @@ class MailHost(service.MultiService):
                      n=self.nworkers)
 
     def serve_lmtp(self, serving):
-        """Whether worker 0 accepts on the MDA's LMTP listeners (the WorkerPool
-        turns this off while another worker runs).
-
-        The queue's LMTP sessions are long-lived (mailsys.couriers.lmtp), and the
-        kernel hands a connection to whichever process accepts first: usually the
-        one that just connected.  Every delivery's MDA work would then land on
-        worker 0, which already runs the queue, the courier, the journal and the
-        log; left to the other workers, the load splits evenly across the CPUs
-        (docs/performance.rst).  With no other worker running, worker 0 serves
-        LMTP itself, so local delivery never stops."""
+        """Whether worker 0 accepts on the queue's LMTP socket (the WorkerPool
+        turns this off while another worker runs; see build())."""
         if self.adopt is not None:
             return
         for (role, _, _), port in zip(self.listeners, self.ports):
-            if role == "lmtp":
+            if role == QUEUE_LMTP:
                 if serving:
                     self.reactor.addReader(port)
                 else:
@@ -374,6 +371,19 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
         for endpoint in config.listen.lmtp:
             factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
             host.listeners.append(("lmtp", endpoint, factory))
+        if nworkers > 1:
+            # The queue's deliveries reach the MDA through a socket of their own,
+            # served by the other workers only (worker 0 takes it over while none
+            # runs: MailHost.serve_lmtp).  The courier keeps its sessions open, and
+            # on a shared listener the kernel gives a new connection to whichever
+            # process accepts first, usually worker 0, which just connected: every
+            # delivery's MDA work would pile onto the process that already runs the
+            # queue, the courier, the journal and the log.  listen.lmtp itself stays
+            # served by every process, for other MTAs (docs/processes.rst).
+            path = os.path.join(config.server.state_dir, "lmtp-queue.sock")
+            factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
+            host.listeners.append((QUEUE_LMTP, f"unix:{quoteStringArgument(path)}:mode=0600",
+                                   factory))
     roles = [("mta", config.listen.mta), ("submission", config.listen.submission),
              ("submissions", config.listen.submissions)]
     for role, endpoints_ in roles:

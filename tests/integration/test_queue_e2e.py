@@ -5,7 +5,11 @@ the sender as an RFC 3464 report in the sender's own mailbox."""
 import email
 import email.policy
 import mailbox
+import os
+import re
+import signal
 import smtplib
+import stat
 import time
 
 import pytest
@@ -121,3 +125,55 @@ def test_permanent_failure_bounces_to_the_senders_mailbox(host):
     assert returned["Message-ID"] == "<lost@example.com>"
     log = host.log_text()
     assert "sender failure notification" in log
+
+
+def worker_pids(server):
+    """PIDs of the extra worker processes (children running mailsys.workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if ppid == server.proc.pid and b"mailsys.workers" in argv:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def two_workers(tmp_path, make_server):
+    sock = lmtp_socket_path(tmp_path)
+    server = make_server(lmtp_overrides(sock, server={"workers": 2}), start=False)
+    server.users_path.write_text(cli_users_text(ACCOUNTS))
+    server.users_path.chmod(0o600)
+    server.start()
+    return server
+
+
+def test_the_queue_reaches_the_mda_workers_through_its_own_socket(two_workers):
+    """With several processes the queue delivers through state/lmtp-queue.sock
+    (0600, served by the other workers; docs/processes.rst), and local delivery
+    goes on when that worker is killed: worker 0 serves the socket until the
+    worker is back."""
+    server = two_workers
+    sock = server.state_dir / "lmtp-queue.sock"
+    assert stat.S_ISSOCK(sock.lstat().st_mode)
+    assert stat.S_IMODE(sock.lstat().st_mode) == 0o600
+    wait_for(lambda: len(worker_pids(server)) == 1, what="worker 1")
+    for i in range(3):
+        send(server, "sender@example.org", ["joe@example.com"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+    wait_for(lambda: count(server, "joe@example.com") == 3, what="three deliveries")
+    (pid,) = worker_pids(server)
+    os.kill(pid, signal.SIGKILL)
+    server.wait_for_log(r"worker 1 exited", timeout=10)
+    for i in range(3, 6):
+        send(server, "sender@example.org", ["joe@example.com"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+    wait_for(lambda: count(server, "joe@example.com") == 6, what="deliveries after the kill")
+    assert len(re.findall(r"to=<joe@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=2\.0\.0, "
+                          r"status=sent", server.log_text())) == 6
+    assert "status=deferred" not in server.log_text()
