@@ -229,6 +229,23 @@ class Courier(unittest.TestCase):
         self.assertEqual(calls, [("s@example.com", [("x@lmtp.test", {})])])
         self.assertIsInstance(out[0][0], Delivered)
 
+    def test_idle_also_closes_the_lmtp_transport_sessions(self):
+        closed = []
+
+        class FakeLMTP:
+            def deliver(self, sender, rcpts, message, params, qid=None):
+                return defer.succeed([Delivered()] * len(rcpts))
+
+            def idle(self):
+                closed.append(True)
+                return defer.succeed(None)
+
+        c = self.make(transport={"lmtp.test": "lmtp:[127.0.0.1]:24"},
+                      lmtp_courier=lambda reactor, hop, name: FakeLMTP())
+        self.deliver(["x@lmtp.test"], courier=c)
+        c.idle()
+        self.assertEqual(closed, [True])
+
     def test_parse_nexthop(self):
         self.assertEqual(parse_nexthop("[127.0.0.1]:2525"), ("127.0.0.1", 2525, False))
         self.assertEqual(parse_nexthop("[IPv6:::1]:25"), ("::1", 25, False))

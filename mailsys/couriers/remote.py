@@ -346,6 +346,10 @@ class RemoteCourier:
                 if timer.active():
                     timer.cancel()
                 session.quit()
+        for courier in self._lmtp.values():     # lmtp: transports keep sessions too
+            idle = getattr(courier, "idle", None)
+            if idle is not None:
+                idle()
 
 
 def _route_failure(reply):

@@ -117,7 +117,9 @@ class LFDataReader(DataReader):
     __slots__ = ()
 
     def _emit(self, chunk, stuffed=True):
-        out = chunk.replace(_CRLF, _LF)
+        # split + join, not replace: for mail's usual line lengths (tens of bytes
+        # and more) it is about a third cheaper (docs/performance.rst).
+        out = _LF.join(chunk.split(_CRLF))
         crlf = len(chunk) - len(out)
         # Every CR left over was not followed by LF; more LFs than CRLFs replaced
         # means a bare LF: the same two tests as DataReader's three counts.
