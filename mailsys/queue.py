@@ -339,11 +339,11 @@ class QueueManager(service.Service):
     def _finish(self, msg):
         failed = [r for r in msg.rcpts if r.state == "failed" and not r.reported]
         sent = [r for r in msg.rcpts if r.state == "sent"]
-        reported = bool(failed) or bool(sent and self._wants_report(msg, "success", sent))
+        reported = False
         if failed:
-            yield self._report(msg, "failure", failed)
+            reported = yield self._report(msg, "failure", failed)
         if sent:
-            yield self._report(msg, "success", sent)
+            reported = (yield self._report(msg, "success", sent)) or reported
         # "done" needs its own fdatasync only when a report went out: without
         # it, a crash that loses the record makes the restarted queue finish
         # the message again (load() above), and finishing a message that needs
@@ -454,32 +454,25 @@ class QueueManager(service.Service):
 
         An undeliverable message from <> (a bounce that bounced, say) goes to
         the postmaster instead, once, as Postfix's double-bounce notice does;
-        that notice is itself from <> and marked, so it never causes another."""
+        that notice is itself from <> and marked, so it never causes another.
+
+        The Deferred fires with True once a report is queued, False when none
+        was due."""
         from mailsys import dsn
 
         if dsn.never_bounce(msg.envelope):
             if kind != "failure":
-                return defer.succeed(None)
+                return defer.succeed(False)
             log.info(f"{msg.qid}: undeliverable message from <> not returned "
                      f"({len(rcpts)} recipient(s) failed)", qid=msg.qid)
             if msg.envelope.get("client", {}).get("role") == POSTMASTER_ROLE:
-                return defer.succeed(None)
+                return defer.succeed(False)
             return self._queue_report(msg, kind, rcpts, to=self.postmaster, role=POSTMASTER_ROLE)
         specs = msg.envelope.get("recipients", [])
         wanted = [r for r in rcpts if dsn.wants(specs[r.index], kind)]
         if not wanted:
-            return defer.succeed(None)
+            return defer.succeed(False)
         return self._queue_report(msg, kind, wanted)
-
-    def _wants_report(self, msg, kind, rcpts):
-        """Whether :meth:`_report` would queue a report (of a kind other than
-        "failure", which always leaves a trace: a report or a postmaster notice)."""
-        from mailsys import dsn
-
-        if dsn.never_bounce(msg.envelope):
-            return False
-        specs = msg.envelope.get("recipients", [])
-        return any(dsn.wants(specs[r.index], kind) for r in rcpts)
 
     @property
     def postmaster(self):
@@ -512,6 +505,7 @@ class QueueManager(service.Service):
         def queued(entry):
             log.info(f"{msg.qid}: {who} {kind} notification: {entry.queue_id}",
                      qid=msg.qid, dsn_id=entry.queue_id, kind=kind)
+            return True
 
         return d.addCallback(queued)
 
