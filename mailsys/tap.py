@@ -163,7 +163,7 @@ class MailHost(service.MultiService):
                     failure[0].raiseException()
         else:
             for (role, endpoint, fd, family), (_, _, factory) in zip(self.adopt, self.listeners):
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+                self.ports.append(adopt_port(self.reactor, fd, family, factory))
                 os.close(fd)
         super().privilegedStartService()
 
@@ -328,6 +328,36 @@ class MailHost(service.MultiService):
             return None
 
         return d.addBoth(closed)
+
+
+def adopt_port(reactor, fd, family, factory):
+    """Listen on the inherited socket ``fd`` (worker processes, mailsys.workers).
+
+    Twisted's ``adoptStreamPort`` chmods a unix socket's file to 0666 as if it
+    had just bound it, which would open ``listen.lmtp`` (``mode=0600``, say) and
+    the queue's own 0600 socket to every local user the moment a worker starts.
+    The file already has the mode worker 0 gave it, so a unix socket is adopted
+    keeping that mode."""
+    import socket
+    import stat
+
+    if family != socket.AF_UNIX:
+        return reactor.adoptStreamPort(fd, family, factory)
+    from twisted.internet import unix
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(fd))
+    try:
+        path = probe.getsockname()
+    finally:
+        probe.close()
+    mode = None
+    if isinstance(path, str) and path and path[0] != "\0":     # not abstract
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    port = unix.Port._fromListeningDescriptor(reactor, fd, factory)
+    if mode is not None:
+        port.mode = mode    # what startListening gives the file: what it has
+    port.startListening()
+    return port
 
 
 def _remove_stale_unix_socket(endpoint):

@@ -191,3 +191,4 @@ def _reason(text):
     from twisted.python.failure import Failure
 
     return Failure(Exception(text))
+

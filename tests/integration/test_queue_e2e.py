@@ -148,7 +148,9 @@ def worker_pids(server):
 @pytest.fixture
 def two_workers(tmp_path, make_server):
     sock = lmtp_socket_path(tmp_path)
-    server = make_server(lmtp_overrides(sock, server={"workers": 2}), start=False)
+    server = make_server(lmtp_overrides(f"unix:{sock}:mode=0660", server={"workers": 2}),
+                         start=False)
+    server.lmtp_socket = sock
     server.users_path.write_text(cli_users_text(ACCOUNTS))
     server.users_path.chmod(0o600)
     server.start()
@@ -162,9 +164,15 @@ def test_the_queue_reaches_the_mda_workers_through_its_own_socket(two_workers):
     worker is back."""
     server = two_workers
     sock = server.state_dir / "lmtp-queue.sock"
+    wait_for(lambda: len(worker_pids(server)) == 1, what="worker 1")
+    # Worker 0 and then worker 1 log that they listen on the queue's socket.
+    wait_for(lambda: len(re.findall(r"starting on '[^']*lmtp-queue\.sock'", server.log_text())) >= 2,
+             what="worker 1 listening")
+    # The modes survive the worker adopting the sockets (Twisted's adoption would
+    # make them 0666: any local user could hand the MDA mail).
     assert stat.S_ISSOCK(sock.lstat().st_mode)
     assert stat.S_IMODE(sock.lstat().st_mode) == 0o600
-    wait_for(lambda: len(worker_pids(server)) == 1, what="worker 1")
+    assert stat.S_IMODE(os.lstat(server.lmtp_socket).st_mode) == 0o660
     for i in range(3):
         send(server, "sender@example.org", ["joe@example.com"], f"Subject: {i}\r\n\r\nx\r\n".encode())
     wait_for(lambda: count(server, "joe@example.com") == 3, what="three deliveries")
