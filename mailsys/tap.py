@@ -330,6 +330,27 @@ class MailHost(service.MultiService):
         return d.addBoth(closed)
 
 
+def private_unix(endpoint):
+    """``endpoint`` with ``mode=0600`` added when it is a unix socket that names no
+    mode of its own.
+
+    LMTP asks for no authentication: whoever can connect can put mail in any
+    mailbox, with any headers.  Twisted creates unix sockets 0666, and the state
+    directory they live in by default is 0711 (so local users reach
+    ``public/submit.sock``), so the MDA's socket is made for the service user
+    alone unless the operator says otherwise (``mode=666`` in Postfix's
+    ``private/`` directory, say: docs/mda.rst)."""
+    from mailsys.couriers.lmtp import split_description
+
+    kind, sep, rest = endpoint.partition(":")
+    if kind.strip().lower() != "unix" or not sep:
+        return endpoint
+    _, kwargs = split_description(rest)
+    if "mode" in kwargs:
+        return endpoint
+    return f"{endpoint}:mode=0600"
+
+
 def adopt_port(reactor, fd, family, factory):
     """Listen on the inherited socket ``fd`` (worker processes, mailsys.workers).
 
@@ -400,7 +421,7 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
         mda = MDA(config, host.accounts, host.reactor, worker=worker, spool=host.spool)
         for endpoint in config.listen.lmtp:
             factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
-            host.listeners.append(("lmtp", endpoint, factory))
+            host.listeners.append(("lmtp", private_unix(endpoint), factory))
         if nworkers > 1:
             # The queue's deliveries reach the MDA through a socket of their own,
             # served by the other workers only (worker 0 takes it over while none

@@ -59,12 +59,12 @@ RETRY = object()         # a session's result when it died before its MAIL was a
 _HOSTNAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
 
 __all__ = ["LMTPCourier", "LMTPClientProtocol", "ReplyParser", "ProtocolError",
-           "client_endpoint_for", "stuffed_chunks", "parse_reply"]
+           "client_endpoint_for", "split_description", "stuffed_chunks", "parse_reply"]
 
 
 # --- endpoints -----------------------------------------------------------------------
 
-def _split_description(text):
+def split_description(text):
     """A Twisted endpoint description as ``(positional args, keyword args)``.
 
     Same grammar as Twisted's strports: ``:`` separates arguments, the first ``=``
@@ -114,7 +114,7 @@ def client_endpoint_for(reactor, listen_string, timeout=CONNECT_TIMEOUT):
     kind = kind.strip().lower()
     if not sep:
         raise ValueError(f"{listen_string!r} is not an endpoint string")
-    args, kwargs = _split_description(rest)
+    args, kwargs = split_description(rest)
     if kind == "unix":
         path = kwargs.get("address", args[0] if args else "")
         if not path:

@@ -387,14 +387,14 @@ def _make_lmtp(reactor, nexthop, hostname):
 
 def own_addresses(config):
     """``(ip or None, port)`` of our MTA listeners, for the self-MX check."""
-    from mailsys.couriers.lmtp import _split_description
+    from mailsys.couriers.lmtp import split_description
 
     out = []
     for endpoint in config.listen.mta:
         kind, _, rest = endpoint.partition(":")
         if kind.lower() not in ("tcp", "tcp6"):
             continue
-        args, kwargs = _split_description(rest)
+        args, kwargs = split_description(rest)
         try:
             port = int(kwargs.get("port", args[0] if args else ""))
         except ValueError:

@@ -984,7 +984,7 @@ MDA_ACCOUNTS = (
 
 
 def start_mda(make_server, unix=True, tcp=False, aliases=None, overrides=None, name=None,
-              accounts=MDA_ACCOUNTS):
+              accounts=MDA_ACCOUNTS, unix_mode=None):
     """A running mailsys (via the ``make_server`` fixture) with the LMTP role on a unix
     socket (``server.lmtp_socket``) and/or TCP on 127.0.0.1 (``server.lmtp_port``), the
     ``accounts`` made by the CLI and ``aliases`` (text) as its aliases file."""
@@ -993,7 +993,8 @@ def start_mda(make_server, unix=True, tcp=False, aliases=None, overrides=None, n
     server.lmtp_socket = server.lmtp_port = None
     if unix:
         server.lmtp_socket = lmtp_socket_path(server.base)
-        endpoints.append(f"unix:{server.lmtp_socket}")
+        # unix_mode: for another user's client (mailsys makes the socket 0600 otherwise).
+        endpoints.append(f"unix:{server.lmtp_socket}" + (f":mode={unix_mode}" if unix_mode else ""))
     if tcp:
         server.lmtp_port = free_port()
         endpoints.append(f"tcp:{server.lmtp_port}:interface={LOOPBACK}")

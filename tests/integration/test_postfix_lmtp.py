@@ -158,8 +158,8 @@ def test_postfix_delivers_over_lmtp_and_bounces_the_over_quota_recipient_alone(m
 def test_postfix_delivers_over_the_unix_socket(make_server, lmtp_peer):
     """``virtual_transport = lmtp:unix:PATH`` (what docs/mda.rst recommends) works as
     well: Postfix's lmtp client runs as the ``postfix`` user, so the socket must be
-    reachable and writable for it."""
-    server = start_mda(make_server)
+    reachable and writable for it: ``mode=666`` (mailsys makes it 0600 otherwise)."""
+    server = start_mda(make_server, unix_mode="666")
     peer = lmtp_peer(f"unix:{server.lmtp_socket}")
     msg = message("via-postfix-unix", "<joe@example.com>")
     qid = submit(peer, ["joe@example.com"], msg)

@@ -50,3 +50,82 @@ def test_a_tcp_listener_is_adopted_as_before():
 
     assert adopt_port(Recording(), 7, socket.AF_INET, Factory()) == "port"
     assert calls == [(7, socket.AF_INET)]
+
+
+# --- with real processes: a local user who is not the service user ---------------------------
+
+NOBODY = 65534
+
+# perl-base is Essential in Debian, and readable by everyone (our Python may not be).
+CONNECT = r"""
+use Socket;
+socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+if (!connect($s, sockaddr_un($ARGV[0]))) {
+    if ($!{EACCES}) { print "EACCES\n"; exit 0 }
+    die "connect: $!";
+}
+my $line = <$s>;
+my ($code) = split / /, $line;
+print "$code\n";
+"""
+
+
+def as_nobody(path):
+    """What an unprivileged local user gets when connecting to ``path``."""
+    import subprocess
+
+    def drop():
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    p = subprocess.run(["perl", "-e", CONNECT, str(path)], preexec_fn=drop,
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+@pytest.fixture
+def open_dir():
+    """A directory every local user may pass through (as ``state_dir`` is, 0711), so
+    only the socket's own mode decides."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="mailsys-sock-", dir="/tmp")
+    os.chmod(d, 0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user")
+@pytest.mark.parametrize("mode, expected", [(None, "EACCES"), ("0666", "220")])
+def test_a_local_user_reaches_the_mda_only_where_the_operator_allows(tmp_path, open_dir, mode,
+                                                                     expected):
+    """listen.lmtp without ``mode=`` is for the service user alone (LMTP asks for no
+    password: whoever connects can write into any mailbox); ``mode=0666`` opens it,
+    as docs/mda.rst says for Postfix's lmtp client.  Two worker processes, so the
+    sockets have been adopted by worker 1 when we look."""
+    import time
+
+    from tests.integration.harness import MailsysServer
+
+    sock = os.path.join(open_dir, "lmtp.sock")
+    endpoint = f"unix:{sock}" + (f":mode={mode}" if mode else "")
+    server = MailsysServer(tmp_path / "mailsys", {"listen": {"lmtp": [endpoint]},
+                                                  "server": {"workers": 2}})
+    try:
+        server.start()
+        deadline = time.monotonic() + 30
+        while server.log_text().count("lmtp-queue.sock'") < 2:   # worker 0, then worker 1
+            assert time.monotonic() < deadline, server.log_text()[-2000:]
+            time.sleep(0.05)
+        assert oct(stat.S_IMODE(os.stat(sock).st_mode)) == oct(int(mode or "0600", 8))
+        assert as_nobody(sock) == expected
+        queue_sock = server.state_dir / "lmtp-queue.sock"
+        assert stat.S_IMODE(queue_sock.stat().st_mode) == 0o600
+        os.chmod(server.state_dir, 0o711)        # as it is; only the socket's mode protects it
+        assert as_nobody(queue_sock) in ("EACCES",)
+    finally:
+        server.cleanup()
