@@ -10,7 +10,7 @@ observer, the global log publisher) and carries its finished text in one field,
 """
 from time import time
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import FileLogObserver, Logger, LogLevel, formatTime, globalLogPublisher
 
 _FORMAT = "{text}"
 
@@ -59,3 +59,60 @@ def emit_text(namespace, level, text, **keys):
             _relayed.clear()
         log = _relayed[namespace] = MailLog(namespace)
     log._emit(level, text, keys)
+
+
+class ClassicLineFormatter:
+    """``formatEvent`` for twistd's log file that renders our pre-rendered lines
+    itself, byte for byte as ``formatEventAsClassicLogText`` would.
+
+    Why: with the event building above already cheap, profiles of the receive
+    path still put 8-11% of all CPU in twistd's file observer, most of it the
+    timestamp (a ``datetime`` and a ``FixedOffsetTimeZone`` built and
+    ``strftime``-ed for every line) and ``eventAsText``'s generic passes.  Here
+    the stamp is made by Twisted's own ``formatTime`` once per second (``%S`` has
+    no fraction, so every event of that second gets the same text) and the line
+    is one f-string.  Any other event -- a format with fields, a failure, an
+    explicit ``log_system`` -- goes to the formatter it replaces, unchanged.
+    """
+
+    __slots__ = ("_fallback", "_second", "_stamp")
+
+    def __init__(self, fallback):
+        self._fallback = fallback
+        self._second = None
+        self._stamp = ""
+
+    def __call__(self, event):
+        if (event.get("log_format") is not _FORMAT or "log_failure" in event
+                or "log_system" in event or "log_flattened" in event):
+            return self._fallback(event)
+        text = event.get("text")
+        when = event.get("log_time")
+        level = event.get("log_level")
+        if not text or when is None or level is None or not isinstance(text, str):
+            return self._fallback(event)
+        second = int(when)
+        if second != self._second:
+            self._stamp = formatTime(second)
+            self._second = second
+        if "\n" in text:
+            text = text.replace("\n", "\n\t")
+        return f"{self._stamp} [{event.get('log_namespace', '-')}#{level.name}] {text}\n"
+
+
+def speed_up_log_files(publisher=globalLogPublisher):
+    """Give every text file observer of ``publisher`` (twistd's ``--logfile``,
+    or ``-`` for standard output) the :class:`ClassicLineFormatter`.  Returns how
+    many it changed.
+
+    twistd builds its observer before the application starts and offers no hook
+    to pick its formatter, so this looks at the publisher's observers after the
+    fact (``LogPublisher`` keeps them in ``_observers``; should that ever change,
+    nothing is changed and the lines are still written, only more slowly).
+    """
+    changed = 0
+    for observer in list(getattr(publisher, "_observers", ())):
+        if isinstance(observer, FileLogObserver) and not isinstance(observer.formatEvent, ClassicLineFormatter):
+            observer.formatEvent = ClassicLineFormatter(observer.formatEvent)
+            changed += 1
+    return changed

@@ -277,6 +277,9 @@ class MailHost(service.MultiService):
             self.pool = WorkerPool(self, self.nworkers - 1)
             self.pool.start()
         if self.worker == 0:
+            from mailsys.logs import speed_up_log_files
+
+            speed_up_log_files()
             log.info("mailsys started: {hostname}, state in {state_dir}, {n} worker process(es)",
                      hostname=self.config.server.hostname, state_dir=self.config.server.state_dir,
                      n=self.nworkers)

@@ -207,6 +207,7 @@ class MailsysServer:
         self.proc = None
         self.starts = 0
         self._log_offset = 0
+        self._log_inode = None
 
     # -- the process ---------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class MailsysServer:
         if self.proc is not None and self.proc.poll() is None:
             raise HarnessError("mailsys is already running")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._log_inode = self.log_path.stat().st_ino if self.log_path.exists() else None
         out = open(self.output_path, "ab")
         try:
             self.proc = subprocess.Popen(
@@ -280,13 +282,35 @@ class MailsysServer:
         return read_log(self.log_path)
 
     def log_since_start(self):
-        """The log written since the last ``start()``."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_offset)
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
+        """The log written since the last ``start()``.
+
+        twistd rotates its log at 1 MB (FILE -> FILE.1 -> FILE.2 ...): when it
+        has since ``start()``, the start is in an older file (found by inode) and
+        every newer one is read whole."""
+        files = [str(self.log_path)] + [f"{self.log_path}.{n}" for n in range(1, 10)]
+        inodes = []
+        for name in files:
+            try:
+                inodes.append(os.stat(name).st_ino)
+            except FileNotFoundError:
+                break
+        if not inodes:
             return ""
+        first, offset = 0, self._log_offset
+        if self._log_inode is not None and self._log_inode in inodes:
+            first = inodes.index(self._log_inode)
+        elif self._log_inode is not None:
+            first, offset = len(inodes) - 1, 0     # rotated out of sight: all we have
+        text = []
+        for n in range(first, -1, -1):
+            try:
+                with open(files[n], "rb") as f:
+                    if n == first:
+                        f.seek(offset)
+                    text.append(f.read())
+            except FileNotFoundError:
+                pass
+        return b"".join(text).decode("utf-8", "replace")
 
     def wait_for_log(self, pattern, timeout=10.0):
         """The first match of regex ``pattern`` in the log, waiting for it to appear."""

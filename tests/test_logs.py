@@ -1,0 +1,122 @@
+"""mailsys.logs: the fast formatter writes exactly what twistd's own would."""
+import io
+import os
+import time
+
+import pytest
+from twisted.logger import (LogLevel, LogPublisher, formatEventAsClassicLogText, formatTime,
+                            textFileLogObserver, timeFormatRFC3339)
+
+from mailsys.logs import ClassicLineFormatter, MailLog, speed_up_log_files
+
+
+def twistd_format(event):
+    """What twistd's textFileLogObserver renders (its formatEvent, spelled out)."""
+    return formatEventAsClassicLogText(event, formatTime=lambda e: formatTime(e, timeFormatRFC3339))
+
+
+def captured(namespace, level, text, **keys):
+    events = []
+    log = MailLog(namespace)
+    log._logger.observer = events.append
+    getattr(log, level)(text, **keys)
+    return events[0]
+
+
+# Times across second boundaries, a fraction just under the next second, and a
+# summer and a winter date (the local offset is part of the stamp).
+TIMES = [1_700_000_000.0, 1_700_000_000.999999, 1_700_000_001.0, 1_700_000_001.5, 1_719_000_000.25]
+
+
+@pytest.fixture(params=["UTC", "Europe/Berlin", "America/St_Johns"])
+def local_zone(request, monkeypatch):
+    """The stamp carries the local offset: check it in zones with summer time
+    and with a half-hour offset, not just in the machine's own."""
+    if not os.path.exists(os.path.join("/usr/share/zoneinfo", request.param)):
+        pytest.fail(f"tzdata has no {request.param}")
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield request.param
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("when", TIMES)
+@pytest.mark.parametrize("level", ["info", "warn", "error"])
+@pytest.mark.parametrize("text", [
+    "19851B94036494001: to=<postmaster@example.com>, relay=lmtp, status=sent (250 2.0.0 Ok)",
+    "a line\nwith a newline\n",
+    "brace {text} and {0} and percent %s",
+    "unicode: Grüße, 日本",
+])
+def test_our_lines_are_rendered_byte_for_byte_as_twistd_would(when, level, text, local_zone):
+    event = captured("mailsys.queue", level, text, queue_id="ABC", to="x@example.com")
+    event["log_time"] = when
+    assert ClassicLineFormatter(twistd_format)(event) == twistd_format(event)
+
+
+def test_the_stamp_follows_each_event_not_the_first_of_a_run():
+    fmt = ClassicLineFormatter(twistd_format)
+    lines = []
+    for when in sorted(TIMES * 2):
+        event = captured("mailsys.smtpd", "info", "x")
+        event["log_time"] = when
+        lines.append((fmt(event), twistd_format(event)))
+    assert [a for a, _ in lines] == [b for _, b in lines]
+    assert len({a[:24] for a, _ in lines}) == 3      # three distinct seconds among TIMES
+
+
+def fallback_events():
+    yield dict(log_format="started on {port}", port=25, log_time=TIMES[0], log_namespace="x",
+               log_level=LogLevel.info)
+    yield dict(log_format="{text}", text="explicit system", log_system="TCP Port 25", log_time=TIMES[0],
+               log_level=LogLevel.info, log_namespace="x")
+    yield dict(log_format="{text}", text="no time", log_level=LogLevel.info, log_namespace="x")
+    yield dict(log_format="{text}", text="", log_time=TIMES[0], log_level=LogLevel.info, log_namespace="x")
+    yield dict(log_format=None, log_time=TIMES[0])
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        from twisted.python.failure import Failure
+
+        failure = Failure()
+    yield dict(log_format="{text}", text="boom", log_failure=failure, log_time=TIMES[0],
+               log_level=LogLevel.critical, log_namespace="x")
+
+
+@pytest.mark.parametrize("event", list(fallback_events()))
+def test_any_other_event_goes_to_the_formatter_it_replaced(event):
+    seen = []
+
+    def fallback(e):
+        seen.append(e)
+        return twistd_format(e)
+
+    # A format string equal to "{text}" but not our constant object is also
+    # someone else's event: only MailLog's own events take the fast path.
+    event = dict(event)
+    if event.get("log_format") == "{text}":
+        event["log_format"] = "".join(["{te", "xt}"])
+    assert ClassicLineFormatter(fallback)(event) == twistd_format(event)
+    assert seen == [event]
+
+
+def test_speed_up_log_files_swaps_the_formatter_of_file_observers_only():
+    publisher = LogPublisher()
+    out = io.StringIO()
+    file_observer = textFileLogObserver(out)
+    other = []
+    publisher.addObserver(file_observer)
+    publisher.addObserver(other.append)
+    assert speed_up_log_files(publisher) == 1
+    assert isinstance(file_observer.formatEvent, ClassicLineFormatter)
+    assert speed_up_log_files(publisher) == 0       # not wrapped twice
+
+    log = MailLog("mailsys.smtpd")
+    log._logger.observer = publisher
+    log.info("connect from localhost[127.0.0.1]", client="127.0.0.1")
+    publisher(dict(log_format="plain {n}", n=1, log_time=TIMES[0], log_namespace="t",
+                   log_level=LogLevel.warn))
+    assert out.getvalue() == "".join(twistd_format(e) for e in other)
+    assert out.getvalue().count("\n") == 2
+    assert "] connect from localhost[127.0.0.1]\n" in out.getvalue()
