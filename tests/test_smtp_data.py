@@ -201,10 +201,22 @@ _noise = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(wire=_noise, data=st.data())
 def test_result_independent_of_segmentation(wire, data):
-    whole = run_split(wire, [])
+    """Any bytes, ended by the marker (if they did not end already): the same
+    body, remainder, flag and size however they are cut.  Before the end, what
+    was passed on so far is a prefix of that body, short of it by no more than
+    the few bytes a reader may hold back (a CRLF, and "\r\n.\r" or a "\r")."""
+    ended = wire + b"\r\n.\r\n"
+    whole = run_split(ended, [])
     cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=15))
-    assert run_split(wire, cuts) == whole
-    assert run_split(wire, range(len(wire))) == whole
+    assert run_split(ended, cuts) == whole
+    assert run_split(ended, range(len(ended))) == whole
+    for c in (cuts, range(len(wire))):
+        body, rest, _, size = run_split(wire, c)
+        if rest is None:
+            assert whole[0].startswith(body) and len(whole[0]) - len(body) <= 6
+            assert size == len(body)
+        else:
+            assert (body, rest) == (whole[0], whole[1][:len(rest)])
 
 
 # -- LF mode (the MDA): the same reader, converted to LF on arrival -------------------------

@@ -277,3 +277,79 @@ def test_every_directory_created_is_private(tmp_path, kind):
     assert store.deliver(loc, b"", b"a\n", 0).delivered
     for d in (tmp_path / "example.com", tmp_path / "example.com" / "joe"):
         assert oct(d.stat().st_mode & 0o777) == "0o700", d
+
+
+# -- Body: the MDA's chunks, never joined by the MDA ------------------------------------
+
+def chunks_of(data, sizes):
+    out, i = [], 0
+    for n in sizes:
+        out.append(data[i:i + n])
+        i += n
+    out.append(data[i:])
+    return [c for c in out if c]
+
+
+@pytest.mark.parametrize("sizes", [[], [1], [5, 1, 7], [1] * 40])
+def test_a_body_in_chunks_is_stored_as_the_same_bytes(store, sizes):
+    from mailsys.mda.store import Body
+
+    s, loc = store
+    crlf_size = len(MESSAGE) + MESSAGE.count(b"\n")
+    body = Body(chunks_of(MESSAGE, sizes), crlf_size)
+    assert len(body) == len(MESSAGE) and body.line_ends == MESSAGE.count(b"\n")
+    assert s.deliver(loc, PREFIX, body, 0, sender="a@b.org") == Delivered()
+    assert s.messages(loc) == [STORED]
+
+
+def test_body_head_and_bytes():
+    from mailsys.mda.store import Body
+
+    body = Body(chunks_of(MESSAGE, [3, 4, 10]), 0)
+    for n in (0, 1, 3, 4, 7, 8, 20, len(MESSAGE), len(MESSAGE) + 5):
+        assert body.head(n) == MESSAGE[:n]
+    assert bytes(body) == MESSAGE
+    assert bytes(body) is bytes(body) and body.chunks == [MESSAGE]     # joined once, kept
+
+
+def test_maildir_w_comes_from_the_body_crlf_size(tmp_path):
+    """W= is the reader's CRLF size plus the prefix's; the body is not counted again."""
+    from mailsys.mda.store import Body
+
+    s = MaildirStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    crlf_size = len(MESSAGE) + MESSAGE.count(b"\n")
+    assert s.deliver(loc, PREFIX, Body(chunks_of(MESSAGE, [9]), crlf_size), 0).delivered
+    (name,) = os.listdir(os.path.join(loc, "new"))
+    prefix_crlf = len(PREFIX) + PREFIX.count(b"\n")
+    assert name.endswith(f",S={len(STORED)},W={crlf_size + prefix_crlf}")
+    assert crlf_size + prefix_crlf == len(STORED) + STORED.count(b"\n")
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_maildir_writes_more_chunks_than_iov_max_and_finishes_short_writes(tmp_path, monkeypatch, short):
+    """A body of many small chunks goes out in writev groups the kernel accepts
+    (IOV_MAX, usually 1024); a short writev is finished, not lost."""
+    from mailsys.mda import maildir as md
+    from mailsys.mda.store import Body
+
+    data = b"".join(b"line %05d\n" % i for i in range(3000))
+    body = Body([data[i:i + 11] for i in range(0, len(data), 11)], len(data) + 3000)
+    assert len(body.chunks) == 3000 > md._IOV_MAX
+    calls = []
+    real = os.writev
+
+    def writev(fd, parts):
+        calls.append(len(parts))
+        assert len(parts) <= md._IOV_MAX
+        if short:
+            first = bytes(parts[0])
+            return real(fd, [first[:len(first) // 2]])
+        return real(fd, parts)
+
+    monkeypatch.setattr(md.os, "writev", writev)
+    s = MaildirStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    assert s.deliver(loc, PREFIX, body, 0).delivered
+    assert s.messages(loc) == [PREFIX + data]
+    assert len(calls) == -(-3001 // md._IOV_MAX)

@@ -26,7 +26,7 @@ from mailsys.logs import MailLog
 from mailsys.mda.dedupe import DeliveryLog
 from mailsys.mda.maildir import MaildirStore
 from mailsys.mda.mbox import MboxStore
-from mailsys.mda.store import UnsafeMailbox, mailbox_location
+from mailsys.mda.store import Body, UnsafeMailbox, mailbox_location
 from mailsys.smtp import reply as R
 from mailsys.smtp.reply import Reply
 from mailsys.smtp.server import SMTPServerProtocol
@@ -173,7 +173,7 @@ class LMTPHandler:
         return R.BAD_SEQUENCE
 
     def data_end(self, proto, txn, size):
-        message = b"".join(self._chunks)
+        message = Body(self._chunks, size)
         self._chunks = None
         targets, self._targets = self._targets, []
         sender = str(txn.sender) if txn.sender else ""
@@ -185,7 +185,7 @@ class LMTPHandler:
                                          redelivery=params.redelivery)
                  if local else defer.succeed([])]
         if pairs:
-            waits.append(self.mda.relay(sender, pairs, _to_crlf(message)).addCallbacks(
+            waits.append(self.mda.relay(sender, pairs, _to_crlf(bytes(message))).addCallbacks(
                 lambda entry: Delivered(Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")),
                 lambda f: TempFail(Reply(451, "4.3.0", "Could not queue the copy for an alias's "
                                                        "remote targets"))))
@@ -289,7 +289,7 @@ def deliver_batch(stores, jobs, log=None):
     for j, job in enumerate(jobs):
         targets, message, sender = job[:3]
         qid, redelivery = (job[3], job[4]) if len(job) > 3 and log is not None else (None, False)
-        seen_loop = delivered_to(message[:65536])
+        seen_loop = delivered_to(message.head(65536) if isinstance(message, Body) else message[:65536])
         results.append([])
         placed = {}     # (kind, location) -> where its outcome will be, in this job
         for r, (rcpt, accounts) in enumerate(targets):

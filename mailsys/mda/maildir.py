@@ -24,10 +24,15 @@ from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, from_os_error
 from mailsys.mda import durable
-from mailsys.mda.store import IMailStore, make_private_dirs
+from mailsys.mda.store import IMailStore, body_parts, make_private_dirs
 from mailsys.smtp.reply import Reply
 
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full: over quota")
+
+try:
+    _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+except (ValueError, OSError, AttributeError):
+    _IOV_MAX = 16
 
 
 def _encoded_host():
@@ -85,13 +90,14 @@ class MaildirStore:
         outcomes = [None] * len(items)
         sizes = {}
         written = []    # (index, path, tmp, name)
-        lines = {}      # line ends per message, counted once however many mailboxes get it
+        known = {}      # chunks, size, line ends per message: once however many mailboxes get it
         for i, (path, head, body, quota, _, _) in enumerate(items):
-            n = lines.get(id(body))
-            if n is None:
-                n = lines[id(body)] = body.count(b"\n")
-            data = (head, body)
-            size = len(head) + len(body)
+            parts = known.get(id(body))
+            if parts is None:
+                parts = known[id(body)] = body_parts(body)
+            chunks, body_size, n = parts
+            data = [head, *chunks]
+            size = len(head) + body_size
             if quota:
                 used = sizes.get(path)
                 if used is None:
@@ -157,11 +163,7 @@ class MaildirStore:
                     raise
                 self._ensure(path)   # first delivery, or the Maildir was removed
         try:
-            written = os.writev(fd, parts)
-            if written < size:   # a short write is legal: finish it
-                rest = memoryview(b"".join(parts))[written:]
-                while rest:
-                    rest = rest[os.write(fd, rest):]
+            _write_all(fd, parts)
         except OSError:
             os.close(fd)
             _unlink(tmp)
@@ -212,6 +214,19 @@ class MaildirStore:
                     out.append((name.split(".", 1)[0], name, f.read()))
         out.sort(key=lambda t: (int(t[0]) if t[0].isdigit() else 0, t[1]))
         return [m for _, _, m in out]
+
+
+def _write_all(fd, parts):
+    """``writev`` of ``parts`` in groups the kernel takes (at most IOV_MAX
+    buffers), finishing any short write (legal, if rare on a regular file)."""
+    for start in range(0, len(parts), _IOV_MAX):
+        group = parts[start:start + _IOV_MAX]
+        written = os.writev(fd, group)
+        want = sum(map(len, group))
+        if written < want:
+            rest = memoryview(b"".join(group))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
 
 
 def _unlink(path):

@@ -97,7 +97,7 @@ class MboxStore:
         return outcomes
 
     def _record(self, prefix, message, sender, when):
-        body = prefix + message
+        body = prefix + bytes(message)
         if not body.endswith(b"\n"):
             body += b"\n"
         stamp = time.asctime(time.gmtime(when if when is not None else self._clock()))

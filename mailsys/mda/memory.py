@@ -22,7 +22,7 @@ class MemoryStore:
     def deliver(self, path, prefix, message, quota, sender=None, when=None):
         if self.fail_with is not None:
             return self.fail_with
-        data = prefix + message
+        data = prefix + bytes(message)
         if quota and self.size(path) + len(data) > quota:
             return PermFail(Reply(552, "5.2.2", "Mailbox full: over quota"))
         self.boxes.setdefault(path, []).append(data)

@@ -40,19 +40,36 @@ class DataReader:
     marker (pipelined commands) once it has been seen.
     """
 
-    __slots__ = ("_sink", "_pending", "_virtual", "bare_newline", "size")
+    __slots__ = ("_sink", "_pending", "_virtual", "_line_start", "bare_newline", "size")
 
     def __init__(self, sink):
         self._sink = sink
-        # The data starts at the beginning of a line: a virtual CRLF in front lets
-        # one pattern find a "." or ".." on the first line as on any other.
-        self._pending = b"\r\n"
-        self._virtual = True
+        # Bytes held back from the last segment (a possible start of "\r\n." or
+        # of the end marker that the next segment may complete): a few at most.
+        self._pending = b""
+        # Whether the next byte starts a line.  The data starts at the beginning
+        # of a line, and so does every segment after one that ended in CRLF
+        # (usual: clients write whole lines).  Such a segment is examined on its
+        # own, without copying it behind carried bytes, unless it starts with a
+        # ".": then a virtual CRLF in front lets one pattern find a "." or ".."
+        # there as on any other line, and _emit drops it again (_virtual).
+        self._line_start = True
+        self._virtual = False
         self.bare_newline = False
         self.size = 0
 
     def feed(self, data):
-        s = self._pending + data if self._pending else data
+        if not data:
+            return None
+        if self._pending:
+            s = self._pending + data
+        elif self._line_start and data[:1] == b".":
+            s = _CRLF + data
+            self._virtual = True
+        else:
+            s = data
+        self._pending = b""
+        self._line_start = False
         # One search answers two questions for most segments: where there is no
         # "\r\n." there is neither the end marker nor a line to unstuff, so the
         # usual segment of a big body costs one scan here instead of two, and
@@ -62,17 +79,23 @@ class DataReader:
             end = s.find(_END, first)
             if end >= 0:
                 self._emit(s[:end + 2], first < end)
-                self._pending = b""
                 return s[end + 5:]
-        # Keep back whatever could be the start of "\r\n." or "\r\n.\r\n".  One that
-        # starts before the last CRLF lies wholly inside s (a CRLF cannot sit inside
-        # either pattern except as its own start or end), so it was seen above;
-        # only one starting at that CRLF, or at a final "\r", can be completed by
-        # the next segment.
-        k = s.rfind(b"\r\n")
-        if k >= 0 and len(s) - k <= 4:
+        # Hold back whatever could be the start of "\r\n." or "\r\n.\r\n".  One
+        # that starts before the last CRLF lies wholly inside s (a CRLF cannot sit
+        # inside either pattern except as its own start or end), so it was seen
+        # above; only one starting at that CRLF, or at a final "\r", can be
+        # completed by the next segment.  A final CRLF itself is not held: the
+        # next segment then starts a line, which feed() looks at first.  Only
+        # "\r\n." and "\r\n.\r" at the end, or a final "\r" (the LF may follow;
+        # LFDataReader must never split a CRLF), are carried, and cost a copy.
+        k = s.rfind(_CRLF, max(0, len(s) - 4))
+        tail = s[k + 2:] if k >= 0 else None
+        if tail == b"":
+            cut = len(s)
+            self._line_start = True
+        elif tail == b"." or tail == b".\r":
             cut = k
-        elif s.endswith(b"\r"):
+        elif s.endswith(_CR):
             cut = len(s) - 1
         else:
             cut = len(s)
@@ -81,7 +104,6 @@ class DataReader:
         stuffed = 0 <= first < cut
         if cut == len(s):     # the common case for a big body: no copies
             self._emit(s, stuffed)
-            self._pending = b""
             return None
         if cut:
             self._emit(s[:cut], stuffed)
