@@ -279,8 +279,14 @@ def stuffed_chunks(message, size=CHUNK):
     start = 0
     while start < n:
         end = min(start + size, n)
-        before = message[start - 2:start] if start else b"\r\n"
-        piece = (before + message[start:end]).replace(b"\r\n.", b"\r\n..")[2:]
+        # Most pieces of a big body have no line starting with "."; one find
+        # (in place, no copy) tells, and such a piece is sent as its slice.
+        if (message.find(b"\r\n.", max(start - 2, 0), end) < 0
+                and not (start == 0 and message[:1] == b".")):
+            piece = message[start:end]
+        else:
+            before = message[start - 2:start] if start else b"\r\n"
+            piece = (before + message[start:end]).replace(b"\r\n.", b"\r\n..")[2:]
         if end == n:
             piece += tail
         yield piece
