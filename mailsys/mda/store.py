@@ -64,13 +64,12 @@ class Body:
     A store that needs one string asks ``bytes(body)``: joined once, kept.
     """
 
-    __slots__ = ("chunks", "size", "crlf_size", "_joined")
+    __slots__ = ("chunks", "size", "crlf_size")
 
     def __init__(self, chunks, crlf_size):
         self.chunks = chunks
         self.size = sum(map(len, chunks))
         self.crlf_size = crlf_size
-        self._joined = None
 
     @property
     def line_ends(self):
@@ -80,10 +79,9 @@ class Body:
         return self.size
 
     def __bytes__(self):
-        if self._joined is None:
-            self._joined = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-            self.chunks = [self._joined]
-        return self._joined
+        if len(self.chunks) != 1:
+            self.chunks = [b"".join(self.chunks)]
+        return self.chunks[0]
 
     def head(self, n):
         """The first ``n`` bytes (or all, if shorter) without joining the rest."""
