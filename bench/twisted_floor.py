@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -- the responder (runs in its own process) --------------------------------------------------
 
-def serve(fd, port):
+def serve(fd):
     from twisted.internet import protocol, reactor
 
     class Responder(protocol.Protocol):
@@ -96,7 +96,7 @@ def main():
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     if args.serve_fd is not None:
-        return serve(args.serve_fd, None)
+        return serve(args.serve_fd)
 
     results = []
     for name in args.cases:
