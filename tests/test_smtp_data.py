@@ -320,6 +320,45 @@ def test_lf_mode_bare_newline_flag(segments, bare):
     assert run_lf_split(b"".join(segments), cuts)[2] is bare
 
 
+# LFDataReader checks line ends one of two ways, by how many CRs a segment holds
+# (more than one in 16 bytes: counting; fewer: removing the CRs and putting them
+# back).  Each defect below is tried with long lines (the second way) and short
+# ones (the first), and must give DataReader's flag, body and size either way.
+_DEFECTS = [
+    b"",                    # clean
+    b"\r",                  # bare CR
+    b"\n",                  # bare LF
+    b"\n\r",                # LF CR: as many CRs as LFs, neither paired
+    b"\r\r\n\n",            # as many again, CRLF in the middle
+    b"\r\nx\n\r",           # one good CRLF, then the swapped pair
+    b"\r\n\r",              # CRLF then a bare CR
+    b"\n\r\n",              # a bare LF then CRLF
+]
+
+
+@pytest.mark.parametrize("pad", [b"", b"y" * 40], ids=["short-lines", "long-lines"])
+@pytest.mark.parametrize("defect", _DEFECTS)
+def test_lf_mode_line_end_check_both_ways(defect, pad):
+    wire = pad + b"\r\n" + pad + defect + pad + b"\r\n..z" + pad + b"\r\n.\r\n"
+    same_as_crlf_mode(wire, [])
+    for i in range(1, len(wire)):
+        same_as_crlf_mode(wire, [i])
+    assert run_lf_split(wire, [])[2] is bool(defect)
+
+
+def test_lf_mode_many_line_ends_in_one_segment():
+    """A whole segment of short lines, of long lines, of bare LFs, of bare CRs."""
+    long_line = b"x" * 70
+    for body, bare in ((b"ab\r\n" * 5000, False),
+                       ((long_line + b"\r\n") * 900, False),
+                       ((long_line + b"\n") * 900, True),
+                       (b"\n" * 20000, True),
+                       (b"\r" * 20000, True)):
+        wire = body + b"\r\n.\r\n"
+        same_as_crlf_mode(wire, [])
+        assert run_lf_split(wire, [])[2] is bare
+
+
 def test_lf_mode_carry_is_a_few_bytes():
     r = LFDataReader(lambda chunk, size: None)
     assert r.feed(b"x" * 100000 + b"\r\n.\r") is None

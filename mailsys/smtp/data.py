@@ -139,25 +139,29 @@ class LFDataReader(DataReader):
     __slots__ = ()
 
     def _emit(self, chunk, stuffed=True):
-        # split + join, not replace: for mail's usual line lengths (tens of bytes
-        # and more) it is about a third cheaper (docs/performance.rst).
-        parts = chunk.split(_CRLF)
-        out = _LF.join(parts)
-        crlf = len(parts) - 1
-        # The lines without their CRLFs: any CR or LF still in them is bare.  One
-        # more join (a copy) and two memchr-speed searches are cheaper than
-        # counting the LFs of the output (docs/performance.rst); these are the
-        # same two tests as DataReader's three counts.
-        rest = b"".join(parts) if crlf else chunk
-        if _CR in rest:
-            self.bare_newline = True
-        if _LF not in rest:
+        # Deleting every CR is one memchr-speed pass with no object per line.
+        # When every CR was the start of a CRLF and every LF the end of one, the
+        # result is the LF text, its LFs are the CRLFs, and putting a CR back
+        # before each LF gives the wire bytes again: one more such pass and a
+        # memcmp prove the line ends clean.  Three to four times cheaper than
+        # split + join for mail's usual lines (docs/performance.rst).  That check
+        # costs a copy per line end, so for very short lines (more than one CR in
+        # 16 bytes) counting is cheaper: clean exactly when as many LFs and CRLFs
+        # as CRs.  Both answer DataReader's question, not an approximation of it.
+        out = chunk.replace(_CR, b"")
+        crlf = len(chunk) - len(out)
+        if crlf * 16 > len(chunk):
+            clean = chunk.count(_LF) == crlf and chunk.count(_CRLF) == crlf
+        else:
+            clean = out.replace(_LF, _CRLF) == chunk
+        if clean:
             if stuffed:     # every LF came from a CRLF: "\n." only where "\r\n." was
                 out = out.replace(_LF_STUFFED, _LF)
         else:
             # After a bare LF a "." starts no line: unstuff the CRLF text instead
             # (rare, and the message is refused; the output still matches DataReader's).
             self.bare_newline = True
+            crlf = chunk.count(_CRLF)
             out = chunk.replace(_STUFFED, _UNSTUFFED).replace(_CRLF, _LF)
         if self._virtual:
             out = out[1:]       # the virtual CRLF in front, now one LF
