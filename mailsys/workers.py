@@ -70,9 +70,13 @@ class WorkerProcess(protocol.ProcessProtocol):
                 return
             level = _LEVELS[event["level"]]
             text, namespace = str(event["text"]), str(event["namespace"])
+            keys = {"worker": self.index}
+            if "system" in event:
+                keys["log_system"] = str(event["system"])
         except (ValueError, KeyError, TypeError, Exception):
             level, namespace, text = LogLevel.info, "mailsys.workers", line.decode("utf-8", "replace")
-        emit_text(namespace, level, text, worker=self.index)
+            keys = {"worker": self.index}
+        emit_text(namespace, level, text, **keys)
 
     def errReceived(self, data):
         for line in data.decode("utf-8", "replace").splitlines():
@@ -225,8 +229,14 @@ def _stdout_observer(pipe):
             text = event.get("text")
             if event.get("log_format") != "{text}" or "log_failure" in event or not isinstance(text, str):
                 text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-            line = json.dumps({"level": event.get("log_level", LogLevel.info).name,
-                               "namespace": event.get("log_namespace", "-"), "text": text})
+            fields = {"level": event.get("log_level", LogLevel.info).name,
+                      "namespace": event.get("log_namespace", "-"), "text": text}
+            if "log_system" in event:
+                # Twisted's own messages (legacy log.msg) carry a system tag, which
+                # twistd's file shows instead of namespace#level: keep it, so a
+                # worker's line reads like worker 0's ("[-] ..."), not "[log_legacy#info]".
+                fields["system"] = str(event["log_system"])
+            line = json.dumps(fields)
             pipe.log(line.encode("utf-8", "replace") + b"\n")
         except Exception:
             pass

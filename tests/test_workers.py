@@ -6,10 +6,11 @@ import os
 
 import pytest
 from twisted.internet import task
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEventAsClassicLogText, globalLogPublisher
+from twisted.python import log as legacy_log
 
 from mailsys import workers
-from mailsys.logs import MailLog
+from mailsys.logs import ClassicLineFormatter, MailLog
 
 
 class Reactor(task.Clock):
@@ -125,6 +126,42 @@ def test_worker_zero_re_emits_a_relayed_line():
     assert first["log_format"] == "{text}"
     assert (second["log_namespace"], second["log_level"], second["text"]) == (
         "mailsys.workers", LogLevel.info, "not json")
+
+
+def test_twisted_system_tag_survives_the_relay(pipe):
+    """A worker's legacy Twisted line ("Factory starting on ...") reaches the
+    log file as worker 0's own would, "[-] ...", not "[log_legacy#info] ..."."""
+    parent, r, reactor = pipe
+    observe = workers._stdout_observer(parent)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        legacy_log.msg("ReceiveFactory starting on 2525")
+        legacy_log.msg("tagged", system="smtp,3,127.0.0.1")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    for event in events:
+        observe(event)
+    reactor.advance(0)
+    lines = [json.loads(x) for x in read_all(r).splitlines()]
+    assert lines == [
+        {"level": "info", "namespace": "log_legacy", "text": "ReceiveFactory starting on 2525", "system": "-"},
+        {"level": "info", "namespace": "log_legacy", "text": "tagged", "system": "smtp,3,127.0.0.1"}]
+
+    relayed = []
+    globalLogPublisher.addObserver(relayed.append)
+    try:
+        proto = workers.WorkerProcess(pool=None, index=1)
+        for line in lines:
+            proto._relay(json.dumps(line).encode())
+    finally:
+        globalLogPublisher.removeObserver(relayed.append)
+    assert [(e["log_system"], e["text"], e["worker"]) for e in relayed] == [
+        ("-", "ReceiveFactory starting on 2525", 1), ("smtp,3,127.0.0.1", "tagged", 1)]
+    fmt = ClassicLineFormatter(formatEventAsClassicLogText)
+    assert [fmt(e).partition(" ")[2] for e in relayed] == [
+        "[-] ReceiveFactory starting on 2525\n", "[smtp,3,127.0.0.1] tagged\n"]
+    assert fmt(events[0]) == formatEventAsClassicLogText(events[0])
 
 
 class Host:
