@@ -584,3 +584,104 @@ class Downgrade(unittest.TestCase):
 
     def test_ascii_unchanged(self):
         self.assertIs(downgrade(MSG), MSG)
+
+
+def _too_long(message, limit):
+    """The plain answer has_long_line must give: any line over ``limit`` octets."""
+    return any(len(line) > limit for line in message.split(b"\r\n"))
+
+
+class LongLines(unittest.TestCase):
+    """A line over 998 octets is broken with CRLF SPACE before it goes out, as
+    Postfix's smtp_line_length_limit does (RFC 5321 4.5.3.1.6)."""
+
+    def test_limit_is_rfc_5322s(self):
+        self.assertEqual(smtp_mod.MAX_LINE, 998)
+
+    def test_lines_up_to_the_limit_go_as_they_are(self):
+        for message in (b"", b"x" * 998, b"x" * 998 + b"\r\n", (b"y" * 998 + b"\r\n") * 5,
+                        b"Subject: " + b"s" * 989 + b"\r\n\r\n" + b"b" * 998):
+            self.assertFalse(smtp_mod.has_long_line(message))
+            self.assertIs(smtp_mod.fold_long_lines(message), message)
+
+    def test_one_octet_over(self):
+        self.assertTrue(smtp_mod.has_long_line(b"x" * 999))
+        self.assertEqual(smtp_mod.fold_long_lines(b"a" * 998 + b"b\r\n"),
+                         b"a" * 998 + b"\r\n b\r\n")
+        self.assertEqual(smtp_mod.fold_long_lines(b"ok\r\n" + b"a" * 999),
+                         b"ok\r\n" + b"a" * 998 + b"\r\n a")
+
+    def test_long_header_and_body_lines(self):
+        subject = b"Subject: " + b"s" * 2100
+        body = b"<html>" + b"h" * 5000 + b"</html>"
+        message = b"From: a@b.test\r\n" + subject + b"\r\n\r\nfirst\r\n" + body + b"\r\nlast\r\n"
+        out = smtp_mod.fold_long_lines(message)
+        lines = out.split(b"\r\n")
+        self.assertEqual(max(map(len, lines)), 998)
+        self.assertEqual([len(line) for line in lines],
+                         [14, 998, 998, 115, 0, 5, 998, 998, 998, 998, 998, 28, 4, 0])
+        # Every inserted break is CRLF SPACE; taking them out gives the message back.
+        self.assertEqual(out.replace(b"\r\n ", b""), message)
+        # The header is one folded field, unchanged but for the spaces.
+        parsed = email.message_from_bytes(out, policy=email.policy.compat32)
+        self.assertEqual(parsed["Subject"].replace("\r\n ", ""), "s" * 2100)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=2500), max_size=8), st.booleans(),
+           st.integers(min_value=2, max_value=60))
+    def test_any_line_lengths(self, lengths, final_crlf, limit):
+        parts = [bytes([97 + i % 26]) * n for i, n in enumerate(lengths)]
+        message = b"\r\n".join(parts) + (b"\r\n" if final_crlf and parts else b"")
+        self.assertEqual(smtp_mod.has_long_line(message, limit), _too_long(message, limit))
+        out = smtp_mod.fold_long_lines(message, limit)
+        self.assertFalse(_too_long(out, limit))
+        # No line of the input starts with a space, so every one that does on the
+        # way out is a continuation: joining them back gives the input.
+        self.assertEqual(out.replace(b"\r\n ", b""), message)
+        if not _too_long(message, limit):
+            self.assertIs(out, message)
+
+    def test_through_the_protocol(self):
+        message = b"Subject: x\r\n\r\n" + b"." + b"d" * 1500 + b"\r\nend\r\n"
+        s = Session().up(EHLO_PLAIN)
+        out = s.send(message=message)
+        s.feed(b"250 ok\r\n250 ok\r\n")
+        s.wire()
+        s.feed(b"354 go\r\n")
+        wire = s.wire()
+        # The leading dot is stuffed; the line is broken after 998 octets of the message.
+        self.assertEqual(wire, b"Subject: x\r\n\r\n.." + b"d" * 997 + b"\r\n " + b"d" * 503
+                         + b"\r\nend\r\n.\r\n")
+        s.feed(b"250 ok\r\n")
+        self.assertIsInstance(out[0][0], Delivered)
+
+    def test_size_counts_the_folded_message(self):
+        message = b"Subject: x\r\n\r\n" + b"z" * 1500 + b"\r\n"      # one break: 3 more octets
+        s = Session().up(b"250-x\r\n250-PIPELINING\r\n250 SIZE 100000\r\n")
+        s.send(message=message)
+        self.assertEqual(s.wire(), b"MAIL FROM:<s@example.com> SIZE=%d\r\nRCPT TO:<a@remote.test>\r\n"
+                         % (len(message) + 3))
+        # ... and the server's limit is checked against that size, too.
+        s = Session().up(b"250-x\r\n250-PIPELINING\r\n250 SIZE %d\r\n" % (len(message) + 2))
+        out = s.send(message=message)
+        self.assertEqual(s.wire(), b"")
+        self.assertEqual((out[0][0].reply.code, out[0][0].reply.status), (552, "5.3.4"))
+        self.assertIn(f"message size {len(message) + 3} exceeds", out[0][0].reply.text)
+
+    def test_8bit_long_line_is_encoded_not_folded(self):
+        """Without 8BITMIME the body is quoted-printable first, whose soft line
+        breaks keep the text exact: no space is inserted into it."""
+        text = "ä" * 1000
+        message = ("Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   "Content-Transfer-Encoding: 8bit\r\n\r\n" + text + "\r\n").encode()
+        s = Session().up(b"250-x\r\n250 PIPELINING\r\n")
+        out = s.send(message=message)
+        s.feed(b"250 ok\r\n250 ok\r\n")
+        s.wire()
+        s.feed(b"354 go\r\n")
+        wire = s.wire()
+        self.assertLessEqual(max(map(len, wire.split(b"\r\n"))), 76)
+        parsed = email.message_from_bytes(unstuff(wire), policy=email.policy.default)
+        self.assertEqual(parsed.get_content(), text + "\r\n")
+        s.feed(b"250 ok\r\n")
+        self.assertIsInstance(out[0][0], Delivered)

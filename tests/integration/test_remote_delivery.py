@@ -121,6 +121,30 @@ def test_mx_lookup_delivery_to_postfix(make_server, dns_server, postfix_mx):
     assert "TLS handshake" not in server.log_text()
 
 
+def test_long_lines_reach_postfix_folded(make_server, dns_server, postfix_mx):
+    """A body line of 3,000 octets (legal to receive, over RFC 5321's 1,000 to send)
+    goes out broken with CRLF SPACE, as Postfix's own client would send it: what
+    the real Postfix stores has no line over 998 octets and unfolds to ours.
+    (Postfix's smtpd would have stored the long line whole: it rejoins what it
+    reads in pieces.)"""
+    peer = postfix_mx(["remote.test"], ["rcpt@remote.test"])
+    dns = dns_server(["remote.test. IN MX 10 mx.remote.test.",
+                      "mx.remote.test. IN A 127.0.0.1"])
+    server = sender_host(make_server, dns, {"remote.test": f"smtp:remote.test:{peer.port}"})
+    server.start()
+    long_line = "".join(chr(ord("a") + i % 26) for i in range(3000))
+    submit(server, ["rcpt@remote.test"], f"before\r\n{long_line}\r\nafter")
+    server.wait_for_log(r"to=<rcpt@remote.test>, relay=mx\.remote\.test.*status=sent", timeout=60)
+    [name] = wait_for_files(peer.maildir("rcpt@remote.test"), 1)
+    stored = (peer.maildir("rcpt@remote.test") / "new" / name).read_bytes()
+    body = stored.split(b"\n\n", 1)[1]
+    assert body.split(b"\n") == [b"before", long_line[:998].encode(),
+                                  b" " + long_line[998:1995].encode(),
+                                  b" " + long_line[1995:2992].encode(),
+                                  b" " + long_line[2992:].encode(), b"after", b""]
+    assert body.replace(b"\n ", b"") == f"before\n{long_line}\nafter\n".encode()
+
+
 def test_permanent_refusal_bounces_to_sender(make_server, dns_server):
     with ScriptedSMTP({"RCPT": "550 5.1.1 <nobody@bounce.test>: Recipient address rejected"}) as peer:
         dns = dns_server(["bounce.test. IN MX 10 mx.bounce.test.",
