@@ -26,11 +26,22 @@ class Outcome:
         return type(self) is type(other) and self.reply == other.reply
 
 
+# What a success notice (RFC 3464 Action) says of a Delivered recipient.
+DELIVERED = "delivered"     # into a mailbox (our MDA over LMTP)
+RELAYED = "relayed"         # handed to a server that does not offer DSN
+PASSED_ON = None            # handed to a server that offers DSN, with the NOTIFY
+                            # request: that server reports, so we must not (RFC 3461 5.2)
+
+
 class Delivered(Outcome):
+    """``action``: :data:`DELIVERED`, :data:`RELAYED` or :data:`PASSED_ON`, for the
+    queue's success notice (``NOTIFY=SUCCESS``); the courier knows which."""
+    __slots__ = ("action",)
     delivered = True
 
-    def __init__(self, reply=None, relay=None):
+    def __init__(self, reply=None, relay=None, action=DELIVERED):
         super().__init__(reply or Reply(250, "2.0.0", "Ok: delivered"), relay)
+        self.action = action
 
 
 class TempFail(Outcome):

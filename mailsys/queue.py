@@ -25,7 +25,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from mailsys.delivery import TempFail
+from mailsys.delivery import DELIVERED, PASSED_ON, TempFail
 from mailsys.logs import MailLog
 from mailsys.smtp.reply import Reply
 
@@ -42,7 +42,7 @@ POSTMASTER_ROLE = "postmaster-notice"   # envelope client role of a double-bounc
 
 class Recipient:
     __slots__ = ("index", "addr", "state", "error", "notify", "orcpt", "when", "status", "mta",
-                 "reported")
+                 "reported", "action")
 
     def __init__(self, index, spec):
         self.index = index
@@ -55,6 +55,9 @@ class Recipient:
         self.status = None
         self.mta = None          # host name of the remote MTA that last answered
         self.reported = False    # its failure already went back to the sender
+        # Once sent: the success notice's Action (mailsys.delivery), or PASSED_ON
+        # when the next hop took the NOTIFY request and reports itself.
+        self.action = DELIVERED
 
     @property
     def domain(self):
@@ -151,6 +154,7 @@ class QueueManager(service.Service):
             r.when = rec.get("t")
             r.status = rec.get("dsn")
             r.mta = rec.get("mta")
+            r.action = rec.get("a", DELIVERED)
         if "next" in rec:
             msg.next_attempt = rec["next"]
             msg.attempts = rec.get("attempts", msg.attempts)
@@ -280,6 +284,7 @@ class QueueManager(service.Service):
             state = "sent" if outcome.delivered else ("failed" if outcome.permanent else "deferred")
             where = getattr(outcome, "relay", None)
             r.mta = where.partition("[")[0] if where else None
+            r.action = getattr(outcome, "action", DELIVERED) if outcome.delivered else DELIVERED
             yield self._record(msg, r, state, str(outcome.reply),
                                relay=where or getattr(courier, "name", relay),
                                delay=delay, reply=outcome.reply, started=started)
@@ -297,6 +302,8 @@ class QueueManager(service.Service):
         rec = {"id": msg.qid, "r": r.index, "s": state, "e": error, "t": r.when, "dsn": status}
         if r.mta:
             rec["mta"] = r.mta
+        if state == "sent" and r.action != DELIVERED:
+            rec["a"] = r.action     # a restart must not send (or mislabel) its success notice
         return self.journal.append(rec, durable=state != "deferred")
 
     @defer.inlineCallbacks
@@ -338,7 +345,8 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _finish(self, msg):
         failed = [r for r in msg.rcpts if r.state == "failed" and not r.reported]
-        sent = [r for r in msg.rcpts if r.state == "sent"]
+        # A next hop that offers DSN reports success itself (RFC 3461 5.2).
+        sent = [r for r in msg.rcpts if r.state == "sent" and r.action is not PASSED_ON]
         reported = False
         if failed:
             reported = yield self._report(msg, "failure", failed)
@@ -484,7 +492,7 @@ class QueueManager(service.Service):
 
         statuses = [dsn.RecipientStatus(
             rcpt=r.addr,
-            action={"failure": "failed", "delay": "delayed", "success": "delivered"}[kind],
+            action={"failure": "failed", "delay": "delayed", "success": r.action}[kind],
             status=_status_of(r, kind),
             diagnostic=r.error if kind != "success" else None,
             remote_mta=r.mta, orcpt=r.orcpt, last_attempt=r.when,

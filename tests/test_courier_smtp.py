@@ -273,18 +273,26 @@ class Extensions(unittest.TestCase):
 
     def test_dsn_parameters_passed_on(self):
         s = Session().up()
-        s.send(params={"ret": "HDRS", "envid": "id+1=2"},
-               opts={"a@remote.test": {"orcpt": ("rfc822", "alias@example.com"),
-                                       "notify": ["SUCCESS", "FAILURE"]}})
+        out = s.send(params={"ret": "HDRS", "envid": "id+1=2"},
+                     opts={"a@remote.test": {"orcpt": ("rfc822", "alias@example.com"),
+                                             "notify": ["SUCCESS", "FAILURE"]}})
         self.assertEqual(s.wire(), b"MAIL FROM:<s@example.com> SIZE=21 RET=HDRS ENVID=id+2B1+3D2\r\n"
                                    b"RCPT TO:<a@remote.test> NOTIFY=SUCCESS,FAILURE "
                                    b"ORCPT=rfc822;alias@example.com\r\n")
+        s.feed(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued\r\n")
+        # The server has the NOTIFY request and reports success itself (RFC 3461 5.2).
+        self.assertIsInstance(out[0][0], Delivered)
+        self.assertIs(out[0][0].action, smtp_mod.PASSED_ON)
 
     def test_dsn_parameters_dropped_without_dsn(self):
         s = Session().up(b"250-x\r\n250 PIPELINING\r\n")
-        s.send(params={"ret": "HDRS", "envid": "x"},
-               opts={"a@remote.test": {"orcpt": ("rfc822", "alias@example.com")}})
+        out = s.send(params={"ret": "HDRS", "envid": "x"},
+                     opts={"a@remote.test": {"orcpt": ("rfc822", "alias@example.com")}})
         self.assertEqual(s.wire(), b"MAIL FROM:<s@example.com>\r\nRCPT TO:<a@remote.test>\r\n")
+        s.feed(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued\r\n")
+        # No DSN there: a success notice, if asked for, is ours and says "relayed".
+        self.assertIsInstance(out[0][0], Delivered)
+        self.assertEqual(out[0][0].action, "relayed")
 
     def test_8bit_with_8bitmime(self):
         s = Session().up()

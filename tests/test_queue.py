@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from mailsys.delivery import Delivered, PermFail, TempFail
+from mailsys.delivery import PASSED_ON, RELAYED, Delivered, PermFail, TempFail
 from mailsys.queue import NO_LMTP, NO_REMOTE, QueueManager
 from mailsys.smtp.reply import Reply
 
@@ -475,3 +475,54 @@ def test_reported_failures_are_not_reported_again_after_a_restart(q):
     q.clock.advance(0)
     assert "QS" not in qm2.messages
     assert q.spool.committed == []
+
+
+def _success_wanted(qid, *rcpts):
+    return Entry(qid, "a@b.org", [{"rcpt": r, "state": "queued", "notify": ["SUCCESS"]} for r in rcpts])
+
+
+def test_success_notice_says_relayed_or_nothing_for_a_remote_next_hop(q):
+    """RFC 3461 5.2: a server that offers DSN got the NOTIFY request and reports
+    itself, so we send nothing for it; one that does not gets "relayed" from us."""
+    remote = Courier("smtp")
+    remote.script = [[Delivered(Reply(250, "2.0.0", "queued as A"), "mx.dsn.test[127.0.0.1]:25",
+                                action=PASSED_ON),
+                      Delivered(Reply(250, "2.0.0", "queued as B"), "mx.dsn.test[127.0.0.1]:25",
+                                action=PASSED_ON),
+                      Delivered(Reply(250, "2.0.0", "queued as C"), "mx.old.test[127.0.0.1]:25",
+                                action=RELAYED)]]
+    q.qm.remote = remote
+    q.qm.add(_success_wanted("QD", "joe@example.com", "x@dsn.test", "y@dsn.test", "z@old.test"))
+    q.clock.advance(0)
+    assert [rs for _, rs, _ in remote.calls] == [["x@dsn.test", "y@dsn.test", "z@old.test"]]
+    assert "QD" not in q.qm.messages
+    [(_, envelope, report)] = q.spool.committed         # one report: joe and z, not x and y
+    text = report.decode()
+    assert text.count("Action: ") == 2
+    assert "Final-Recipient: rfc822; joe@example.com\r\nAction: delivered\r\n" in text
+    assert "Final-Recipient: rfc822; z@old.test\r\nAction: relayed\r\n" in text
+    assert "x@dsn.test" not in text and "y@dsn.test" not in text
+    sent = {r["r"]: r.get("a", "absent") for r in q.journal.records if r.get("id") == "QD" and "r" in r}
+    assert sent == {0: "absent", 1: None, 2: None, 3: "relayed"}
+
+
+def test_success_notice_after_a_restart_keeps_its_action(q):
+    """The journal keeps how each recipient was sent: a queue restarted before
+    the report went out neither reports a passed-on recipient nor calls a
+    relayed one delivered."""
+    entry = _success_wanted("QE", "x@dsn.test", "z@old.test", "joe@example.com")
+    qm2 = QueueManager(config=q.qm.config, spool=q.spool, journal=q.journal, clock=q.clock,
+                       lmtp=q.lmtp, local_domains=["example.com"], hostname="mx.example.com",
+                       rng=lambda: 0.5)
+    qm2.load([entry], [{"id": "QE", "r": 0, "s": "sent", "e": "250 ok", "t": 0, "a": None},
+                       {"id": "QE", "r": 1, "s": "sent", "e": "250 ok", "t": 0, "a": "relayed"}])
+    qm2.startService()
+    q.clock.advance(0)
+    assert q.lmtp.calls == [("a@b.org", ["joe@example.com"], entry.read_message())]
+    assert "QE" not in qm2.messages
+    [(_, _, report)] = q.spool.committed
+    text = report.decode()
+    assert text.count("Action: ") == 2
+    assert "Final-Recipient: rfc822; z@old.test\r\nAction: relayed\r\n" in text
+    assert "Final-Recipient: rfc822; joe@example.com\r\nAction: delivered\r\n" in text
+    assert "x@dsn.test" not in text

@@ -36,7 +36,7 @@ from mailsys.couriers.downgrade import downgrade
 from mailsys.couriers.lmtp import (
     CHUNK, ProtocolError, ReplyParser, _BodyProducer, _clean, parse_reply, stuffed_chunks, xtext,
 )
-from mailsys.delivery import Delivered, PermFail, TempFail
+from mailsys.delivery import PASSED_ON, RELAYED, Delivered, PermFail, TempFail
 from mailsys.logs import MailLog
 from mailsys.smtp.reply import Reply
 
@@ -705,7 +705,13 @@ class SMTPClientProtocol(Protocol):
 
     def _on_end_of_data(self, code, texts):
         reply = parse_reply(code, texts)
-        outcome = Delivered(reply, self.relay) if code // 100 == 2 else _failure(reply, self.relay)
+        if code // 100 == 2:
+            # The success notice: the server reports if it offers DSN (it got the
+            # NOTIFY request with the RCPT); otherwise ours says "relayed".
+            outcome = Delivered(reply, self.relay,
+                                action=PASSED_ON if "DSN" in self.extensions else RELAYED)
+        else:
+            outcome = _failure(reply, self.relay)
         for i in self._accepted:
             self._outcomes[i] = outcome
         self._end_transaction(None)

@@ -121,6 +121,39 @@ def test_mx_lookup_delivery_to_postfix(make_server, dns_server, postfix_mx):
     assert "TLS handshake" not in server.log_text()
 
 
+def test_success_request_travels_to_postfix_which_reports_not_we(make_server, dns_server,
+                                                                  postfix_mx):
+    """NOTIFY=SUCCESS for a recipient behind a server that offers DSN (Postfix does):
+    the request goes on with the RCPT, Postfix sends the success notice, and we
+    send none (RFC 3461 5.2): the sender must not get two."""
+    peer = postfix_mx(["remote.test"], ["rcpt@remote.test"])
+    dns = dns_server(["remote.test. IN MX 10 mx.remote.test.",
+                      "mx.remote.test. IN A 127.0.0.1"])
+    server = sender_host(make_server, dns, {"remote.test": f"smtp:remote.test:{peer.port}"})
+    server.start()
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    message = b"From: joe@example.com\r\nTo: rcpt@remote.test\r\nSubject: dsn\r\n\r\nhi\r\n"
+    with smtplib.SMTP(LOOPBACK, server.submission_port, local_hostname="client.test",
+                      timeout=30) as c:
+        c.ehlo()
+        c.starttls(context=context)
+        c.ehlo()
+        c.login("joe@example.com", PASSWORD)
+        assert c.sendmail("joe@example.com", ["rcpt@remote.test"], message,
+                          rcpt_options=["NOTIFY=SUCCESS"]) == {}
+    sent = server.wait_for_log(r"(\w+): to=<rcpt@remote.test>, relay=mx\.remote\.test.*status=sent",
+                               timeout=60)
+    qid = sent.group(1)
+    server.wait_for_log(rf"{qid}: removed", timeout=30)
+    # Postfix got the request: its delivery agent sends the sender a success notice.
+    peer.wait_for_log(r"sender delivery status notification")
+    # We did not: the success report would have been logged before "removed".
+    assert "success notification" not in server.log_text()
+    assert not list((server.mail_root / "example.com" / "joe" / "Maildir" / "new").glob("*"))
+
+
 def test_long_lines_reach_postfix_folded(make_server, dns_server, postfix_mx):
     """A body line of 3,000 octets (legal to receive, over RFC 5321's 1,000 to send)
     goes out broken with CRLF SPACE, as Postfix's own client would send it: what
