@@ -66,7 +66,7 @@ def sender_host(make_server, dns, transport=None, relay=None, name="sender", **s
     return server
 
 
-def submit(server, rcpts, body, sender="joe@example.com", subject="remote test"):
+def submit(server, rcpts, body, sender="joe@example.com", subject="remote test", rcpt_options=()):
     message = (f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n"
                f"Message-ID: <{time.monotonic_ns()}@example.com>\r\n\r\n{body}\r\n").encode()
     context = ssl.create_default_context()
@@ -78,7 +78,7 @@ def submit(server, rcpts, body, sender="joe@example.com", subject="remote test")
         c.starttls(context=context)
         c.ehlo()
         c.login("joe@example.com", PASSWORD)
-        refused = c.sendmail(sender, rcpts, message)
+        refused = c.sendmail(sender, rcpts, message, rcpt_options=list(rcpt_options))
         assert refused == {}
     return message
 
@@ -131,18 +131,7 @@ def test_success_request_travels_to_postfix_which_reports_not_we(make_server, dn
                       "mx.remote.test. IN A 127.0.0.1"])
     server = sender_host(make_server, dns, {"remote.test": f"smtp:remote.test:{peer.port}"})
     server.start()
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    message = b"From: joe@example.com\r\nTo: rcpt@remote.test\r\nSubject: dsn\r\n\r\nhi\r\n"
-    with smtplib.SMTP(LOOPBACK, server.submission_port, local_hostname="client.test",
-                      timeout=30) as c:
-        c.ehlo()
-        c.starttls(context=context)
-        c.ehlo()
-        c.login("joe@example.com", PASSWORD)
-        assert c.sendmail("joe@example.com", ["rcpt@remote.test"], message,
-                          rcpt_options=["NOTIFY=SUCCESS"]) == {}
+    submit(server, ["rcpt@remote.test"], "hi", subject="dsn", rcpt_options=["NOTIFY=SUCCESS"])
     sent = server.wait_for_log(r"(\w+): to=<rcpt@remote.test>, relay=mx\.remote\.test.*status=sent",
                                timeout=60)
     qid = sent.group(1)
