@@ -4,13 +4,14 @@ A Service with an injected clock, running in worker 0.  It learns of every
 message the moment it is spooled (its own spool's commit hook, and the other
 workers' notifications), so there is no polling delay.  Recipients are grouped
 by next hop: local domains go over LMTP to our own MDA (``listen.lmtp``), the
-rest to the remote courier (not in this version: they stay deferred with a
-clear reason).  Every courier answers per recipient with the one delivery
-contract (mailsys.delivery): Delivered, TempFail or PermFail.
+rest to the remote courier (mailsys.couriers.remote; without one they stay
+deferred with a clear reason).  Every courier answers per recipient with the
+one delivery contract (mailsys.delivery): Delivered, TempFail or PermFail.
 
-Each result is written to the journal (mailsys.journal) and made durable
-*before* the queue moves on, so a crash re-sends nothing recorded as
-delivered and forgets no recipient; the only window for a duplicate is a crash
+Each final result is written to the journal (mailsys.journal) and made durable
+*before* the queue moves on, so a crash re-sends nothing recorded as delivered
+and forgets no recipient (a deferral rides along with the next write: losing
+it costs only an earlier retry); the only window for a duplicate is a crash
 between the MDA's own fsync and ours, as in every MTA.  Temporary failures are
 retried with exponential backoff (``queue.retry_min`` doubling up to
 ``retry_max``, with jitter) until ``queue.lifetime``; then, and on permanent
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from mailsys.delivery import DELIVERED, PASSED_ON, TempFail
 from mailsys.logs import MailLog
 from mailsys.smtp.reply import Reply
+from mailsys.spool import SegmentReaper
 
 log = MailLog("mailsys.queue")
 _tlog = Logger(namespace="mailsys.queue")
@@ -106,6 +108,7 @@ class QueueManager(service.Service):
         self.rng = rng
         self.max_active = max_active
         self.messages = {}
+        self.reaper = SegmentReaper()
         self._active = 0
         self._waiting = []
         self.running = False
@@ -143,6 +146,7 @@ class QueueManager(service.Service):
             # (a crash in between) is finished at its first attempt: its reports go
             # out then, at worst a second time, never not at all.
             self.messages[qid] = msg
+            self.reaper.track(entry.segment, qid)
             live.extend(state.get(qid, ()))
         return live, done
 
@@ -191,6 +195,7 @@ class QueueManager(service.Service):
             return
         msg = Message(entry)
         self.messages[msg.qid] = msg
+        self.reaper.track(entry.segment, msg.qid)
         if self.running:
             self._schedule(msg, self.clock.seconds())
 
@@ -309,6 +314,7 @@ class QueueManager(service.Service):
     @defer.inlineCallbacks
     def _settle(self, msg):
         if msg.qid not in self.messages:      # deleted by the administrator meanwhile
+            self.reaper.done(msg.entry.segment, msg.qid)
             return
         now = self.clock.seconds()
         due = msg.due()
@@ -361,6 +367,9 @@ class QueueManager(service.Service):
         yield self.journal.append({"id": msg.qid, "done": True}, durable=reported)
         self.messages.pop(msg.qid, None)
         log.info(f"{msg.qid}: removed", qid=msg.qid)
+        # Every recipient's final state is durable by now (even when "done" is
+        # not): its segment may go once nothing else in it is queued.
+        self.reaper.done(msg.entry.segment, msg.qid)
 
     # -- operator commands (mailsys.control) ---------------------------------------
 
@@ -455,6 +464,8 @@ class QueueManager(service.Service):
             yield self.journal.append(*({"id": m.qid, "done": True} for m in msgs))
         for msg in msgs:
             log.info(f"{msg.qid}: removed (deleted by the administrator)", qid=msg.qid)
+            if not msg.active:     # one being delivered still reads its segment
+                self.reaper.done(msg.entry.segment, msg.qid)
         return [m.qid for m in msgs]
 
     def _report(self, msg, kind, rcpts):

@@ -451,3 +451,100 @@ def _copy_spill(src, dst, size, at):
             _pwrite_all(dst, [block], at + offset)
             n = len(block)
         offset += n
+
+
+def _segment_key(path):
+    """``(directory, "NN-", sequence)`` of a segment path named as :class:`Spool`
+    names them (``NN-XXXXXXXX.seg``), or None for any other name."""
+    directory, name = os.path.split(path)
+    if len(name) != 15 or not name.endswith(".seg") or name[2] != "-" or not name[:2].isdigit():
+        return None
+    try:
+        return directory, name[:3], int(name[3:11], 16)
+    except ValueError:
+        return None
+
+
+class SegmentReaper:
+    """Deletes a segment while the server runs, once every message in it is done
+    and its writer has moved on to a newer one.
+
+    Why: start-up deletes finished segments (mailsys.queue.open_queue), but a
+    server that runs for months must not keep every message it ever received
+    until its next restart.  A segment is only ever appended to by the one
+    worker whose number it carries, and each worker opens its segments in
+    increasing order and never goes back, so a segment is closed exactly when a
+    newer one of the same worker exists.  The queue reports each message it
+    loads (:meth:`track`) and each one that is done (:meth:`done`) -- after the
+    journal holds every recipient's final state, so a segment deleted just
+    before a crash has nothing left that a restart would need.  A segment that
+    empties while still being written to waits in ``drained`` until a newer one
+    of its worker shows up.  Messages deferred for days keep their segment
+    (copying them forward is not done).
+    """
+
+    def __init__(self, unlink=os.unlink, listdir=os.listdir):
+        self._live = {}          # segment path -> queue ids not done
+        self._drained = set()    # emptied while possibly still being written to
+        self._unlink = unlink
+        self._listdir = listdir
+        self.removed = 0
+
+    def track(self, segment, qid):
+        live = self._live.get(segment)
+        if live is None:
+            live = self._live[segment] = set()
+            self._collect(segment)
+        live.add(qid)
+
+    def done(self, segment, qid):
+        live = self._live.get(segment)
+        if live is None:
+            return
+        live.discard(qid)
+        if live:
+            return
+        del self._live[segment]
+        if self._closed(segment):
+            self._remove(segment)
+        elif _segment_key(segment) is not None:
+            self._drained.add(segment)
+
+    def _closed(self, segment):
+        key = _segment_key(segment)
+        if key is None:
+            return False
+        directory, worker, seq = key
+        try:
+            names = self._listdir(directory)
+        except OSError:
+            return False
+        for name in names:
+            other = _segment_key(os.path.join(directory, name))
+            if other is not None and other[1] == worker and other[2] > seq:
+                return True
+        return False
+
+    def _collect(self, segment):
+        """A segment seen for the first time: its writer has left the older ones."""
+        key = _segment_key(segment)
+        if key is None or not self._drained:
+            return
+        for old in list(self._drained):
+            other = _segment_key(old)
+            if other[:2] == key[:2] and other[2] < key[2]:
+                self._drained.discard(old)
+                self._remove(old)
+
+    def _remove(self, segment):
+        try:
+            self._unlink(segment)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.error("spool: cannot remove finished segment {segment}: {error}",
+                      segment=segment, error=e.strerror)
+            return
+        self.removed += 1
+        log.info("spool: removed segment {name}: every message in it is done",
+                 name=os.path.basename(segment), segment=segment)

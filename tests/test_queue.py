@@ -1,6 +1,7 @@
 """The queue manager on task.Clock: scheduling, backoff, lifetime, reports, restart."""
 import email
 import email.policy
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -526,3 +527,36 @@ def test_success_notice_after_a_restart_keeps_its_action(q):
     assert "Final-Recipient: rfc822; z@old.test\r\nAction: relayed\r\n" in text
     assert "Final-Recipient: rfc822; joe@example.com\r\nAction: delivered\r\n" in text
     assert "x@dsn.test" not in text
+
+
+def test_a_finished_segment_goes_while_running(q, tmp_path):
+    """The queue tells the spool's reaper what it loads and what is done: a closed
+    segment goes once its last message is, whether delivered or deleted."""
+    segs = tmp_path / "segments"
+    segs.mkdir()
+    old, other, held, new = (segs / f"01-0000000{i}.seg" for i in (1, 2, 3, 4))
+    for p in (old, other, held, new):
+        p.write_bytes(b"x")
+    q.lmtp.script = [[Delivered()], [TempFail(Reply(451, "4.2.0", "busy"))], [Delivered()]]
+    a = Entry("QA1", "a@b.org", ["joe@example.com"])
+    b = Entry("QA2", "a@b.org", ["ann@example.com"])
+    c = Entry("QA3", "a@b.org", ["bob@example.com"])
+    a.segment = b.segment = str(old)
+    c.segment = str(other)
+    for e in (a, b, c):
+        q.qm.add(e)
+    q.clock.advance(0)
+    assert [m for m in q.qm.messages] == ["QA2"]        # a and c delivered, b deferred
+    assert old.exists() and not other.exists()           # b keeps the old segment
+    q.clock.advance(q.qm.messages["QA2"].next_attempt - q.clock.seconds())
+    assert "QA2" not in q.qm.messages and not old.exists()
+    d = Entry("QA4", "a@b.org", ["joe@example.com"])
+    d.segment = str(held)
+    q.qm.add(d)
+    q.qm.hold("QA4")
+    assert held.exists()
+    q.qm.delete("QA4")
+    assert not held.exists()
+    assert new.exists()                                  # the newest: its worker may write on
+    assert q.qm.reaper.removed == 3
+    assert sorted(os.listdir(segs)) == ["01-00000004.seg"]

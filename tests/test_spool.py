@@ -429,3 +429,74 @@ def test_damage_in_the_middle_keeps_the_acknowledged_records_after_it(tmp_path, 
     assert [e.queue_id for e in found] == [ids[0], ids[2]]
     assert os.path.getsize(seg) == size          # nothing cut
     assert found[1].read_message() == b"Subject: 2\r\n\r\nbody 2\r\n"
+
+
+# -- deleting finished segments while running (SegmentReaper) -------------------------------
+
+def _segments(tmp_path, *names):
+    d = tmp_path / "segments"
+    d.mkdir(exist_ok=True)
+    for n in names:
+        (d / n).write_bytes(b"x")
+    return d
+
+
+def test_reaper_removes_a_closed_segment_once_its_last_message_is_done(tmp_path):
+    d = _segments(tmp_path, "01-00000001.seg", "01-00000002.seg", "00-00000001.seg")
+    reaper = spool_mod.SegmentReaper()
+    old, new = str(d / "01-00000001.seg"), str(d / "01-00000002.seg")
+    reaper.track(old, "A")
+    reaper.track(old, "B")
+    reaper.done(old, "A")
+    assert (d / "01-00000001.seg").exists()          # B is still queued in it
+    reaper.done(old, "B")
+    assert not (d / "01-00000001.seg").exists()      # 01-00000002 exists: closed
+    assert sorted(os.listdir(d)) == ["00-00000001.seg", "01-00000002.seg"]
+    assert reaper.removed == 1
+    reaper.done(old, "B")                             # told twice: nothing more happens
+    reaper.track(new, "C")
+    reaper.done(new, "C")
+    assert (d / "01-00000002.seg").exists()          # its worker may still be writing it
+
+
+def test_reaper_waits_for_the_writer_to_move_on(tmp_path):
+    d = _segments(tmp_path, "00-00000003.seg")
+    reaper = spool_mod.SegmentReaper()
+    cur = str(d / "00-00000003.seg")
+    reaper.track(cur, "A")
+    reaper.done(cur, "A")
+    assert (d / "00-00000003.seg").exists()          # drained, not closed
+    reaper.track(cur, "B")                            # more mail in it: not a new segment
+    reaper.done(cur, "B")
+    assert (d / "00-00000003.seg").exists()
+    (d / "00-00000004.seg").write_bytes(b"")          # worker 0 rotates...
+    reaper.track(str(d / "01-00000009.seg"), "X")     # (another worker's segment: no effect)
+    assert (d / "00-00000003.seg").exists()
+    reaper.track(str(d / "00-00000004.seg"), "C")     # ...and its first message arrives
+    assert not (d / "00-00000003.seg").exists()
+    assert reaper.removed == 1
+
+
+def test_reaper_leaves_other_names_alone(tmp_path):
+    d = _segments(tmp_path, "queue.jnl", "00-00000001.seg")
+    reaper = spool_mod.SegmentReaper()
+    for name in ("queue.jnl", "/seg", "00-0000000G.seg", "0a-00000001.seg"):
+        path = name if name.startswith("/") else str(d / name)
+        reaper.track(path, "A")
+        reaper.done(path, "A")
+    assert sorted(os.listdir(d)) == ["00-00000001.seg", "queue.jnl"]
+    assert reaper.removed == 0
+
+
+def test_reaper_survives_a_failing_unlink(tmp_path):
+    d = _segments(tmp_path, "00-00000001.seg", "00-00000002.seg")
+    calls = []
+
+    def unlink(path):
+        calls.append(path)
+        raise PermissionError(errno.EACCES, "denied", path)
+
+    reaper = spool_mod.SegmentReaper(unlink=unlink)
+    reaper.track(str(d / "00-00000001.seg"), "A")
+    reaper.done(str(d / "00-00000001.seg"), "A")      # logged, not raised
+    assert calls == [str(d / "00-00000001.seg")] and reaper.removed == 0

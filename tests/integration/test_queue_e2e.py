@@ -185,3 +185,36 @@ def test_the_queue_reaches_the_mda_workers_through_its_own_socket(two_workers):
     assert len(re.findall(r"to=<joe@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=2\.0\.0, "
                           r"status=sent", server.log_text())) == 6
     assert "status=deferred" not in server.log_text()
+
+
+def _segment_names(server):
+    return sorted(os.listdir(os.path.join(server.state_dir, "spool", "segments")))
+
+
+def test_a_finished_segment_is_removed_while_the_server_runs(host):
+    """A message deferred across a restart keeps its old segment; once it is
+    delivered, the old segment goes at once, without waiting for another restart
+    (a server that runs for months must not keep every message it received)."""
+    big = b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n"
+    send(host, "sender@example.org", ["ann@example.com"], big)
+    deferred = host.wait_for_log(r"(\w+): to=<ann@example\.com>, relay=lmtp, delay=[0-9.]+, "
+                                 r"dsn=5\.2\.2, status=deferred", timeout=30)
+    qid = deferred.group(1)
+    before = _segment_names(host)
+    [(segment, _)] = [(e.segment, e) for e in host.spool() if e.queue_id == qid]
+    host.stop()
+    host.start()
+    after_restart = _segment_names(host)
+    # Start-up deleted the empty segments and opened new ones; the deferred
+    # message's segment stays, since the message is not done.
+    assert os.path.basename(segment) in after_restart
+    assert len(after_restart) >= 2 and after_restart != before
+    text = host.users_path.read_text().replace("quota=2000", "quota=100000")
+    host.users_path.write_text(text)
+    wait_for(lambda: count(host, "ann@example.com") == 1, timeout=30, what="the retry")
+    host.wait_for_log(rf"{qid}: removed", timeout=30)
+    host.wait_for_log(rf"spool: removed segment {os.path.basename(segment)}: every message in it "
+                      r"is done", timeout=10)
+    assert os.path.basename(segment) not in _segment_names(host)
+    assert count(host, "ann@example.com") == 1
+    assert "status=bounced" not in host.log_text()
