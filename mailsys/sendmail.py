@@ -211,8 +211,8 @@ def run(argv, stdin=None, out=None):
 
     opts, rcpts = parse_argv(argv)
     args = type("Args", (), {"config": opts["config"]})()
-    if opts["mode"] == "i":
-        return 0
+    if opts["mode"] in ("i", "d"):
+        return 0        # aliases reload by themselves; the daemon is twistd -n mailsys
     if opts["mode"] == "p":
         from mailsys.queue_cli import cli_list
 

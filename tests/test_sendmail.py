@@ -91,3 +91,16 @@ def test_dsn_flags():
         "notify": ["SUCCESS", "DELAY"], "ret": "HDRS", "envid": "Q1"}
     with pytest.raises(CommandError):
         dsn_request({"notify": "never,success", "ret": None, "envid": None})
+
+
+@pytest.mark.parametrize("flag", ["-bi", "-bd"])
+def test_newaliases_and_daemon_mode_do_nothing(flag):
+    """``-bi`` (aliases reload themselves) and ``-bd`` (the daemon is twistd) exit 0
+    without reading a message from stdin or needing a configuration."""
+    from mailsys.sendmail import run
+
+    class Unreadable(io.BytesIO):
+        def read(self, *a):
+            raise AssertionError("stdin was read")
+
+    assert run([flag, "--config", "/nonexistent/mailsys.toml"], stdin=Unreadable()) == 0
