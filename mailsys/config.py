@@ -349,6 +349,13 @@ def _nexthop(value, ctx):
         if rest.startswith("unix:") and len(rest) > len("unix:"):
             return "lmtp:unix:" + _absolute(rest[len("unix:"):], ctx)
         if _host_port(rest, need_port=True):
+            # The LMTP courier connects to an address, not a name (no MX for LMTP,
+            # and no resolving at delivery time): refuse a name here rather than
+            # defer every message for that domain until it expires.
+            try:
+                ipaddress.ip_address(rest.rsplit(":", 1)[0].strip("[]"))
+            except ValueError:
+                return None
             return value
     return None
 
@@ -366,7 +373,7 @@ def _transport(value, ctx):
         hop = _nexthop(nexthop, ctx) if isinstance(nexthop, str) else None
         if hop is None:
             problems.append((f"{_show(domain)} = {_show(nexthop)}: the next hop must be "
-                             "\"smtp:host[:port]\", \"smtp:[host]:port\", \"lmtp:host:port\" "
+                             "\"smtp:host[:port]\", \"smtp:[host]:port\", \"lmtp:IP:port\" "
                              "or \"lmtp:unix:PATH\"", where))
             continue
         pairs[name] = hop

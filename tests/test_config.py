@@ -296,13 +296,18 @@ def test_bad_outbound_tls_and_store(tmp_path):
 
 def test_bad_transport_values(tmp_path):
     path = write(tmp_path, '[relay.transport]\n"ok.example" = "smtp:[10.0.0.5]:25"\n'
-                           '"a.example" = "ftp:x"\n"b.example" = "lmtp:host"\n"bad_dom" = "smtp:x"\n')
-    hint = ('the next hop must be "smtp:host[:port]", "smtp:[host]:port", "lmtp:host:port" '
+                           '"a.example" = "ftp:x"\n"b.example" = "lmtp:host"\n"bad_dom" = "smtp:x"\n'
+                           '"c.example" = "lmtp:mail.example:24"\n"d.example" = "lmtp:[mx.example]:24"\n'
+                           '"e.example" = "lmtp:[::1]:24"\n"f.example" = "lmtp:127.0.0.1:24"\n')
+    hint = ('the next hop must be "smtp:host[:port]", "smtp:[host]:port", "lmtp:IP:port" '
             'or "lmtp:unix:PATH"')
     assert problems(path) == [
         f"{path}:3: relay.transport: 'a.example' = 'ftp:x': {hint}",
         f"{path}:4: relay.transport: 'b.example' = 'lmtp:host': {hint}",
         f"{path}:5: relay.transport: 'bad_dom' is not a domain name",
+        # The LMTP courier connects to an address: a host name would defer every message.
+        f"{path}:6: relay.transport: 'c.example' = 'lmtp:mail.example:24': {hint}",
+        f"{path}:7: relay.transport: 'd.example' = 'lmtp:[mx.example]:24': {hint}",
     ]
     path = write(tmp_path, '[relay]\ntransport = { "a.example" = 5 }\n')
     assert problems(path) == [f"{path}:2: relay.transport: 'a.example' = 5: {hint}"]
