@@ -509,7 +509,12 @@ class QueueManager(service.Service):
             remote_mta=r.mta, orcpt=r.orcpt, last_attempt=r.when,
             will_retry_until=msg.arrival + self.config.queue.lifetime if kind == "delay" else None)
             for r in rcpts]
-        report = dsn.make_report(reporting_mta=self.hostname, queue_id=msg.qid, envelope=msg.envelope,
+        envelope = msg.envelope
+        if role == POSTMASTER_ROLE:
+            # The postmaster learns what failed and its headers, not the text of
+            # somebody else's message (docs/dsn.rst).
+            envelope = dict(envelope, params=dict(envelope.get("params") or {}, ret="HDRS"))
+        report = dsn.make_report(reporting_mta=self.hostname, queue_id=msg.qid, envelope=envelope,
                                  original=msg.entry.read_message(), statuses=statuses, kind=kind,
                                  now=self.clock.seconds(), to=to)
         writer = self.spool.new_message()

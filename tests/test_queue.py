@@ -167,7 +167,8 @@ def test_permanent_failure_bounces_with_a_report(q):
 
 def test_null_sender_is_never_bounced_but_the_postmaster_hears_once(q):
     q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "User unknown"))]]
-    q.qm.add(Entry("Q5", "", ["ghost@example.com"]))
+    q.qm.add(Entry("Q5", "", ["ghost@example.com"],
+                   message=b"Subject: private\r\n\r\nthe text of somebody's message\r\n"))
     q.clock.advance(0)
     assert len(q.spool.committed) == 1
     qid, envelope, report = q.spool.committed[0]
@@ -178,6 +179,9 @@ def test_null_sender_is_never_bounced_but_the_postmaster_hears_once(q):
     msg = email.message_from_bytes(report, policy=email.policy.default)
     assert msg["To"] == "postmaster@example.com"
     assert "Final-Recipient: rfc822; ghost@example.com" in report.decode()
+    # Headers only (RET=HDRS), never the text of somebody else's message.
+    assert b"Content-Type: text/rfc822-headers" in report and b"Subject: private" in report
+    assert b"the text of somebody's message" not in report
     assert q.journal.records[-1] == {"id": "Q5", "done": True}
 
 
