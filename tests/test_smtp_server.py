@@ -7,6 +7,7 @@ time, each command split on its own) and demand identical output and bodies.
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from mailsys.smtp import server as server_mod
 from mailsys.smtp.reply import Reply
 from tests.helpers import FakeHandler, connect, feed, feed_bytewise, limits, lines, take
 
@@ -507,6 +508,8 @@ def _in_data(**kw):
 
 
 def test_data_timeout_total_not_reset_by_trickling():
+    """A trickle earns one second per MIN_DATA_RATE bytes, no more: twelve bytes in
+    598 s move the 600 s deadline by 12/1024 s."""
     proto, t, h, clock = _in_data(limits_=limits(command_timeout=300, data_timeout=600))
     for i in range(2):
         clock.advance(299)
@@ -514,6 +517,8 @@ def test_data_timeout_total_not_reset_by_trickling():
     clock.advance(1)                 # t = 599
     assert t.value() == b"" and t.connected
     clock.advance(1)                 # t = 600
+    assert t.value() == b"" and t.connected
+    clock.advance(12 / server_mod.MIN_DATA_RATE)
     assert t.value() == TIMEOUT
     assert closed(t, h)
     assert ("data_abort", None) in h.calls
@@ -524,7 +529,43 @@ def test_data_timeout_shorter_than_command_timeout():
     clock.advance(99)
     proto.dataReceived(b"x")
     assert t.value() == b""
-    clock.advance(1)                 # t = 100: the DATA deadline
+    clock.advance(1 + 1 / server_mod.MIN_DATA_RATE)   # the DATA deadline, plus one byte's credit
+    assert t.value() == TIMEOUT
+
+
+def test_slow_big_message_is_not_cut_off():
+    """2 KiB a second for 1,000 s (past data_timeout): the data earns its time."""
+    proto, t, h, clock = _in_data(limits_=limits(command_timeout=300, data_timeout=600))
+    line = b"x" * 2046 + b"\r\n"
+    for i in range(1000):
+        clock.advance(1)
+        proto.dataReceived(line)
+    assert t.value() == b"" and t.connected
+    proto.dataReceived(b".\r\n")
+    assert t.value().startswith(b"250 ")
+    assert t.connected
+
+
+def test_below_the_minimum_rate_is_cut_off_when_the_time_is_used_up():
+    """Half the minimum rate: cut off once 600 s plus the earned time have passed,
+    not before: 1,198 half-rate seconds of data earn 599 s, so the end is at 1,199 s."""
+    proto, t, h, clock = _in_data(limits_=limits(command_timeout=300, data_timeout=600))
+    half = b"y" * (server_mod.MIN_DATA_RATE // 2 - 2) + b"\r\n"
+    for i in range(1198):
+        clock.advance(1)
+        proto.dataReceived(half)
+    clock.advance(0.999)
+    assert t.value() == b"" and t.connected
+    clock.advance(0.001)             # t = 1199
+    assert t.value() == TIMEOUT
+
+
+def test_a_pause_longer_than_data_timeout_is_cut_off_whatever_was_earned():
+    proto, t, h, clock = _in_data(limits_=limits(command_timeout=300, data_timeout=600))
+    proto.dataReceived(b"z" * 1022 + b"\r\n" * 5000)   # a lot of credit at once
+    clock.advance(599)
+    assert t.value() == b"" and t.connected
+    clock.advance(1)                 # 600 s without a byte
     assert t.value() == TIMEOUT
 
 

@@ -28,6 +28,11 @@ from mailsys.smtp import sasl
 MAX_LINE = 2048          # bytes per command line, CRLF included (RFC 5321 4.5.3.1.4 plus extensions)
 MAX_ERRORS = 10          # bad commands before 421 and close
 MAX_BUFFERED = 64 * 1024  # pipelined input held while a reply is pending
+# During DATA every byte received earns this much more time, in bytes per second:
+# a client slower on average than this is cut off once limits.data_timeout is used
+# up, a faster one never (with no pause longer than data_timeout).  Postfix's
+# smtpd_min_data_rate is 500 for the same purpose.
+MIN_DATA_RATE = 1024
 # Replies that mean "the client speaks SMTP wrongly"; they spend the error
 # budget.  Policy refusals (550 unknown user, 554 relay denied) do not: a sender
 # with several stale addresses is no attacker.  535 has its own limit.
@@ -111,6 +116,8 @@ class SMTPServerProtocol(Protocol):
         self._closing = False
         self._out = []
         self._deadline = 0.0
+        self._data_started = 0.0
+        self._data_received = 0
         self._timer = None
         self._direct = False
 
@@ -144,13 +151,27 @@ class SMTPServerProtocol(Protocol):
 
     def _arm(self, seconds):
         """Set the deadline.  Only complete commands (or the start of DATA) move it,
-        so a client trickling bytes cannot hold the connection forever."""
+        so a client trickling bytes cannot hold the connection forever; in DATA,
+        received bytes move it only as far as :data:`MIN_DATA_RATE` allows
+        (:meth:`_data_progress`)."""
         self._deadline = self.clock.seconds() + seconds
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= self._deadline:
                 return
             self._timer.cancel()
         self._timer = self.clock.callLater(seconds, self._check_timeout)
+
+    def _data_progress(self, n):
+        """``n`` bytes of message data arrived.  The DATA deadline becomes the
+        earlier of ``data_timeout`` from now (no pause longer than that) and
+        ``data_timeout`` after the 354 plus one second per :data:`MIN_DATA_RATE`
+        bytes received: a big message over a slow link gets through, a trickle
+        does not hold the connection.  Never earlier than the timer set at the
+        354, which looks at the deadline again when it fires."""
+        self._data_received += n
+        timeout = self.limits.data_timeout
+        self._deadline = min(self.clock.seconds() + timeout,
+                             self._data_started + timeout + self._data_received / MIN_DATA_RATE)
 
     def _check_timeout(self):
         self._timer = None
@@ -185,6 +206,7 @@ class SMTPServerProtocol(Protocol):
         while not self._blocked and not self._closing and self._buf:
             if self._reader is not None:
                 buf, self._buf = self._buf, b""
+                self._data_progress(len(buf))
                 rest = self._reader.feed(buf)
                 if rest is None:
                     return
@@ -470,7 +492,9 @@ class SMTPServerProtocol(Protocol):
             self._data_too_big = False
             self._reader = self._data_reader()
             self._arm(self.limits.data_timeout)
-            self._deadline = self.clock.seconds() + self.limits.data_timeout
+            self._data_started = self.clock.seconds()
+            self._data_received = 0
+            self._deadline = self._data_started + self.limits.data_timeout
             self._send(R.START_DATA)
 
         self._run(self.handler.data(self, txn), answered)
