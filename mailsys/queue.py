@@ -148,6 +148,10 @@ class QueueManager(service.Service):
             self.messages[qid] = msg
             self.reaper.track(entry.segment, qid)
             live.extend(state.get(qid, ()))
+        # Every segment found at start-up is closed (each worker writes a new one
+        # from now on), and the scan saw every message in it.
+        for segment in {e.segment for e in by_id.values()}:
+            self.reaper.close(segment, self.reaper.seen(segment))
         return live, done
 
     def _apply_record(self, msg, rec):
@@ -208,6 +212,11 @@ class QueueManager(service.Service):
             _tlog.error("queue: no intact record at {segment}:{offset}", segment=segment, offset=offset)
             return
         self.add(entry)
+
+    def segment_closed(self, segment, committed):
+        """A spool writer left ``segment`` after committing ``committed`` messages
+        to it (mailsys.spool.Spool.on_close; another worker's through its pipe)."""
+        self.reaper.close(segment, committed)
 
     def _schedule(self, msg, when):
         if msg.timer is not None and msg.timer.active():

@@ -274,8 +274,12 @@ class Spool:
         self._seg_path = None
         self._seg_no = 0
         self._seg_size = 0
+        self._seg_count = 0
         self._pool = None
         self.on_commit = []      # callables(entry) told of each durable message
+        # callables(path, count) told when the writer leaves a segment for a new
+        # one, with how many messages it committed to it (after their on_commit)
+        self.on_close = []
         # self.entries: what open() found (for the queue to load); not kept up to date.
 
     # -- start-up ---------------------------------------------------------------
@@ -324,6 +328,7 @@ class Spool:
             self._fd = None
 
     def _new_segment(self):
+        old, count = self._seg_path, self._seg_count
         if self._fd is not None:
             os.close(self._fd)
         self._seg_no += 1
@@ -332,7 +337,13 @@ class Spool:
         # offsets), and copy_file_range refuses O_APPEND destinations.
         self._fd = os.open(self._seg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._seg_size = 0
+        self._seg_count = 0
         fsync_dir(self.segments)
+        if old is not None:
+            # Only between flushes (_start_flush): every message committed to the
+            # old segment has had its on_commit, so a listener has heard of them all.
+            for notify in self.on_close:
+                notify(old, count)
 
     # -- memory budget ----------------------------------------------------------
 
@@ -409,6 +420,7 @@ class Spool:
                 d.errback(err)
         else:
             offsets, self._seg_size = result
+            self._seg_count += len(batch)
             for (w, header, env, envelope, d), off in zip(batch, offsets):
                 w.discard()
                 entry = SpoolEntry(envelope["id"], self._seg_path, off, envelope,
@@ -453,90 +465,58 @@ def _copy_spill(src, dst, size, at):
         offset += n
 
 
-def _segment_key(path):
-    """``(directory, "NN-", sequence)`` of a segment path named as :class:`Spool`
-    names them (``NN-XXXXXXXX.seg``), or None for any other name."""
-    directory, name = os.path.split(path)
-    if len(name) != 15 or not name.endswith(".seg") or name[2] != "-" or not name[:2].isdigit():
-        return None
-    try:
-        return directory, name[:3], int(name[3:11], 16)
-    except ValueError:
-        return None
-
 
 class SegmentReaper:
-    """Deletes a segment while the server runs, once every message in it is done
-    and its writer has moved on to a newer one.
+    """Deletes a segment while the server runs, once its writer has closed it and
+    every message in it is done.
 
     Why: start-up deletes finished segments (mailsys.queue.open_queue), but a
-    server that runs for months must not keep every message it ever received
-    until its next restart.  A segment is only ever appended to by the one
-    worker whose number it carries, and each worker opens its segments in
-    increasing order and never goes back, so a segment is closed exactly when a
-    newer one of the same worker exists.  The queue reports each message it
-    loads (:meth:`track`) and each one that is done (:meth:`done`) -- after the
-    journal holds every recipient's final state, so a segment deleted just
-    before a crash has nothing left that a restart would need.  A segment that
-    empties while still being written to waits in ``drained`` until a newer one
-    of its worker shows up.  Messages deferred for days keep their segment
-    (copying them forward is not done).
+    server that runs for months must not keep every message it received until
+    its next restart.  Certainty comes from counts, not from guessing: a
+    writer that moves on to a new segment reports how many messages it
+    committed to the old one (:attr:`Spool.on_close`, through the worker pipe
+    for the other workers, in order behind their "spooled" notices), and the
+    queue reports every message it learns of (:meth:`track`) and every one
+    that is done (:meth:`done`, once the journal holds its recipients' final
+    states).  A segment goes only when the queue has seen exactly as many of
+    its messages as were committed and none is left: a notice still in the
+    pipe, or one lost with a worker that died, keeps it until the next
+    start-up scan.  Segments found at start-up are closed, and the scan saw
+    all of them (:meth:`close` with the count loaded).  A message deferred for
+    days keeps its segment (copying it forward is not done).
     """
 
-    def __init__(self, unlink=os.unlink, listdir=os.listdir):
+    def __init__(self, unlink=os.unlink):
         self._live = {}          # segment path -> queue ids not done
-        self._drained = set()    # emptied while possibly still being written to
+        self._seen = {}          # segment path -> messages the queue learnt of
+        self._closed = {}        # segment path -> messages its writer committed
         self._unlink = unlink
-        self._listdir = listdir
         self.removed = 0
 
     def track(self, segment, qid):
-        live = self._live.get(segment)
-        if live is None:
-            live = self._live[segment] = set()
-            self._collect(segment)
-        live.add(qid)
+        self._live.setdefault(segment, set()).add(qid)
+        self._seen[segment] = self._seen.get(segment, 0) + 1
+
+    def seen(self, segment):
+        return self._seen.get(segment, 0)
+
+    def close(self, segment, committed):
+        self._closed[segment] = committed
+        self._check(segment)
 
     def done(self, segment, qid):
         live = self._live.get(segment)
-        if live is None:
-            return
-        live.discard(qid)
-        if live:
-            return
-        del self._live[segment]
-        if self._closed(segment):
-            self._remove(segment)
-        elif _segment_key(segment) is not None:
-            self._drained.add(segment)
+        if live is not None:
+            live.discard(qid)
+            self._check(segment)
 
-    def _closed(self, segment):
-        key = _segment_key(segment)
-        if key is None:
-            return False
-        directory, worker, seq = key
-        try:
-            names = self._listdir(directory)
-        except OSError:
-            return False
-        for name in names:
-            other = _segment_key(os.path.join(directory, name))
-            if other is not None and other[1] == worker and other[2] > seq:
-                return True
-        return False
-
-    def _collect(self, segment):
-        """A segment seen for the first time: its writer has left the older ones."""
-        key = _segment_key(segment)
-        if key is None or not self._drained:
+    def _check(self, segment):
+        committed = self._closed.get(segment)
+        if committed is None or self._live.get(segment) or self._seen.get(segment, 0) < committed:
             return
-        for old in list(self._drained):
-            other = _segment_key(old)
-            if other[:2] == key[:2] and other[2] < key[2]:
-                self._drained.discard(old)
-                self._remove(old)
-
-    def _remove(self, segment):
+        self._live.pop(segment, None)
+        self._seen.pop(segment, None)
+        del self._closed[segment]
         try:
             self._unlink(segment)
         except FileNotFoundError:

@@ -190,6 +190,7 @@ class MailHost(service.MultiService):
         self.queue, self.journal = open_queue(self.config, self.spool, self.reactor, lmtp=lmtp,
                                               remote=self.remote)
         self.spool.on_commit.append(self.queue.add)
+        self.spool.on_close.append(self.queue.segment_closed)
 
     def _listen_control(self):
         """``mailsys queue`` and ``mailsys sendmail`` reach worker 0 here."""

@@ -68,6 +68,12 @@ class WorkerProcess(protocol.ProcessProtocol):
             if "flush" in event:
                 self.pool.host.request_flush(event["flush"])
                 return
+            if "closed" in event:
+                segment, committed = event["closed"]
+                queue = self.pool.host.queue
+                if queue is not None:
+                    queue.segment_closed(str(segment), int(committed))
+                return
             level = _LEVELS[event["level"]]
             text, namespace = str(event["text"]), str(event["namespace"])
             keys = {"worker": self.index}
@@ -270,6 +276,13 @@ def main(argv=None):
         pipe.send(json.dumps({"spooled": [entry.segment, entry.offset]}).encode() + b"\n")
 
     host.spool.on_commit.append(spooled)
+
+    def closed(segment, committed):
+        # Behind every "spooled" of that segment (same pipe, in order): worker 0
+        # may delete it once it has seen that many and all are done.
+        pipe.send(json.dumps({"closed": [segment, committed]}).encode() + b"\n")
+
+    host.spool.on_close.append(closed)
 
     def notify(event):
         pipe.send(json.dumps(event).encode() + b"\n")

@@ -534,12 +534,13 @@ def test_success_notice_after_a_restart_keeps_its_action(q):
 
 
 def test_a_finished_segment_goes_while_running(q, tmp_path):
-    """The queue tells the spool's reaper what it loads and what is done: a closed
-    segment goes once its last message is, whether delivered or deleted."""
+    """The queue tells the spool's reaper what it learns of and what is done, and
+    passes on the writers' close notices: a closed segment goes once its last
+    message is done, whether delivered or deleted."""
     segs = tmp_path / "segments"
     segs.mkdir()
-    old, other, held, new = (segs / f"01-0000000{i}.seg" for i in (1, 2, 3, 4))
-    for p in (old, other, held, new):
+    old, other, held = (segs / f"01-0000000{i}.seg" for i in (1, 2, 3))
+    for p in (old, other, held):
         p.write_bytes(b"x")
     q.lmtp.script = [[Delivered()], [TempFail(Reply(451, "4.2.0", "busy"))], [Delivered()]]
     a = Entry("QA1", "a@b.org", ["joe@example.com"])
@@ -549,18 +550,36 @@ def test_a_finished_segment_goes_while_running(q, tmp_path):
     c.segment = str(other)
     for e in (a, b, c):
         q.qm.add(e)
+    q.qm.segment_closed(str(old), 2)
     q.clock.advance(0)
     assert [m for m in q.qm.messages] == ["QA2"]        # a and c delivered, b deferred
-    assert old.exists() and not other.exists()           # b keeps the old segment
+    assert old.exists()                                  # b keeps it
+    assert other.exists()                                # its writer has not closed it
+    q.qm.segment_closed(str(other), 1)
+    assert not other.exists()
     q.clock.advance(q.qm.messages["QA2"].next_attempt - q.clock.seconds())
     assert "QA2" not in q.qm.messages and not old.exists()
     d = Entry("QA4", "a@b.org", ["joe@example.com"])
     d.segment = str(held)
     q.qm.add(d)
     q.qm.hold("QA4")
+    q.qm.segment_closed(str(held), 1)
     assert held.exists()
     q.qm.delete("QA4")
     assert not held.exists()
-    assert new.exists()                                  # the newest: its worker may write on
     assert q.qm.reaper.removed == 3
-    assert sorted(os.listdir(segs)) == ["01-00000004.seg"]
+    assert os.listdir(segs) == []
+
+
+def test_segments_found_at_start_up_are_closed(q, tmp_path):
+    seg = tmp_path / "00-00000007.seg"
+    seg.write_bytes(b"x")
+    entry = Entry("QL", "a@b.org", ["joe@example.com"])
+    entry.segment = str(seg)
+    qm2 = QueueManager(config=q.qm.config, spool=q.spool, journal=q.journal, clock=q.clock,
+                       lmtp=q.lmtp, local_domains=["example.com"], rng=lambda: 0.5)
+    qm2.load([entry], [])
+    qm2.startService()
+    assert seg.exists()
+    q.clock.advance(0)
+    assert "QL" not in qm2.messages and not seg.exists()

@@ -433,70 +433,75 @@ def test_damage_in_the_middle_keeps_the_acknowledged_records_after_it(tmp_path, 
 
 # -- deleting finished segments while running (SegmentReaper) -------------------------------
 
-def _segments(tmp_path, *names):
-    d = tmp_path / "segments"
-    d.mkdir(exist_ok=True)
-    for n in names:
-        (d / n).write_bytes(b"x")
-    return d
+def test_the_writer_reports_each_segment_it_leaves_with_its_count(sync, tmp_path):
+    s = Spool(str(tmp_path / "spool"), reactor=None, segment_limit=1)   # a new segment per flush
+    s.open()
+    events = []
+    s.on_commit.append(lambda e: events.append(("commit", os.path.basename(e.segment))))
+    s.on_close.append(lambda path, n: events.append(("close", os.path.basename(path), n)))
+    for i in range(3):
+        result_of(commit(s, f"Q{i}", b"Subject: x\r\n\r\nbody\r\n", ENVELOPE))
+    assert events == [("commit", "00-00000001.seg"),
+                      ("close", "00-00000001.seg", 1), ("commit", "00-00000002.seg"),
+                      ("close", "00-00000002.seg", 1), ("commit", "00-00000003.seg")]
+    s.close()
 
 
-def test_reaper_removes_a_closed_segment_once_its_last_message_is_done(tmp_path):
-    d = _segments(tmp_path, "01-00000001.seg", "01-00000002.seg", "00-00000001.seg")
+def _segment(tmp_path, name="01-00000001.seg"):
+    path = tmp_path / name
+    path.write_bytes(b"x")
+    return path
+
+
+def test_reaper_removes_a_segment_closed_with_every_message_seen_and_done(tmp_path):
+    path = _segment(tmp_path)
+    seg = str(path)
     reaper = spool_mod.SegmentReaper()
-    old, new = str(d / "01-00000001.seg"), str(d / "01-00000002.seg")
-    reaper.track(old, "A")
-    reaper.track(old, "B")
-    reaper.done(old, "A")
-    assert (d / "01-00000001.seg").exists()          # B is still queued in it
-    reaper.done(old, "B")
-    assert not (d / "01-00000001.seg").exists()      # 01-00000002 exists: closed
-    assert sorted(os.listdir(d)) == ["00-00000001.seg", "01-00000002.seg"]
-    assert reaper.removed == 1
-    reaper.done(old, "B")                             # told twice: nothing more happens
-    reaper.track(new, "C")
-    reaper.done(new, "C")
-    assert (d / "01-00000002.seg").exists()          # its worker may still be writing it
-
-
-def test_reaper_waits_for_the_writer_to_move_on(tmp_path):
-    d = _segments(tmp_path, "00-00000003.seg")
-    reaper = spool_mod.SegmentReaper()
-    cur = str(d / "00-00000003.seg")
-    reaper.track(cur, "A")
-    reaper.done(cur, "A")
-    assert (d / "00-00000003.seg").exists()          # drained, not closed
-    reaper.track(cur, "B")                            # more mail in it: not a new segment
-    reaper.done(cur, "B")
-    assert (d / "00-00000003.seg").exists()
-    (d / "00-00000004.seg").write_bytes(b"")          # worker 0 rotates...
-    reaper.track(str(d / "01-00000009.seg"), "X")     # (another worker's segment: no effect)
-    assert (d / "00-00000003.seg").exists()
-    reaper.track(str(d / "00-00000004.seg"), "C")     # ...and its first message arrives
-    assert not (d / "00-00000003.seg").exists()
+    reaper.track(seg, "A")
+    reaper.track(seg, "B")
+    reaper.done(seg, "A")
+    reaper.close(seg, 2)
+    assert path.exists()                     # B is still queued
+    reaper.done(seg, "B")
+    assert not path.exists() and reaper.removed == 1
+    reaper.done(seg, "B")                    # told twice: nothing more happens
     assert reaper.removed == 1
 
 
-def test_reaper_leaves_other_names_alone(tmp_path):
-    d = _segments(tmp_path, "queue.jnl", "00-00000001.seg")
+def test_reaper_keeps_a_segment_until_it_has_seen_every_message_committed(tmp_path):
+    """The writer committed three; a notice still in the pipe (or lost with a
+    worker that died) means the queue knows of only two: the segment stays."""
+    path = _segment(tmp_path)
+    seg = str(path)
     reaper = spool_mod.SegmentReaper()
-    for name in ("queue.jnl", "/seg", "00-0000000G.seg", "0a-00000001.seg"):
-        path = name if name.startswith("/") else str(d / name)
-        reaper.track(path, "A")
-        reaper.done(path, "A")
-    assert sorted(os.listdir(d)) == ["00-00000001.seg", "queue.jnl"]
-    assert reaper.removed == 0
+    reaper.track(seg, "A")
+    reaper.track(seg, "B")
+    reaper.done(seg, "A")
+    reaper.done(seg, "B")
+    reaper.close(seg, 3)
+    assert path.exists()
+    reaper.track(seg, "C")                   # the late notice
+    assert path.exists()
+    reaper.done(seg, "C")
+    assert not path.exists()
+
+
+def test_reaper_never_removes_a_segment_its_writer_has_not_closed(tmp_path):
+    path = _segment(tmp_path)
+    reaper = spool_mod.SegmentReaper()
+    reaper.track(str(path), "A")
+    reaper.done(str(path), "A")
+    assert path.exists() and reaper.removed == 0
 
 
 def test_reaper_survives_a_failing_unlink(tmp_path):
-    d = _segments(tmp_path, "00-00000001.seg", "00-00000002.seg")
+    path = _segment(tmp_path)
     calls = []
 
-    def unlink(path):
-        calls.append(path)
-        raise PermissionError(errno.EACCES, "denied", path)
+    def unlink(p):
+        calls.append(p)
+        raise PermissionError(errno.EACCES, "denied", p)
 
     reaper = spool_mod.SegmentReaper(unlink=unlink)
-    reaper.track(str(d / "00-00000001.seg"), "A")
-    reaper.done(str(d / "00-00000001.seg"), "A")      # logged, not raised
-    assert calls == [str(d / "00-00000001.seg")] and reaper.removed == 0
+    reaper.close(str(path), 0)               # logged, not raised
+    assert calls == [str(path)] and reaper.removed == 0

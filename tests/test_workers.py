@@ -3,6 +3,7 @@ notifications to, worker 0's relay of them, and who accepts on the MDA's LMTP
 listeners while other workers run."""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet import task
@@ -229,3 +230,17 @@ def _reason(text):
 
     return Failure(Exception(text))
 
+
+
+def test_worker_zero_passes_spooled_and_closed_notices_to_its_queue():
+    """In pipe order: the queue learns of a worker's messages, then that the worker
+    left their segment with that many committed (mailsys.spool.SegmentReaper)."""
+    calls = []
+    queue = SimpleNamespace(add_at=lambda seg, off: calls.append(("add_at", seg, off)),
+                            segment_closed=lambda seg, n: calls.append(("closed", seg, n)))
+    pool = SimpleNamespace(host=SimpleNamespace(queue=queue))
+    proto = workers.WorkerProcess(pool=pool, index=1)
+    proto._relay(b'{"spooled": ["/s/segments/01-00000001.seg", 0]}')
+    proto._relay(b'{"closed": ["/s/segments/01-00000001.seg", 1]}')
+    assert calls == [("add_at", "/s/segments/01-00000001.seg", 0),
+                     ("closed", "/s/segments/01-00000001.seg", 1)]
