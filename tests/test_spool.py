@@ -453,12 +453,17 @@ def _segment(tmp_path, name="01-00000001.seg"):
     return path
 
 
-def test_reaper_removes_a_segment_closed_with_every_message_seen_and_done(tmp_path):
+def _reaper_knowing(tmp_path, *qids):
+    """A reaper that has been told of ``qids`` in one segment file."""
     path = _segment(tmp_path)
-    seg = str(path)
     reaper = spool_mod.SegmentReaper()
-    reaper.track(seg, "A")
-    reaper.track(seg, "B")
+    for qid in qids:
+        reaper.track(str(path), qid)
+    return path, str(path), reaper
+
+
+def test_reaper_removes_a_segment_closed_with_every_message_seen_and_done(tmp_path):
+    path, seg, reaper = _reaper_knowing(tmp_path, "A", "B")
     reaper.done(seg, "A")
     reaper.close(seg, 2)
     assert path.exists()                     # B is still queued
@@ -471,11 +476,7 @@ def test_reaper_removes_a_segment_closed_with_every_message_seen_and_done(tmp_pa
 def test_reaper_keeps_a_segment_until_it_has_seen_every_message_committed(tmp_path):
     """The writer committed three; a notice still in the pipe (or lost with a
     worker that died) means the queue knows of only two: the segment stays."""
-    path = _segment(tmp_path)
-    seg = str(path)
-    reaper = spool_mod.SegmentReaper()
-    reaper.track(seg, "A")
-    reaper.track(seg, "B")
+    path, seg, reaper = _reaper_knowing(tmp_path, "A", "B")
     reaper.done(seg, "A")
     reaper.done(seg, "B")
     reaper.close(seg, 3)
