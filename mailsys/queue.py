@@ -149,8 +149,9 @@ class QueueManager(service.Service):
             self.reaper.track(entry.segment, qid)
             live.extend(state.get(qid, ()))
         # Every segment found at start-up is closed (each worker writes a new one
-        # from now on), and the scan saw every message in it.
-        for segment in {e.segment for e in by_id.values()}:
+        # from now on), and the scan saw every message in it.  Those with nothing
+        # queued are open_queue's to delete, now.
+        for segment in {m.entry.segment for m in self.messages.values()}:
             self.reaper.close(segment, self.reaper.seen(segment))
         return live, done
 
