@@ -158,9 +158,18 @@ def maildir(root):
     return mailbox_location(root, USER, "maildir")
 
 
+def _delivery_order(name):
+    """``<sec>.M<usec>P...``: by time, numerically.  A plain string sort puts
+    M100734 before M93377 (and so failed now and then, when two deliveries of
+    one second straddled a power of ten in microseconds)."""
+    sec, _, rest = name.partition(".")
+    usec = rest[1:].partition("P")[0] if rest.startswith("M") else "0"
+    return int(sec), int(usec), name
+
+
 def names(root):
-    return (sorted(os.listdir(os.path.join(maildir(root), "new"))),
-            sorted(os.listdir(os.path.join(maildir(root), "cur"))))
+    return (sorted(os.listdir(os.path.join(maildir(root), "new")), key=_delivery_order),
+            sorted(os.listdir(os.path.join(maildir(root), "cur")), key=_delivery_order))
 
 
 def sizes():

@@ -55,21 +55,28 @@ def spool_messages(tmp_path, ids):
     return segment
 
 
+def close_host(host):
+    """Stop what start-up opened, even when it failed half-way: a spool thread
+    left running would keep pytest from exiting after a failure."""
+    host.spool.close()
+    if getattr(host, "journal", None) is not None:
+        host.journal.close()
+
+
 def test_restart_keeps_every_segment_byte_for_byte(sync, tmp_path):
     cfg = config(tmp_path)
     segment = spool_messages(tmp_path, ["A1", "A2", "A3"])
     before = open(segment, "rb").read()
     host = build(cfg, nworkers=1)
-    host.privilegedStartService()
     try:
+        host.privilegedStartService()
         assert open(segment, "rb").read() == before
         assert sorted(host.queue.messages) == ["A1", "A2", "A3"]
         fd_target = os.readlink(f"/proc/self/fd/{host.spool._fd}")
         assert fd_target == host.spool.current_segment and os.path.exists(fd_target)
         assert replay(os.path.join(cfg.server.state_dir, "spool", "queue.jnl")) == []
     finally:
-        host.spool.close()
-        host.journal.close()
+        close_host(host)
 
 
 def test_finished_segments_are_removed_and_the_journal_compacted(sync, tmp_path):
@@ -83,12 +90,11 @@ def test_finished_segments_are_removed_and_the_journal_compacted(sync, tmp_path)
                   {"id": "D2", "done": True},
                   {"id": "L1", "r": 0, "s": "deferred", "e": "451 4.4.1 later"}])
     host = build(cfg, nworkers=1)
-    host.privilegedStartService()
     try:
+        host.privilegedStartService()
         assert not os.path.exists(done_segment)
         assert os.path.exists(live_segment)
         assert list(host.queue.messages) == ["L1"]
         assert replay(jnl) == [{"id": "L1", "r": 0, "s": "deferred", "e": "451 4.4.1 later"}]
     finally:
-        host.spool.close()
-        host.journal.close()
+        close_host(host)
