@@ -57,6 +57,7 @@ class WorkerProcess(protocol.ProcessProtocol):
             self._relay(line)
 
     def _relay(self, line):
+        keys = {"worker": self.index}
         try:
             event = json.loads(line)
             if "spooled" in event:
@@ -76,12 +77,10 @@ class WorkerProcess(protocol.ProcessProtocol):
                 return
             level = _LEVELS[event["level"]]
             text, namespace = str(event["text"]), str(event["namespace"])
-            keys = {"worker": self.index}
             if "system" in event:
                 keys["log_system"] = str(event["system"])
         except (ValueError, KeyError, TypeError, Exception):
             level, namespace, text = LogLevel.info, "mailsys.workers", line.decode("utf-8", "replace")
-            keys = {"worker": self.index}
         emit_text(namespace, level, text, **keys)
 
     def errReceived(self, data):
@@ -271,22 +270,14 @@ def main(argv=None):
         raise SystemExit("worker: listeners differ from the parent's; restart mailsys")
     host.adopt = [tuple(x) for x in listen]
 
-    def spooled(entry):
-        # Worker 0 runs the queue: tell it where the durable record is.
-        pipe.send(json.dumps({"spooled": [entry.segment, entry.offset]}).encode() + b"\n")
-
-    host.spool.on_commit.append(spooled)
-
-    def closed(segment, committed):
-        # Behind every "spooled" of that segment (same pipe, in order): worker 0
-        # may delete it once it has seen that many and all are done.
-        pipe.send(json.dumps({"closed": [segment, committed]}).encode() + b"\n")
-
-    host.spool.on_close.append(closed)
-
     def notify(event):
         pipe.send(json.dumps(event).encode() + b"\n")
 
+    # Worker 0 runs the queue: tell it where each durable record is, and, behind
+    # every "spooled" of a segment (same pipe, in order), how many the segment
+    # got once this worker has left it (mailsys.spool.SegmentReaper).
+    host.spool.on_commit.append(lambda entry: notify({"spooled": [entry.segment, entry.offset]}))
+    host.spool.on_close.append(lambda segment, committed: notify({"closed": [segment, committed]}))
     host.notify_parent = notify
     host.privilegedStartService()
     host.startService()

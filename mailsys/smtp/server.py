@@ -491,10 +491,9 @@ class SMTPServerProtocol(Protocol):
             self._data_size = 0
             self._data_too_big = False
             self._reader = self._data_reader()
-            self._arm(self.limits.data_timeout)
+            self._arm(self.limits.data_timeout)     # the deadline: 354 plus data_timeout
             self._data_started = self.clock.seconds()
             self._data_received = 0
-            self._deadline = self._data_started + self.limits.data_timeout
             self._send(R.START_DATA)
 
         self._run(self.handler.data(self, txn), answered)
