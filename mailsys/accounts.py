@@ -729,6 +729,12 @@ class Accounts:
         self.refresh()
         return self._snapshot
 
+    def snapshot(self) -> object:
+        """The current view of both files (checked for changes first, as every
+        lookup is); a new object whenever either file changed, so callers may
+        key their own derived caches on its identity (mailsys.mda.lmtp.MDA)."""
+        return self._current()
+
     def _warn_postmaster(self):
         snap = self._snapshot
         for domain in sorted(self.local_domains):

@@ -16,11 +16,12 @@ import os
 import struct
 import zlib
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
+from mailsys.compactjson import dumpb
 from mailsys.files import write_atomically
+from mailsys.offload import Offload
 
 log = Logger(namespace="mailsys.queue")
 
@@ -30,7 +31,7 @@ MAX_RECORD = 1 << 20
 
 
 def encode(record):
-    data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    data = dumpb(record)
     return HEADER.pack(len(data), zlib.crc32(data)) + data
 
 
@@ -97,9 +98,8 @@ class Journal:
 
     def _in_thread(self, f, *args):
         if self._pool is None:
-            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mailsys-journal")
-            self._pool.start()
-        return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
+            self._pool = Offload(self.reactor, "mailsys-journal")
+        return self._pool.run(f, *args)
 
     def append(self, *records, durable=True):
         """Append ``records``.  Durable ones fire once on disk; the others (a

@@ -266,6 +266,9 @@ class MailHost(service.MultiService):
 
     def startService(self):
         super().startService()
+        from mailsys.dispatch import lean_dispatch
+
+        lean_dispatch(self.reactor)    # docs/processes.rst: no legacy log context per event
         if self.queue is not None:
             self.queue.startService()
             from mailsys.maildrop import Pickup

@@ -6,7 +6,8 @@ itself that inherit every listening socket and accept on them too; the kernel
 spreads the connections.  A worker is the same MailHost minus the listening:
 it adopts the inherited sockets, appends to spool segments of its own (so no
 two processes ever write one file) and sends its log events to the parent as
-JSON lines on its stdout, which the parent re-emits: one log, as before.
+lines on its stdout (tab-separated, see :func:`log_line` and
+:func:`notice_line`), which the parent re-emits: one log, as before.
 
 Workers die with the parent (PR_SET_PDEATHSIG), so ``kill -9`` of twistd takes
 them along; they also hold the state directory's lock (inherited), so a new
@@ -59,26 +60,30 @@ class WorkerProcess(protocol.ProcessProtocol):
     def _relay(self, line):
         keys = {"worker": self.index}
         try:
-            event = json.loads(line)
-            if "spooled" in event:
-                segment, offset = event["spooled"]
+            kind = line[:2]
+            if kind == b"S\t":
+                offset, segment = line[2:].split(b"\t", 1)
                 queue = self.pool.host.queue
                 if queue is not None:
-                    queue.add_at(segment, offset)
+                    queue.add_at(unescape(segment.decode("utf-8", "surrogateescape")), int(offset))
                 return
-            if "flush" in event:
-                self.pool.host.request_flush(event["flush"])
-                return
-            if "closed" in event:
-                segment, committed = event["closed"]
+            if kind == b"C\t":
+                committed, segment = line[2:].split(b"\t", 1)
                 queue = self.pool.host.queue
                 if queue is not None:
-                    queue.segment_closed(str(segment), int(committed))
+                    queue.segment_closed(unescape(segment.decode("utf-8", "surrogateescape")),
+                                         int(committed))
                 return
-            level = _LEVELS[event["level"]]
-            text, namespace = str(event["text"]), str(event["namespace"])
-            if "system" in event:
-                keys["log_system"] = str(event["system"])
+            if kind == b"F\t":
+                self.pool.host.request_flush(json.loads(line[2:]))
+                return
+            if kind != b"L\t":
+                raise ValueError(line)
+            level, namespace, system, text = line[2:].decode("utf-8", "replace").split("\t", 3)
+            level = _LEVELS[level]
+            if system:
+                keys["log_system"] = unescape(system)
+            text = unescape(text)
         except (ValueError, KeyError, TypeError, Exception):
             level, namespace, text = LogLevel.info, "mailsys.workers", line.decode("utf-8", "replace")
         emit_text(namespace, level, text, **keys)
@@ -189,7 +194,7 @@ class ParentPipe:
     A write per log event cost a system call and a wake-up of worker 0 per line
     (six or seven per message).  Log lines now wait for the end of the current
     reactor turn and go out together; a notification that steers the queue
-    (``spooled``, ``flush``) goes out at once, behind the log lines written
+    (``spooled``, ``closed``, ``flush``) goes out at once, behind the log lines written
     before it, so worker 0 sees everything in the order it happened.  A line is
     only ever lost with the process itself (kill -9), and then only log text:
     the spool record, not this pipe, is what makes mail durable."""
@@ -226,7 +231,54 @@ class ParentPipe:
             pass    # worker 0 is gone; we die with it (PR_SET_PDEATHSIG)
 
 
+def escape(text):
+    """A field of one line for the pipe: backslash, newline and tab escaped."""
+    if "\\" in text or "\n" in text or "\t" in text:
+        text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    return text
+
+
+def unescape(text):
+    if "\\" not in text:
+        return text
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n:
+            nxt = text[i + 1]
+            out.append("\n" if nxt == "n" else "\t" if nxt == "t" else nxt)
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def log_line(level, namespace, system, text):
+    """``L<TAB>level<TAB>namespace<TAB>system<TAB>text``: a log event for worker 0."""
+    return f"L\t{level}\t{namespace}\t{escape(system)}\t{escape(text)}\n".encode("utf-8", "replace")
+
+
+def notice_line(event):
+    """A notice steering worker 0: ``S`` spooled (offset, segment), ``C`` a
+    segment closed (committed count, segment), ``F`` a flush request (JSON)."""
+    if "spooled" in event:
+        segment, offset = event["spooled"]
+        return f"S\t{int(offset)}\t{escape(segment)}\n".encode("utf-8", "surrogateescape")
+    if "closed" in event:
+        segment, committed = event["closed"]
+        return f"C\t{int(committed)}\t{escape(segment)}\n".encode("utf-8", "surrogateescape")
+    if "flush" in event:
+        return b"F\t" + json.dumps(event["flush"]).encode() + b"\n"
+    raise ValueError(f"unknown notice {event!r}")
+
+
 def _stdout_observer(pipe):
+    """Every log event of this worker, as one tab-separated line to worker 0.
+
+    The line used to be JSON: an encoder built per event in this process and a
+    decoder in worker 0, for six lines a message.  Levels and namespaces never
+    hold a tab or a newline; the system tag and the text are escaped."""
     from twisted.logger import eventAsText
 
     def observe(event):
@@ -234,15 +286,13 @@ def _stdout_observer(pipe):
             text = event.get("text")
             if event.get("log_format") != "{text}" or "log_failure" in event or not isinstance(text, str):
                 text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-            fields = {"level": event.get("log_level", LogLevel.info).name,
-                      "namespace": event.get("log_namespace", "-"), "text": text}
-            if "log_system" in event:
-                # Twisted's own messages (legacy log.msg) carry a system tag, which
-                # twistd's file shows instead of namespace#level: keep it, so a
-                # worker's line reads like worker 0's ("[-] ..."), not "[log_legacy#info]".
-                fields["system"] = str(event["log_system"])
-            line = json.dumps(fields)
-            pipe.log(line.encode("utf-8", "replace") + b"\n")
+            # Twisted's own messages (legacy log.msg) carry a system tag, which
+            # twistd's file shows instead of namespace#level: keep it, so a
+            # worker's line reads like worker 0's ("[-] ..."), not "[log_legacy#info]".
+            system = event.get("log_system")
+            pipe.log(log_line(event.get("log_level", LogLevel.info).name,
+                              event.get("log_namespace", "-"),
+                              "" if system is None else str(system), text))
         except Exception:
             pass
     return observe
@@ -271,7 +321,7 @@ def main(argv=None):
     host.adopt = [tuple(x) for x in listen]
 
     def notify(event):
-        pipe.send(json.dumps(event).encode() + b"\n")
+        pipe.send(notice_line(event))
 
     # Worker 0 runs the queue: tell it where each durable record is, and, behind
     # every "spooled" of a segment (same pipe, in order), how many the segment

@@ -307,3 +307,22 @@ def receive_connect(service, ip="203.0.113.9", port=40000, role="mta"):
     transport.protocol = proto
     proto.makeConnection(transport)
     return proto, transport
+
+
+class SyncOffload:
+    """mailsys.offload.Offload that runs the work at once, in the caller's thread."""
+
+    def __init__(self, reactor=None, name=None):
+        self.started = False
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.started = False
+
+    def run(self, f, *args):
+        try:
+            return defer.succeed(f(*args))
+        except BaseException:
+            return defer.fail()

@@ -173,12 +173,13 @@ def test_pipelined_session_step_by_step():
     s = start()
     assert s.t.value() == b""
     assert server(s, GREETING) == b"LHLO queue.example.org\r\n"
+    # RFC 2920: MAIL, the RCPTs and DATA in one group; only the message waits for 354.
     assert server(s, LHLO_FULL) == (b"MAIL FROM:<alice@example.org> SIZE=%d\r\n"
                                     b"RCPT TO:<joe@example.com>\r\nRCPT TO:<ann@example.com>\r\n"
-                                    % len(MSG))
+                                    b"DATA\r\n" % len(MSG))
     assert server(s, MAIL_OK) == b""
     assert server(s, RCPT_OK) == b""
-    assert server(s, RCPT_OK) == b"DATA\r\n"
+    assert server(s, RCPT_OK) == b""
     assert server(s, START) == STUFFED
     assert server(s, DELIVERED) == b""
     assert s.results == []
@@ -248,20 +249,34 @@ def test_rcpt_rejections_get_their_own_outcomes_in_order():
     server(s, LHLO_FULL)
     out = server(s, MAIL_OK + b"550 5.1.1 <nobody@example.com>: User unknown\r\n"
                  b"452 4.2.2 <busy@example.com>: over quota\r\n" + RCPT_OK)
-    assert out == b"DATA\r\n"
-    server(s, START)
+    assert out == b""                               # DATA went with the RCPTs
+    assert server(s, START) == STUFFED
     assert server(s, DELIVERED) == b"QUIT\r\n"      # one final reply: one accepted RCPT
     assert outcome(s) == [PermFail(Reply(550, "5.1.1", "<nobody@example.com>: User unknown")),
                           TempFail(Reply(452, "4.2.2", "<busy@example.com>: over quota")),
                           Delivered(Reply(250, "2.0.0", "Ok: delivered"))]
 
 
-def test_every_rcpt_rejected_means_no_data():
+def test_every_rcpt_rejected_means_no_message():
+    s = start()
+    server(s, GREETING)
+    assert server(s, LHLO_FULL).endswith(b"DATA\r\n")
+    out = server(s, MAIL_OK + b"550 5.1.1 no\r\n550 5.1.1 nor you\r\n")
+    assert out == b""
+    # The pipelined DATA is refused (RFC 2920 3.1): no message, the session ends.
+    out = server(s, b"554 5.5.1 Error: no valid recipients\r\n")
+    assert out == b"QUIT\r\n"
+    assert outcome(s) == [PermFail(Reply(550, "5.1.1", "no")), PermFail(Reply(550, "5.1.1", "nor you"))]
+
+
+def test_every_rcpt_rejected_yet_data_accepted_drops_the_connection():
+    """A server that says 354 with no accepted recipient would wait for a message
+    that has no final reply to end it: the client hangs up, the refusals stand."""
     s = start()
     server(s, GREETING)
     server(s, LHLO_FULL)
-    out = server(s, MAIL_OK + b"550 5.1.1 no\r\n550 5.1.1 nor you\r\n")
-    assert out == b"QUIT\r\n"
+    out = server(s, MAIL_OK + b"550 5.1.1 no\r\n550 5.1.1 nor you\r\n" + START)
+    assert out == b"" and not s.t.connected
     assert outcome(s) == [PermFail(Reply(550, "5.1.1", "no")), PermFail(Reply(550, "5.1.1", "nor you"))]
 
 
@@ -457,7 +472,7 @@ def test_utf8_recipient_without_smtputf8_is_refused_alone():
     s = start(["jörg@example.com", "joe@example.com"])
     server(s, GREETING)
     out = server(s, b"250-mda\r\n250 PIPELINING\r\n")
-    assert out == b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<joe@example.com>\r\n"
+    assert out == b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n"
     server(s, MAIL_OK + RCPT_OK + START)
     server(s, DELIVERED)
     refused, ok = outcome(s)
@@ -474,9 +489,9 @@ def test_utf8_sender_without_smtputf8_fails_everyone():
 
 def test_orcpt_only_with_dsn():
     clock = task.Clock()
-    for lhlo, expected in [(LHLO_FULL, b"RCPT TO:<joe@example.com>\r\n"),
+    for lhlo, expected in [(LHLO_FULL, b"RCPT TO:<joe@example.com>\r\nDATA\r\n"),
                            (b"250-mda\r\n250-PIPELINING\r\n250 DSN\r\n",
-                            b"RCPT TO:<joe@example.com> ORCPT=rfc822;a+2Bb@example.com\r\n")]:
+                            b"RCPT TO:<joe@example.com> ORCPT=rfc822;a+2Bb@example.com\r\nDATA\r\n")]:
         proto = LMTPClientProtocol(HOST, "", [("joe@example.com", {"orcpt": ["rfc822", "a+b@example.com"]})],
                                    MSG, {}, clock=clock)
         t = StringTransportWithDisconnection()
@@ -497,7 +512,8 @@ def test_mail_refused(pipelining):
         assert out.count(b"RCPT TO") == 2
         assert server(s, b"553 5.1.7 bad sender\r\n") == b""
         assert server(s, b"503 5.5.1 need MAIL\r\n") == b""
-        assert server(s, b"503 5.5.1 need MAIL\r\n") == b"QUIT\r\n"
+        assert server(s, b"503 5.5.1 need MAIL\r\n") == b""
+        assert server(s, b"503 5.5.1 need RCPT\r\n") == b"QUIT\r\n"     # the pipelined DATA
     else:
         assert server(s, b"553 5.1.7 bad sender\r\n") == b"QUIT\r\n"
     assert outcome(s) == [PermFail(Reply(553, "5.1.7", "bad sender"))] * 2
@@ -1195,6 +1211,8 @@ def test_a_delivery_without_final_replies_ends_the_session(reply):
     proto.dataReceived(GREETING + LHLO_FULL)
     t.clear()
     proto.dataReceived(reply + RCPT_OK)
+    assert t.value() == b""                         # the pipelined DATA's reply is due
+    proto.dataReceived(b"503 5.5.1 Error: need RCPT command\r\n")
     assert t.value() == b"QUIT\r\n" and not first[0][0].delivered
     assert second == [] and h.attempts == 1
     proto.dataReceived(BYE)

@@ -3,18 +3,17 @@ the journal is compacted, finished segments go, and the queue knows what is left
 import os
 
 import pytest
-from twisted.internet import defer
 
 from mailsys import spool as spool_mod
 from mailsys.config import load
 from mailsys.journal import replay
 from mailsys.tap import build
+from tests.helpers import SyncOffload
 
 
 @pytest.fixture
 def sync(monkeypatch):
-    monkeypatch.setattr(spool_mod.threads, "deferToThreadPool",
-                        lambda reactor, pool, f, *a: defer.maybeDeferred(f, *a))
+    monkeypatch.setattr(spool_mod, "Offload", SyncOffload)
 
 
 def config(tmp_path):

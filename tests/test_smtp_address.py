@@ -1,4 +1,6 @@
 """mailsys.smtp.address: RFC 5321 paths, strictly, with the exact refusal for each side."""
+import re
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -308,3 +310,57 @@ def test_round_trip_dot_string_and_ldh_domain(local, domain, side):
     assert (m.local, m.domain) == (local, domain.lower())
     # and again through the quoted form, which needs no quoting
     assert parse_path(f'<"{local}"@{domain}>', side) == m
+
+
+# --- the fast paths give exactly what the full parse gives ----------------------------------
+
+def _full_parse(text, side, smtputf8=False, allow_null=False):
+    import mailsys.smtp.address as address
+
+    saved = address._SIMPLE_PATH
+    address._SIMPLE_PATH = re.compile(r"(?!)")       # never matches: the full parse only
+    try:
+        return address.parse_path(text, side, smtputf8, allow_null)
+    finally:
+        address._SIMPLE_PATH = saved
+
+
+def _outcome(f, *args):
+    try:
+        m = f(*args)
+    except AddressError as e:
+        return ("refused", e.reply)
+    return ("ok", None if m is None else (m.local, m.domain, m.utf8))
+
+
+_PATH_CHARS = "aZ09.-@<>\"\\ :,[]_+%!é\x00\r\n"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(
+    st.text(alphabet=_PATH_CHARS, max_size=40),
+    st.builds(lambda l, d: f"<{l}@{d}>", _local, _domain),
+    st.builds(lambda l, d, n: f"<{l}@{d}>" + "x" * n, _local, _domain, st.integers(0, 3)),
+    st.builds(lambda l, d: f"<{l * 4}@{d * 20}>", _local, _domain),      # over-long parts
+    st.builds(lambda l, d: f"<{l}@{d}.>", _local, _domain),
+    st.builds(lambda l, d: f"<{l}@[{d}]>", _local, _domain)),
+    st.sampled_from(["sender", "recipient"]), st.booleans())
+def test_fast_path_parse_equals_the_full_parse(text, side, utf8):
+    assert _outcome(parse_path, text, side, utf8, True) == _outcome(_full_parse, text, side, utf8, True)
+    assert _outcome(parse_path, text, side, utf8, False) == _outcome(_full_parse, text, side, utf8, False)
+
+
+def _split_reference(arg):
+    """The scan alone (no fast path), for a bracketed argument."""
+    from mailsys.smtp.address import _split_scan
+
+    arg = arg.lstrip(" ")
+    if not arg.startswith("<"):
+        return split_path_and_params(arg)
+    return _split_scan(arg)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="a<>\"\\ =@", max_size=30))
+def test_split_path_and_params_fast_path_equals_the_scan(arg):
+    assert split_path_and_params(arg) == _split_reference(arg)

@@ -2,51 +2,37 @@
 by a synchronous (or manually stepped) stand-in."""
 import errno
 import os
-from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer
 
 from mailsys import spool as spool_mod
 from mailsys.spool import HEADER, QueueIds, Spool, SpoolError, read_spool, scan_segment
+from tests.helpers import SyncOffload
 
 
-class FakePool:
-    def __init__(self, *a, **kw):
-        self.started = False
-
-    def start(self):
-        self.started = True
-
-    def stop(self):
-        self.started = False
-
-
-def _sync(reactor, pool, f, *args, **kwargs):
-    try:
-        return defer.succeed(f(*args, **kwargs))
-    except BaseException:
-        return defer.fail()
-
-
-class ManualThreads:
-    """deferToThreadPool that runs the work only when the test says so."""
+class ManualThreads(SyncOffload):
+    """An Offload that runs the work only when the test says so."""
 
     def __init__(self):
+        super().__init__()
         self.queue = []
         self.batches = []
 
-    def deferToThreadPool(self, reactor, pool, f, *args, **kwargs):
+    def __call__(self, reactor, name):
+        return self
+
+    def run(self, f, *args):
         d = defer.Deferred()
-        self.queue.append((d, f, args, kwargs))
+        self.queue.append((d, f, args))
         if f.__name__ == "_write_batch":
             self.batches.append(len(args[0]))
         return d
 
-    def run(self):
-        d, f, args, kwargs = self.queue.pop(0)
+    def run_next(self):
+        d, f, args = self.queue.pop(0)
         try:
-            result = f(*args, **kwargs)
+            result = f(*args)
         except BaseException:
             d.errback()
         else:
@@ -55,15 +41,13 @@ class ManualThreads:
 
 @pytest.fixture
 def sync(monkeypatch):
-    monkeypatch.setattr(spool_mod, "ThreadPool", FakePool)
-    monkeypatch.setattr(spool_mod, "threads", SimpleNamespace(deferToThreadPool=_sync))
+    monkeypatch.setattr(spool_mod, "Offload", SyncOffload)
 
 
 @pytest.fixture
 def manual(monkeypatch):
     m = ManualThreads()
-    monkeypatch.setattr(spool_mod, "ThreadPool", FakePool)
-    monkeypatch.setattr(spool_mod, "threads", m)
+    monkeypatch.setattr(spool_mod, "Offload", m)
     return m
 
 
@@ -170,10 +154,10 @@ def test_several_commits_in_one_batch(manual, tmp_path, monkeypatch):
     for d in (d1, d2, d3):
         d.addCallback(lambda e: (fired.append(e.queue_id), e)[1])
     assert manual.batches == [1] and fired == []
-    manual.run()                       # A's batch; B and C wait for it
+    manual.run_next()                       # A's batch; B and C wait for it
     assert fired == ["A"] and len(syncs) == 1
     assert manual.batches == [1, 2]
-    manual.run()
+    manual.run_next()
     assert fired == ["A", "B", "C"] and len(syncs) == 2
     assert [(e.queue_id, e.read_message()) for e in read_spool(str(tmp_path))] == [
         ("A", b"first\r\n"), ("B", b"second\r\n"), ("C", b"third\r\n")]
@@ -184,7 +168,7 @@ def test_nothing_acknowledged_before_the_sync(manual, tmp_path):
     s = open_spool(tmp_path)
     d = commit(s, "A", b"x\r\n")
     assert not d.called
-    manual.run()
+    manual.run_next()
     assert d.called
 
 
@@ -337,10 +321,10 @@ def test_failure_refuses_the_whole_batch(manual, tmp_path, monkeypatch):
     d1 = commit(s, "A", b"a\r\n")
     d2 = commit(s, "B", b"b\r\n")
     d3 = commit(s, "C", b"c\r\n")
-    manual.run()
+    manual.run_next()
     assert result_of(d1).queue_id == "A"
     monkeypatch.setattr(os, "fdatasync", _failing_fdatasync(errno.ENOSPC))
-    manual.run()
+    manual.run_next()
     for d in (d2, d3):
         f = result_of(d)
         assert f.check(SpoolError) and f.value.nospace
@@ -403,10 +387,8 @@ def test_damage_in_the_middle_keeps_the_acknowledged_records_after_it(tmp_path, 
     """Bit rot inside one record must not cost the intact records that follow it."""
     spool_dir = str(tmp_path / "spool")
     import mailsys.spool as spool_mod
-    from twisted.internet import defer as _defer
 
-    monkeypatch.setattr(spool_mod.threads, "deferToThreadPool",
-                        lambda reactor, pool, f, *a: _defer.maybeDeferred(f, *a))
+    monkeypatch.setattr(spool_mod, "Offload", SyncOffload)
     sp = spool_mod.Spool(spool_dir, reactor=None)
     sp.open()
     ids = []
@@ -506,3 +488,49 @@ def test_reaper_survives_a_failing_unlink(tmp_path):
     reaper = spool_mod.SegmentReaper(unlink=unlink)
     reaper.close(str(path), 0)               # logged, not raised
     assert calls == [str(path)] and reaper.removed == 0
+
+
+# -- read_entry: worker 0 reading another worker's fresh record --------------------------------
+
+def _fields(entry):
+    return (entry.queue_id, entry.segment, entry.offset, entry.envelope, entry.message_offset,
+            entry.message_size, entry.read_message())
+
+
+@pytest.mark.parametrize("size", [0, 100, spool_mod.ENTRY_READ - 300, spool_mod.ENTRY_READ,
+                                  3 * spool_mod.ENTRY_READ + 7])
+def test_read_entry_gives_what_the_scan_gives(sync, tmp_path, size):
+    s = open_spool(tmp_path / "spool")
+    first = result_of(commit(s, "Q1", b"x" * 10, ENVELOPE))
+    body = bytes(range(256)) * (size // 256) + b"y" * (size % 256)
+    entry = result_of(commit(s, "Q2", body, ENVELOPE, chunks=3))
+    (seg,) = segment_files(tmp_path / "spool")
+    scanned = {e.queue_id: e for e in scan_segment(seg)[0]}
+    for e in (first, entry):
+        got = spool_mod.read_entry(seg, e.offset)
+        assert _fields(got) == _fields(scanned[e.queue_id])
+    assert got.read_message() == body
+
+
+@pytest.mark.parametrize("where", ["magic", "envelope", "message", "truncated", "offset"])
+def test_read_entry_refuses_a_record_that_fails_any_check(sync, tmp_path, where):
+    s = open_spool(tmp_path / "spool")
+    body = b"z" * 5000
+    entry = result_of(commit(s, "Q1", body, ENVELOPE))
+    (seg,) = segment_files(tmp_path / "spool")
+    with open(seg, "r+b") as f:
+        if where == "magic":
+            f.seek(entry.offset)
+            f.write(b"XXXX")
+        elif where == "envelope":
+            f.seek(entry.offset + HEADER.size + 2)
+            f.write(b"#")
+        elif where == "message":
+            f.seek(entry.message_offset + 4000)
+            f.write(b"#")
+        elif where == "truncated":
+            f.truncate(entry.message_offset + 10)
+    offset = entry.offset + 1 if where == "offset" else entry.offset
+    assert spool_mod.read_entry(seg, offset) is None
+    assert spool_mod.read_entry(seg + ".gone", entry.offset) is None
+    assert spool_mod.read_entry(seg, 10 ** 9) is None

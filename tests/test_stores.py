@@ -88,6 +88,24 @@ def test_maildir_layout_and_names(tmp_path):
     assert msg.as_bytes().replace(b"\r\n", b"\n") == STORED or bytes(msg) == STORED
 
 
+def test_maildir_names_carry_a_forked_childs_own_pid():
+    """The pid in a name is kept, not asked for each time: a forked child must
+    still name its files with its own pid, or two processes could clash."""
+    s = MaildirStore()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:        # the child: write one name, leave at once
+        try:
+            os.write(w, s._unique(1, 1).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    name = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert f"P{pid}Q" in name and f"P{os.getpid()}Q" in s._unique(1, 1)
+
+
 def test_maildir_sizes_of_one_message_shared_by_mailboxes(tmp_path):
     """The line ends of a message are counted once for all its mailboxes; each
     name still carries its own prefix's sizes."""

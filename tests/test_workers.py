@@ -1,7 +1,6 @@
 """Worker plumbing without processes: the pipe a worker writes its log lines and
 notifications to, worker 0's relay of them, and who accepts on the MDA's LMTP
 listeners while other workers run."""
-import json
 import os
 from types import SimpleNamespace
 
@@ -60,8 +59,8 @@ def test_log_lines_of_one_turn_go_out_in_one_write(pipe, monkeypatch):
 def test_a_notification_goes_at_once_behind_earlier_log_lines(pipe):
     parent, r, reactor = pipe
     parent.log(b"log 1\n")
-    parent.send(b'{"spooled": [1, 2]}\n')
-    assert read_all(r) == b'log 1\n{"spooled": [1, 2]}\n'
+    parent.send(b"S\t2\t/seg\n")
+    assert read_all(r) == b"log 1\nS\t2\t/seg\n"
     parent.log(b"log 2\n")
     reactor.advance(0)
     assert read_all(r) == b"log 2\n"
@@ -105,10 +104,13 @@ def test_observer_sends_mail_log_text_as_is_and_renders_others(pipe):
     observe(events[0])
     observe({"log_format": "worker {n} said {what}", "n": 1, "what": "hi",
              "log_level": LogLevel.warn, "log_namespace": "other"})
+    observe({"log_format": "{text}", "text": "two\nlines\twith a \\ too",
+             "log_level": LogLevel.error, "log_namespace": "mailsys.queue"})
     reactor.advance(0)
-    lines = [json.loads(x) for x in read_all(r).splitlines()]
-    assert lines == [{"level": "info", "namespace": "mailsys.smtpd", "text": "ABC123: client=x[1.2.3.4]"},
-                     {"level": "warn", "namespace": "other", "text": "worker 1 said hi"}]
+    assert read_all(r).splitlines() == [
+        b"L\tinfo\tmailsys.smtpd\t\tABC123: client=x[1.2.3.4]",
+        b"L\twarn\tother\t\tworker 1 said hi",
+        b"L\terror\tmailsys.queue\t\ttwo\\nlines\\twith a \\\\ too"]
 
 
 def test_worker_zero_re_emits_a_relayed_line():
@@ -116,17 +118,22 @@ def test_worker_zero_re_emits_a_relayed_line():
     globalLogPublisher.addObserver(events.append)
     try:
         proto = workers.WorkerProcess(pool=None, index=3)
-        proto._relay(json.dumps({"level": "warn", "namespace": "mailsys.lmtp",
-                                 "text": "X: to=<a@b>, status=sent"}).encode())
-        proto._relay(b"not json")
+        proto._relay(b"L\twarn\tmailsys.lmtp\t\tX: to=<a@b>, status=sent")
+        proto._relay(b"not a line of ours")
+        proto._relay(workers.log_line("error", "mailsys.queue", "", "two\nlines\twith a \\ too")[:-1])
+        proto._relay(b"L\tnonsense\tmailsys.queue\t\ttext")
     finally:
         globalLogPublisher.removeObserver(events.append)
-    (first, second) = events
+    (first, second, third, fourth) = events
     assert (first["log_namespace"], first["log_level"], first["text"], first["worker"]) == (
         "mailsys.lmtp", LogLevel.warn, "X: to=<a@b>, status=sent", 3)
     assert first["log_format"] == "{text}"
     assert (second["log_namespace"], second["log_level"], second["text"]) == (
-        "mailsys.workers", LogLevel.info, "not json")
+        "mailsys.workers", LogLevel.info, "not a line of ours")
+    assert (third["log_namespace"], third["log_level"], third["text"]) == (
+        "mailsys.queue", LogLevel.error, "two\nlines\twith a \\ too")
+    assert (fourth["log_namespace"], fourth["log_level"], fourth["text"]) == (
+        "mailsys.workers", LogLevel.info, "L\tnonsense\tmailsys.queue\t\ttext")
 
 
 def test_twisted_system_tag_survives_the_relay(pipe):
@@ -144,17 +151,16 @@ def test_twisted_system_tag_survives_the_relay(pipe):
     for event in events:
         observe(event)
     reactor.advance(0)
-    lines = [json.loads(x) for x in read_all(r).splitlines()]
-    assert lines == [
-        {"level": "info", "namespace": "log_legacy", "text": "ReceiveFactory starting on 2525", "system": "-"},
-        {"level": "info", "namespace": "log_legacy", "text": "tagged", "system": "smtp,3,127.0.0.1"}]
+    lines = read_all(r).splitlines()
+    assert lines == [b"L\tinfo\tlog_legacy\t-\tReceiveFactory starting on 2525",
+                     b"L\tinfo\tlog_legacy\tsmtp,3,127.0.0.1\ttagged"]
 
     relayed = []
     globalLogPublisher.addObserver(relayed.append)
     try:
         proto = workers.WorkerProcess(pool=None, index=1)
         for line in lines:
-            proto._relay(json.dumps(line).encode())
+            proto._relay(line)
     finally:
         globalLogPublisher.removeObserver(relayed.append)
     assert [(e["log_system"], e["text"], e["worker"]) for e in relayed] == [
@@ -240,7 +246,23 @@ def test_worker_zero_passes_spooled_and_closed_notices_to_its_queue():
                             segment_closed=lambda seg, n: calls.append(("closed", seg, n)))
     pool = SimpleNamespace(host=SimpleNamespace(queue=queue))
     proto = workers.WorkerProcess(pool=pool, index=1)
-    proto._relay(b'{"spooled": ["/s/segments/01-00000001.seg", 0]}')
-    proto._relay(b'{"closed": ["/s/segments/01-00000001.seg", 1]}')
+    odd = "/s p\tace\\/x\ny/segments/01-00000002.seg"
+    for event in ({"spooled": ["/s/segments/01-00000001.seg", 0]},
+                  {"closed": ["/s/segments/01-00000001.seg", 1]},
+                  {"spooled": [odd, 4711]}, {"closed": [odd, 2]}):
+        line = workers.notice_line(event)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        proto._relay(line[:-1])
+    assert workers.notice_line({"spooled": ["/s/a.seg", 7]}) == b"S\t7\t/s/a.seg\n"
     assert calls == [("add_at", "/s/segments/01-00000001.seg", 0),
-                     ("closed", "/s/segments/01-00000001.seg", 1)]
+                     ("closed", "/s/segments/01-00000001.seg", 1),
+                     ("add_at", odd, 4711), ("closed", odd, 2)]
+
+
+def test_worker_zero_passes_a_flush_request_on():
+    flushed = []
+    pool = SimpleNamespace(host=SimpleNamespace(request_flush=flushed.append))
+    proto = workers.WorkerProcess(pool=pool, index=1)
+    proto._relay(workers.notice_line({"flush": "example.org"})[:-1])
+    proto._relay(workers.notice_line({"flush": None})[:-1])
+    assert flushed == ["example.org", None]

@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from mailsys import fastio
 from mailsys.delivery import Delivered, PermFail, TempFail
 from mailsys.logs import MailLog
 from mailsys.smtp.address import AddressError, parse_path
@@ -346,6 +347,7 @@ class LMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._expect = deque()
         self._pipelining = False
+        self._direct = False      # mailsys.fastio, decided in connectionMade
         self._quitting = False
         self._closing = False
         self._lost = False
@@ -392,6 +394,8 @@ class LMTPClientProtocol(Protocol):
     # -- connection, timeouts ---------------------------------------------------------
 
     def connectionMade(self):
+        self._direct = fastio.direct(self.transport)
+        fastio.plain_reads(self.transport)
         self.phase = "waiting for the greeting"
         self._touch()
         self._expect.append(self._on_greeting)
@@ -492,7 +496,10 @@ class LMTPClientProtocol(Protocol):
 
     def _write(self, data):
         self._touch()
-        self.transport.write(data)
+        if self._direct:
+            fastio.send(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def _fail_rest(self, outcome):
         for i, current in enumerate(self.outcomes):
@@ -604,13 +611,17 @@ class LMTPClientProtocol(Protocol):
         self.phase = "after MAIL FROM"
         mail = self._mail_command()
         if self._pipelining:
+            # RFC 2920: MAIL, every RCPT and DATA go as one group (DATA last); only
+            # the message itself waits for the 354.  One round trip per message
+            # fewer than asking for DATA after the RCPT replies.
             indexes = list(self._to_send)
             self._to_send.clear()
             self._rcpt_left = len(indexes)
-            self._write(b"".join([mail] + [self._rcpt_command(i) for i in indexes]))
+            self._write(b"".join([mail] + [self._rcpt_command(i) for i in indexes] + [b"DATA\r\n"]))
             self._expect.append(self._on_mail)
             for i in indexes:
                 self._expect.append(partial(self._on_rcpt, i))
+            self._expect.append(self._on_data)
         else:
             self._write(mail)
             self._expect.append(self._on_mail)
@@ -645,7 +656,7 @@ class LMTPClientProtocol(Protocol):
         if self._pipelining:
             self._rcpt_left -= 1
             if self._rcpt_left == 0:
-                self._after_rcpts()
+                self.phase = "after DATA"     # its reply is next (_on_data)
         else:
             self._next_rcpt()
 
@@ -658,6 +669,15 @@ class LMTPClientProtocol(Protocol):
         self._expect.append(self._on_data)
 
     def _on_data(self, code, texts):
+        if self._mail_refused or not self._accepted:
+            # Only with pipelining: DATA went out before the refusals came back.
+            if code // 100 == 3:
+                # It must be refused now (RFC 2920 3.1); a server that says 354
+                # instead would wait for a message nobody can end cleanly.
+                self._protocol_error("DATA accepted without an accepted recipient")
+                return
+            self._quit()
+            return
         if code // 100 != 3:
             outcome = failure_for(parse_reply(code, texts))
             for i in self._accepted:

@@ -40,6 +40,19 @@ def _encoded_host():
     return host.replace("/", "\\057").replace(":", "\\072")
 
 
+# The process id in every unique name: os.getpid() is a system call per name
+# (glibc keeps no cache), so it is kept here and renewed in a forked child.
+_pid = os.getpid()
+
+
+def _renew_pid():
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+
 @implementer(IMailStore)
 class MaildirStore:
     kind = "maildir"
@@ -56,7 +69,7 @@ class MaildirStore:
         usec = int((now - sec) * 1_000_000)
         with self._lock:
             q = next(self._counter)
-        return f"{sec}.M{usec}P{os.getpid()}Q{q}.{self._host},S={size},W={vsize}"
+        return f"{sec}.M{usec}P{_pid}Q{q}.{self._host},S={size},W={vsize}"
 
     @staticmethod
     def _ensure(path):

@@ -24,6 +24,12 @@ _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _QTEXT_OR_PAIR = re.compile(r'(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\Z')
 _QTEXT_OR_PAIR_UTF8 = re.compile(r'(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*\Z')
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
+# The common case in one match: <dot-atom@ldh-domain>, ASCII, no route, no
+# quotes.  What it accepts, the full parse below accepts with the same result
+# (tests/test_address.py holds the two to that); anything else, including an
+# over-long part, takes the full parse and its exact refusal.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SIMPLE_PATH = re.compile(rf"<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@((?:{_LABEL}\.)*{_LABEL})>\Z")
 
 
 class AddressError(Exception):
@@ -176,6 +182,11 @@ def parse_path(text, side, smtputf8=False, allow_null=False):
     (see :func:`split_path_and_params`).  Returns a :class:`Mailbox`, or None for
     the null path ``<>`` when ``allow_null``.  Raises :class:`AddressError`.
     """
+    simple = _SIMPLE_PATH.match(text)
+    if simple is not None and len(text) <= MAX_PATH:
+        local, domain = simple.groups()
+        if len(local) <= MAX_LOCAL:
+            return Mailbox(local, domain.lower())
     if any(c in text for c in "\x00\r\n"):
         raise _syntax(side)
     if not text.isascii() and not smtputf8:
@@ -228,6 +239,15 @@ def split_path_and_params(arg):
         # RFC 5321 requires brackets; without them there is no path to find.
         path, _, rest = arg.partition(" ")
         return path, rest
+    end = arg.find(">")
+    if end > 0 and '"' not in arg[:end]:
+        return arg[:end + 1], arg[end + 1:]     # no quotes before it: the first '>' ends the path
+    return _split_scan(arg)
+
+
+def _split_scan(arg):
+    """:func:`split_path_and_params` for a bracketed ``arg``, quotes respected,
+    a character at a time."""
     quoted = False
     i, n = 1, len(arg)
     while i < n:

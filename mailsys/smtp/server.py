@@ -13,10 +13,10 @@ send instead of one per reply.
 """
 import re
 
-from twisted.internet import tcp
-from twisted.internet.protocol import Protocol
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 
+from mailsys import fastio
 from mailsys.logs import MailLog
 from mailsys.smtp import reply as R
 from mailsys.smtp.address import AddressError, parse_path, split_path_and_params
@@ -125,8 +125,8 @@ class SMTPServerProtocol(Protocol):
 
     def connectionMade(self):
         t = self.transport
-        self._direct = (isinstance(t, tcp.Connection) and not getattr(t, "TLS", False)
-                        and hasattr(t, "_tempDataBuffer"))
+        self._direct = fastio.direct(t)
+        fastio.plain_reads(t)
         self._arm(self.limits.command_timeout)
         self._run(self.handler.connected(self), self._greet)
         self._flush()
@@ -274,23 +274,13 @@ class SMTPServerProtocol(Protocol):
             self._write(data)
 
     def _write(self, data):
-        """Send now when the socket can take it, else through Twisted's buffer.
-
-        A plain ``transport.write`` costs two epoll_ctl calls and a reactor pass
-        besides the send itself; on virtual machines where each system call is
-        dear that doubled the cost of a reply.  The fast path applies only to a
-        plain TCP transport with nothing buffered, so ordering is kept.
-        """
-        t = self.transport
-        if self._direct and not t.dataBuffer and not t._tempDataBuffer and not t.disconnecting:
-            try:
-                n = t.socket.send(data)
-            except OSError:
-                n = 0   # let Twisted's own write path see and report the error
-            if n == len(data):
-                return
-            data = data[n:]
-        t.write(data)
+        """Send now when the socket can take it, else through Twisted's buffer
+        (mailsys.fastio: a plain ``transport.write`` costs two epoll_ctl calls and
+        a reactor pass besides the send itself)."""
+        if self._direct:
+            fastio.send(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def _reply(self, reply, verb):
         """Send a command's reply, count it, and spend the error budget on failures."""
