@@ -26,6 +26,7 @@ log = Logger(namespace="mailsys")
 
 LOCK_WAIT = 10.0   # seconds to wait for a previous instance's processes to be gone
 QUEUE_LMTP = "lmtp-queue"   # the role of the queue's own socket to the MDA workers
+RECEIVE_ROLES = ("mta", "submission", "submissions")
 LMTP_SESSIONS = 40   # concurrent LMTP deliveries from the queue to the MDA
 
 
@@ -100,6 +101,8 @@ class MailHost(service.MultiService):
         self.pickup = None          # worker 0: the maildrop reader (mailsys.maildrop)
         self.control_ports = []
         self.notify_parent = None   # worker processes: a line to worker 0 (mailsys.workers)
+        self.mda = None             # the MDA behind listen.lmtp, if any (build())
+        self.steering = None        # a worker storing the queue's mail (mailsys.steering)
 
     def _load_tls(self):
         """The TLS context for every role, or None: STARTTLS is then not offered.
@@ -165,6 +168,15 @@ class MailHost(service.MultiService):
             for (role, endpoint, fd, family), (_, _, factory) in zip(self.adopt, self.listeners):
                 self.ports.append(adopt_port(self.reactor, fd, family, factory))
                 os.close(fd)
+            if self.mda is not None and any(role == QUEUE_LMTP for role, _, _ in self.listeners):
+                # This worker stores the queue's deliveries: while it is behind,
+                # the others take the new connections (mailsys.steering).
+                from mailsys.steering import AcceptSteering
+
+                self.steering = AcceptSteering(self.reactor, [
+                    port for (role, _, _), port in zip(self.listeners, self.ports)
+                    if role in RECEIVE_ROLES])
+                self.mda.batcher.on_load = self.steering.load
         super().privilegedStartService()
 
     def _load_queue(self):
@@ -311,6 +323,8 @@ class MailHost(service.MultiService):
         else:
             # Out of the reactor before its shutdown disconnects (and unlinks) them;
             # the descriptors close with the process.
+            if self.steering is not None:
+                self.steering.stop()
             waits = []
             for p in self.ports:
                 self.reactor.removeReader(p)
@@ -425,7 +439,7 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
     if config.listen.lmtp:
         from mailsys.mda.lmtp import LMTPFactory, MDA
 
-        mda = MDA(config, host.accounts, host.reactor, worker=worker, spool=host.spool)
+        mda = host.mda = MDA(config, host.accounts, host.reactor, worker=worker, spool=host.spool)
         for endpoint in config.listen.lmtp:
             factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
             host.listeners.append(("lmtp", private_unix(endpoint), factory))

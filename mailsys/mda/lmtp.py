@@ -265,6 +265,8 @@ class DeliveryBatcher:
         self._running = False
         self._pool = None
         self._run = run or self._in_thread
+        self.in_flight = 0      # deliveries submitted and not yet answered
+        self.on_load = None     # called with in_flight as it changes (mailsys.steering)
 
     def _in_thread(self, f, *args):
         if self._pool is None:
@@ -274,6 +276,9 @@ class DeliveryBatcher:
 
     def submit(self, targets, message, sender, qid=None, redelivery=False):
         d = defer.Deferred()
+        self.in_flight += 1
+        if self.on_load is not None:
+            self.on_load(self.in_flight)
         self._pending.append((targets, message, sender, (qid, redelivery), d))
         if not self._running:
             self._start()
@@ -288,6 +293,9 @@ class DeliveryBatcher:
 
     def _done(self, result, batch):
         self._running = False
+        self.in_flight -= len(batch)
+        if self.on_load is not None:
+            self.on_load(self.in_flight)
         for i, (targets, _, _, _, d) in enumerate(batch):
             if isinstance(result, list):
                 d.callback(result[i])
