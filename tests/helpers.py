@@ -326,3 +326,31 @@ class SyncOffload:
             return defer.succeed(f(*args))
         except BaseException:
             return defer.fail()
+
+
+def write_host_config(tmp_path, workers=1, mta=(), lmtp=(), extra=""):
+    """A small mailsys.toml under ``tmp_path`` (state, accounts and TLS files
+    there too, no listeners unless given); returns its path."""
+    def toml_list(items):
+        return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+    path = tmp_path / "mailsys.toml"
+    path.write_text(f"""
+[server]
+state_dir = "{tmp_path / 'state'}"
+workers = {workers}
+[listen]
+mta = {toml_list(mta)}
+submission = []
+submissions = []
+lmtp = {toml_list(lmtp)}
+pop3 = []
+pop3s = []
+[tls]
+certificate = "{tmp_path / 'none.pem'}"
+key = "{tmp_path / 'none.key'}"
+[accounts]
+users = "{tmp_path / 'users'}"
+aliases = "{tmp_path / 'aliases'}"
+{extra}""")
+    return str(path)

@@ -8,7 +8,7 @@ from mailsys import spool as spool_mod
 from mailsys.config import load
 from mailsys.journal import replay
 from mailsys.tap import build
-from tests.helpers import SyncOffload
+from tests.helpers import SyncOffload, write_host_config
 
 
 @pytest.fixture
@@ -17,26 +17,7 @@ def sync(monkeypatch):
 
 
 def config(tmp_path):
-    path = tmp_path / "mailsys.toml"
-    path.write_text(f"""
-[server]
-state_dir = "{tmp_path / 'state'}"
-workers = 1
-[listen]
-mta = []
-submission = []
-submissions = []
-lmtp = []
-pop3 = []
-pop3s = []
-[tls]
-certificate = "{tmp_path / 'none.pem'}"
-key = "{tmp_path / 'none.key'}"
-[accounts]
-users = "{tmp_path / 'users'}"
-aliases = "{tmp_path / 'aliases'}"
-""")
-    return load(str(path))
+    return load(write_host_config(tmp_path))
 
 
 def spool_messages(tmp_path, ids):

@@ -9,31 +9,13 @@ from twisted.internet import reactor
 
 from mailsys.config import load
 from mailsys.tap import QUEUE_LMTP, build
+from tests.helpers import write_host_config
 
 
 def write_config(tmp_path):
-    path = tmp_path / "mailsys.toml"
-    path.write_text(f"""
-[server]
-state_dir = "{tmp_path / 'state'}"
-workers = 2
-[listen]
-mta = ["tcp:0:interface=127.0.0.1"]
-submission = []
-submissions = []
-lmtp = ["unix:{tmp_path / 'lmtp.sock'}"]
-pop3 = []
-pop3s = []
-[tls]
-certificate = "{tmp_path / 'none.pem'}"
-key = "{tmp_path / 'none.key'}"
-[accounts]
-users = "{tmp_path / 'users'}"
-aliases = "{tmp_path / 'aliases'}"
-[mailbox]
-root = "{tmp_path / 'mail'}"
-""")
-    return str(path)
+    return write_host_config(tmp_path, workers=2, mta=["tcp:0:interface=127.0.0.1"],
+                             lmtp=[f"unix:{tmp_path / 'lmtp.sock'}"],
+                             extra=f"[mailbox]\nroot = \"{tmp_path / 'mail'}\"\n")
 
 
 def listening(family):
