@@ -295,7 +295,7 @@ class MailHost(service.MultiService):
         if self.worker == 0:
             from mailsys.logs import speed_up_log_files
 
-            speed_up_log_files()
+            speed_up_log_files(reactor=self.reactor)
             log.info("mailsys started: {hostname}, state in {state_dir}, {n} worker process(es)",
                      hostname=self.config.server.hostname, state_dir=self.config.server.state_dir,
                      n=self.nworkers)

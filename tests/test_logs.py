@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.logger import (LogLevel, LogPublisher, formatEventAsClassicLogText, formatTime,
                             textFileLogObserver, timeFormatRFC3339)
 
@@ -120,3 +121,78 @@ def test_speed_up_log_files_swaps_the_formatter_of_file_observers_only():
     assert out.getvalue() == "".join(twistd_format(e) for e in other)
     assert out.getvalue().count("\n") == 2
     assert "] connect from localhost[127.0.0.1]\n" in out.getvalue()
+
+
+class TurnReactor(Clock):
+    """A Clock with what the buffered log file asks of a reactor."""
+
+    def __init__(self):
+        super().__init__()
+        self.running = True
+        self.triggers = []
+
+    def addSystemEventTrigger(self, phase, event, f):
+        self.triggers.append((phase, event, f))
+
+
+class CountingFile(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, data):
+        self.writes += 1
+        return super().write(data)
+
+    def flush(self):
+        self.flushes += 1
+
+
+def buffered_publisher():
+    publisher = LogPublisher()
+    out = CountingFile()
+    observer = textFileLogObserver(out)
+    publisher.addObserver(observer)
+    reactor = TurnReactor()
+    assert speed_up_log_files(publisher, reactor=reactor) == 1
+    log = MailLog("mailsys.queue")
+    log._logger.observer = publisher
+    return log, out, reactor, observer
+
+
+def test_lines_of_one_reactor_turn_go_out_in_one_write_in_order():
+    log, out, reactor, observer = buffered_publisher()
+    for i in range(5):
+        log.info(f"Q{i}: removed", qid=f"Q{i}")
+    assert out.getvalue() == "" and out.writes == 0
+    reactor.advance(0)
+    assert out.writes == 1 and out.flushes == 1
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == [
+        f"Q{i}: removed" for i in range(5)]
+    reactor.advance(0)
+    assert out.writes == 1                    # nothing waiting, nothing written
+    assert [p for p, e, f in reactor.triggers] == ["after"]
+    log.info("Q9: removed")
+    reactor.triggers[0][2]()                  # shutdown: what waits goes out
+    assert out.getvalue().endswith("] Q9: removed\n")
+
+
+def test_lines_go_at_once_without_a_running_reactor_or_from_another_thread_or_when_many():
+    import threading
+
+    log, out, reactor, observer = buffered_publisher()
+    reactor.running = False
+    log.info("before the reactor runs")
+    assert out.getvalue().endswith("] before the reactor runs\n")
+    reactor.running = True
+    log.info("in the reactor thread")
+    t = threading.Thread(target=log.info, args=("from a thread",))
+    t.start()
+    t.join()
+    # The thread's line does not wait, and does not overtake the one before it.
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == [
+        "before the reactor runs", "in the reactor thread", "from a thread"]
+    before = out.writes
+    log.info("x" * (observer._outFile.limit + 1))
+    assert out.writes == before + 1
