@@ -171,18 +171,40 @@ def _pread_all(fd, size, offset):
     return b"".join(parts)
 
 
+def _header(data):
+    """(envelope length, message length, envelope CRC, message CRC) of the record
+    header at the start of ``data``, or None if it is none of ours."""
+    magic, elen, mlen, ecrc, mcrc = HEADER.unpack_from(data)
+    if magic != MAGIC or elen > MAX_ENVELOPE:
+        return None
+    return elen, mlen, ecrc, mcrc
+
+
+def _entry(segment, pos, env_bytes, ecrc, mlen):
+    """The SpoolEntry of the record at ``pos`` whose (already checked) message
+    is ``mlen`` bytes, if its envelope is intact; else None."""
+    if zlib.crc32(env_bytes) != ecrc:
+        return None
+    try:
+        envelope = json.loads(env_bytes)
+    except ValueError:
+        return None
+    return SpoolEntry(envelope.get("id"), segment, pos, envelope, pos + HEADER.size + len(env_bytes), mlen)
+
+
 def _read_record(f, pos, size):
     """The intact record at ``pos`` as (SpoolEntry, next position), or None."""
     f.seek(pos)
     hdr = f.read(HEADER.size)
     if len(hdr) < HEADER.size:
         return None
-    magic, elen, mlen, ecrc, mcrc = HEADER.unpack(hdr)
-    if magic != MAGIC or elen > MAX_ENVELOPE or pos + HEADER.size + elen + mlen > size:
+    fields = _header(hdr)
+    if fields is None:
+        return None
+    elen, mlen, ecrc, mcrc = fields
+    if pos + HEADER.size + elen + mlen > size:
         return None
     env_bytes = f.read(elen)
-    if zlib.crc32(env_bytes) != ecrc:
-        return None
     c = 0
     left = mlen
     while left:
@@ -193,12 +215,8 @@ def _read_record(f, pos, size):
         left -= len(block)
     if c != mcrc:
         return None
-    try:
-        envelope = json.loads(env_bytes)
-    except ValueError:
-        return None
-    entry = SpoolEntry(envelope.get("id"), f.name, pos, envelope, pos + HEADER.size + elen, mlen)
-    return entry, pos + HEADER.size + elen + mlen
+    entry = _entry(f.name, pos, env_bytes, ecrc, mlen)
+    return (entry, pos + HEADER.size + elen + mlen) if entry is not None else None
 
 
 def _next_intact(f, pos, size):
@@ -268,11 +286,10 @@ def read_entry(segment, offset):
         return None
     try:
         data = os.pread(fd, ENTRY_READ, offset)
-        if len(data) < HEADER.size:
+        fields = _header(data) if len(data) >= HEADER.size else None
+        if fields is None:
             return None
-        magic, elen, mlen, ecrc, mcrc = HEADER.unpack_from(data)
-        if magic != MAGIC or elen > MAX_ENVELOPE:
-            return None
+        elen, mlen, ecrc, mcrc = fields
         need = HEADER.size + elen + mlen
         if len(data) < need:
             data = _pread_all(fd, need, offset)
@@ -281,14 +298,9 @@ def read_entry(segment, offset):
     finally:
         os.close(fd)
     view = memoryview(data)
-    env_bytes = view[HEADER.size:HEADER.size + elen]
-    if zlib.crc32(env_bytes) != ecrc or zlib.crc32(view[HEADER.size + elen:need]) != mcrc:
+    if zlib.crc32(view[HEADER.size + elen:need]) != mcrc:
         return None
-    try:
-        envelope = json.loads(bytes(env_bytes))
-    except ValueError:
-        return None
-    return SpoolEntry(envelope.get("id"), segment, offset, envelope, offset + HEADER.size + elen, mlen)
+    return _entry(segment, offset, bytes(view[HEADER.size:HEADER.size + elen]), ecrc, mlen)
 
 
 def read_spool(directory):

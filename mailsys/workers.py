@@ -17,6 +17,7 @@ worker that exits unexpectedly, with a growing pause if it keeps failing.
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -61,18 +62,15 @@ class WorkerProcess(protocol.ProcessProtocol):
         keys = {"worker": self.index}
         try:
             kind = line[:2]
-            if kind == b"S\t":
-                offset, segment = line[2:].split(b"\t", 1)
+            if kind in (b"S\t", b"C\t"):       # spooled (offset) / closed (count), segment
+                number, segment = line[2:].split(b"\t", 1)
+                segment = unescape(segment.decode("utf-8", "surrogateescape"))
                 queue = self.pool.host.queue
                 if queue is not None:
-                    queue.add_at(unescape(segment.decode("utf-8", "surrogateescape")), int(offset))
-                return
-            if kind == b"C\t":
-                committed, segment = line[2:].split(b"\t", 1)
-                queue = self.pool.host.queue
-                if queue is not None:
-                    queue.segment_closed(unescape(segment.decode("utf-8", "surrogateescape")),
-                                         int(committed))
+                    if kind == b"S\t":
+                        queue.add_at(segment, int(number))
+                    else:
+                        queue.segment_closed(segment, int(number))
                 return
             if kind == b"F\t":
                 self.pool.host.request_flush(json.loads(line[2:]))
@@ -238,20 +236,15 @@ def escape(text):
     return text
 
 
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+_UNESCAPE = {"n": "\n", "t": "\t"}
+
+
 def unescape(text):
+    """What :func:`escape` was given."""
     if "\\" not in text:
         return text
-    out, i, n = [], 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\" and i + 1 < n:
-            nxt = text[i + 1]
-            out.append("\n" if nxt == "n" else "\t" if nxt == "t" else nxt)
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+    return _ESCAPED.sub(lambda m: _UNESCAPE.get(m.group(1), m.group(1)), text)
 
 
 def log_line(level, namespace, system, text):
