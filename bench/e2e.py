@@ -129,7 +129,7 @@ class Mailsys(lmtpbench.Mailsys):
 
     def start_run(self, case, run):
         self.base = os.path.join(self.workdir, case["name"], f"run{run}")
-        shutil.rmtree(self.base, ignore_errors=True)
+        common.set_aside(self.base)
         os.makedirs(self.base)
         for name, text in (("users", self.users), ("aliases", "")):
             with open(os.path.join(self.base, name), "w") as f:
@@ -191,7 +191,7 @@ class Mailsys(lmtpbench.Mailsys):
         if errors:
             result["problems"].append(f"{len(errors)} error lines in {self.log}, first: {errors[0][:300]}")
         if not result["problems"] and not self.keep:
-            shutil.rmtree(self.base, ignore_errors=True)
+            common.set_aside(self.base)
 
     def stop_case(self):
         common.stop_process(self.proc)

@@ -19,7 +19,6 @@ Debian's dovecot-lmtpd/-imapd/-pop3d (../shared/anchors/dovecot.sh, called by
 path).  Only 127.0.0.1 is ever contacted.
 """
 import argparse
-import contextlib
 import fcntl
 import json
 import os
@@ -71,9 +70,7 @@ def count(directory):
 
 
 def clear(directory):
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(directory):
-            os.unlink(entry.path)
+    rb.clear_dir(directory)      # renamed aside, deleted when the benchmark ends
 
 
 def wait_files(directory, n, timeout):
@@ -130,7 +127,7 @@ class Mailsys:
 
     def start_case(self, case):
         self.base = os.path.join(self.workdir, case["name"])
-        shutil.rmtree(self.base, ignore_errors=True)
+        rb.set_aside(self.base)
         os.makedirs(self.base)
         with open(os.path.join(self.base, "users"), "w") as f:
             f.write(self.users)
@@ -185,7 +182,7 @@ class Mailsys:
         rb.stop_process(self.proc)
         self.proc = None
         if not self.keep and self.base:
-            shutil.rmtree(self.base, ignore_errors=True)
+            rb.set_aside(self.base)
 
 
 class Dovecot:
@@ -224,8 +221,8 @@ class Dovecot:
 
     def start_case(self, case):
         self._anchor("stop", self.base)
-        shutil.rmtree(self.base, ignore_errors=True)
-        shutil.rmtree(self.root, ignore_errors=True)
+        rb.set_aside(self.base)
+        rb.set_aside(self.root)
         os.makedirs(self.root)
         self.port = rb.free_port()
         self.running = True            # from here on, stop_case() must stop it
@@ -254,8 +251,8 @@ class Dovecot:
             self._anchor("stop", self.base)
             self.running = False
         if not self.keep:
-            shutil.rmtree(self.base, ignore_errors=True)
-            shutil.rmtree(self.root, ignore_errors=True)
+            rb.set_aside(self.base)
+            rb.set_aside(self.root)
 
 
 def run_one(system, case, run, wait):

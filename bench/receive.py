@@ -252,6 +252,58 @@ def derive_config(script, replacements):
         text = text.replace(old, new)
     return text
 
+# -- clearing between runs without deleting ---------------------------------------------------
+#
+# Deleting a file frees its inode.  On an ext4 file system without a journal
+# (this machine's root: /sys/fs/ext4/<device>/journal_task reads "<none>"),
+# ext4 avoids handing out an inode freed in the last minute (longer while its
+# inode-table block is dirty), and finding a free inode for a new file walks
+# past every such inode in the block group, one buffer lookup each
+# (fs/ext4/ialloc.c: find_inode_bit, recently_deleted).  Deleting one run's
+# 5,000 files just before the next run therefore made every file the next run
+# created walk past 5,000 inodes: `perf record -a` of an end-to-end run put a
+# quarter of the delivering process's CPU there, a cost of the benchmark's own
+# cleanup, not of the system measured.  So nothing is deleted while a benchmark
+# runs: files and directories are renamed into a "set-aside" directory (a
+# rename frees no inode), which interleave() deletes when every run is over.
+
+_aside = {"root": None, "n": 0}
+
+
+def _aside_slot():
+    os.makedirs(_aside["root"], exist_ok=True)
+    _aside["n"] += 1
+    return os.path.join(_aside["root"], str(_aside["n"]))
+
+
+def set_aside(path):
+    """Move ``path`` (a file or a directory tree) out of the way: renamed into
+    the set-aside directory during interleave(), deleted outside it."""
+    if _aside["root"] is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path, _aside_slot())
+
+
+def clear_dir(directory):
+    """Empty ``directory`` (a Maildir's new/) the same way, entry by entry, so
+    that the directory itself stays where a running server expects it."""
+    entries = []
+    with contextlib.suppress(FileNotFoundError):
+        entries = list(os.scandir(directory))
+    if not entries:
+        return
+    if _aside["root"] is None:
+        for entry in entries:
+            os.unlink(entry.path)
+        return
+    slot = _aside_slot()
+    os.mkdir(slot)
+    for entry in entries:
+        os.rename(entry.path, os.path.join(slot, entry.name))
+
+
 class Mailsys:
     """Our server, started by twistd with a fresh state directory for every run."""
 
@@ -293,7 +345,7 @@ class Mailsys:
     def start_run(self, case, run):
         self.warmup = 0
         self.base = os.path.join(self.workdir, case["name"], f"run{run}")
-        shutil.rmtree(self.base, ignore_errors=True)
+        set_aside(self.base)
         os.makedirs(self.base)
         for name in ("users", "aliases"):
             open(os.path.join(self.base, name), "w").close()
@@ -371,7 +423,7 @@ class Mailsys:
             notable = [line for line in log_lines if "[mailsys.smtpd#info]" not in line]
             result["log_tail"] = "\n".join("    " + line[:300] for line in notable[-25:])
         elif not self.keep:
-            shutil.rmtree(self.base, ignore_errors=True)
+            set_aside(self.base)
 
     def log_lines(self):
         """The run's log, twistd's rotated files (FILE.N, 1 MB each) included, oldest first."""
@@ -452,7 +504,7 @@ class Postfix:
 
     def start_case(self, case):
         self._anchor("stop", self.base)
-        shutil.rmtree(self.base, ignore_errors=True)
+        set_aside(self.base)
         self.port = free_port()
         self._anchor("start", self.base, str(self.port))
         self.running = True
@@ -467,7 +519,7 @@ class Postfix:
             self._anchor("stop", self.base)
             self.running = False
         if not self.keep:
-            shutil.rmtree(self.base, ignore_errors=True)
+            set_aside(self.base)
 
     def _count(self):
         try:
@@ -476,9 +528,7 @@ class Postfix:
             return 0
 
     def _clear(self):
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.new):
-                os.unlink(entry.path)
+        clear_dir(self.new)
 
     def _wait_delivered(self, n, t0, timeout):
         """Seconds from t0 until n files are in Maildir/new, or None after the bounded wait."""
@@ -625,10 +675,13 @@ def interleave(systems, cases, runs, measure, problems, *, workdir, keep, label=
     system once per round (ABAB: the noise of a shared machine hits all alike),
     then ``after(live_systems, case, results)`` if given, then stop them.  A
     system that cannot start gets failed results and a line in ``problems``.
-    ``workdir`` is removed at the end unless ``keep`` or a run failed.  SIGTERM
+    ``workdir`` is removed at the end unless ``keep`` or a run failed; what
+    the systems cleared between runs waits in ``workdir/set-aside`` until the
+    end (see set_aside: deleting during the runs slows the next run).  SIGTERM
     stops cleanly.  Returns the list of results."""
     label = label or (lambda name: name)
     results = []
+    _aside["root"] = os.path.join(workdir, "set-aside")
     old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
     try:
         for case in cases:
@@ -663,6 +716,8 @@ def interleave(systems, cases, runs, measure, problems, *, workdir, keep, label=
         for s in systems:
             with contextlib.suppress(Exception):
                 s.stop_case()
+        shutil.rmtree(_aside["root"], ignore_errors=True)   # every run is over
+        _aside["root"] = None
         if keep or any(not r["ok"] for r in results):
             say(f"\nkept {workdir} (state directories and logs)")
         else:
