@@ -153,7 +153,12 @@ class Journal:
             self.failed = failure.value
             log.error("journal: write failed: {error}; the queue stops acting on results "
                       "until it is restarted", error=str(failure.value))
-        if self._pending:
+        if any(d is not None for _, d in self._pending):
             self._flush()
+        elif self._pending and self._lazy is None:
+            # Only lazy records came in meanwhile (typically a message's
+            # "done", appended as its last "sent" became durable): they wait
+            # for company or a second, as when nothing was being written.
+            self._lazy = self.reactor.callLater(LAZY_DELAY, self._lazy_flush)
         return None
 

@@ -44,6 +44,73 @@ def test_lazy_records_wait_for_company_or_a_second(tmp_path):
     j.close()
 
 
+def manual(tmp_path, clock):
+    """A journal whose thread work is done by the test: ``finish()`` runs the
+    oldest write and fires its Deferred, as the reactor would later."""
+    pending = []
+
+    def run(f, *args):
+        d = defer.Deferred()
+        pending.append((d, f, args))
+        return d
+
+    def finish():
+        d, f, args = pending.pop(0)
+        d.callback(f(*args))
+
+    j = Journal(str(tmp_path / "queue.jnl"), clock, run=run)
+    j.open()
+    return j, pending, finish
+
+
+def test_lazy_record_appended_during_a_write_still_waits(tmp_path):
+    """The queue appends a message's lazy "done" from the callback of its
+    durable "sent": that must not cost a write and fdatasync of its own."""
+    clock = task.Clock()
+    j, pending, finish = manual(tmp_path, clock)
+    j.append({"id": "A", "r": 0, "s": "sent"}).addCallback(
+        lambda _: j.append({"id": "A", "done": True}, durable=False))
+    finish()
+    assert pending == [] and replay(j.path) == [{"id": "A", "r": 0, "s": "sent"}]
+    j.append({"id": "B", "r": 0, "s": "sent"})           # the next durable one carries it
+    finish()
+    assert pending == []
+    assert replay(j.path)[1:] == [{"id": "A", "done": True}, {"id": "B", "r": 0, "s": "sent"}]
+    j.append({"id": "C", "done": True}, durable=False)   # alone: written within a second
+    clock.advance(0.9)
+    assert pending == []
+    clock.advance(0.1)
+    finish()
+    assert replay(j.path)[-1] == {"id": "C", "done": True}
+    assert pending == [] and clock.getDelayedCalls() == []
+    j.close()
+
+
+def test_lazy_record_appended_while_the_thread_writes_goes_within_a_second(tmp_path):
+    clock = task.Clock()
+    j, pending, finish = manual(tmp_path, clock)
+    j.append({"id": "A", "r": 0, "s": "sent"})
+    j.append({"id": "A", "next": 7}, durable=False)      # while A is being written
+    assert clock.getDelayedCalls() == []
+    finish()
+    assert pending == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(1.0)
+    finish()
+    assert replay(j.path) == [{"id": "A", "r": 0, "s": "sent"}, {"id": "A", "next": 7}]
+    j.close()
+
+
+def test_durable_record_appended_during_a_write_goes_next(tmp_path):
+    clock = task.Clock()
+    j, calls = journal(tmp_path, clock)
+    fired = []
+    j.append({"id": "A", "r": 0, "s": "sent"}).addCallback(
+        lambda _: j.append({"id": "B", "r": 0, "s": "sent"}).addCallback(fired.append))
+    assert len(calls) == 2 and fired == [None]
+    assert [r["id"] for r in replay(j.path)] == ["A", "B"]
+    j.close()
+
+
 def test_close_writes_what_is_still_buffered(tmp_path):
     clock = task.Clock()
     j, calls = journal(tmp_path, clock)
