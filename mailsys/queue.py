@@ -155,6 +155,40 @@ class QueueManager(service.Service):
             self.reaper.close(segment, self.reaper.seen(segment))
         return live, done
 
+    def snapshot(self):
+        """The queue now, as journal records: what :meth:`load` needs to rebuild
+        each queued message, and a done mark for every finished message whose
+        segment is still on disk.  The journal is compacted to this while the
+        server runs (mailsys.journal); every record sets a value, so the records
+        appended after it replay on top of it to the same state."""
+        out = []
+        for msg in self.messages.values():
+            qid = msg.qid
+            reported = []
+            for r in msg.rcpts:
+                if r.reported:
+                    reported.append(r.index)
+                if r.state == "queued":
+                    continue
+                rec = {"id": qid, "r": r.index, "s": r.state, "e": r.error, "t": r.when,
+                       "dsn": r.status}
+                if r.mta:
+                    rec["mta"] = r.mta
+                if r.action != DELIVERED:
+                    rec["a"] = r.action
+                out.append(rec)
+            if reported:
+                out.append({"id": qid, "reported": reported})
+            if msg.attempts or msg.next_attempt:
+                out.append({"id": qid, "next": msg.next_attempt, "attempts": msg.attempts})
+            if msg.warned:
+                out.append({"id": qid, "warned": True})
+            if msg.held:
+                out.append({"id": qid, "hold": True})
+        out.extend({"id": qid, "done": True} for qid in self.reaper.done_marks()
+                   if qid not in self.messages)
+        return out
+
     def _apply_record(self, msg, rec):
         if "r" in rec and 0 <= rec["r"] < len(msg.rcpts):
             r = msg.rcpts[rec["r"]]
@@ -500,6 +534,10 @@ class QueueManager(service.Service):
             if msg.timer is not None and msg.timer.active():
                 msg.timer.cancel()
             msg.timer = None
+        for msg in msgs:
+            # Its done mark must survive a compaction of the journal even while
+            # a delivery still reads its segment.
+            self.reaper.finished(msg.entry.segment, msg.qid)
         if msgs:
             yield self.journal.append(*({"id": m.qid, "done": True} for m in msgs))
         for msg in msgs:
@@ -624,8 +662,12 @@ def open_queue(config, spool, reactor, *, lmtp=None, remote=None):
         if segment != spool.current_segment and all(q in done for q in ids):
             os.unlink(segment)
         else:
-            keep_done.extend({"id": q, "done": True} for q in ids if q in done)
+            finished = [q for q in ids if q in done]
+            keep_done.extend({"id": q, "done": True} for q in finished)
+            queue.reaper.remember_done(segment, finished)
     rewrite(journal_path, keep_done + live)
     spool.entries = []      # the queue has them now; the spool keeps no index
+    journal.snapshot = queue.snapshot
+    journal.sync_first = (spool.segments,)
     journal.open()
     return queue, journal

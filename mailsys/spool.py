@@ -545,12 +545,17 @@ class SegmentReaper:
     start-up scan.  Segments found at start-up are closed, and the scan saw
     all of them (:meth:`close` with the count loaded).  A message deferred for
     days keeps its segment (copying it forward is not done).
+
+    It also remembers which messages of a segment still on disk are done
+    (:meth:`done_marks`): the queue's journal, compacted while the server runs,
+    must keep saying so, or a restart would deliver them again.
     """
 
     def __init__(self, unlink=os.unlink):
         self._live = {}          # segment path -> queue ids not done
         self._seen = {}          # segment path -> messages the queue learnt of
         self._closed = {}        # segment path -> messages its writer committed
+        self._done = {}          # segment path -> queue ids done (the segment is still there)
         self._unlink = unlink
         self.removed = 0
 
@@ -566,10 +571,27 @@ class SegmentReaper:
         self._check(segment)
 
     def done(self, segment, qid):
+        self._done.setdefault(segment, set()).add(qid)
         live = self._live.get(segment)
         if live is not None:
             live.discard(qid)
             self._check(segment)
+
+    def finished(self, segment, qid):
+        """``qid`` is done, but its segment is still being read (a delivery in
+        progress): remember the mark without letting the segment go; :meth:`done`
+        follows."""
+        self._done.setdefault(segment, set()).add(qid)
+
+    def remember_done(self, segment, qids):
+        """Messages found done at start-up in a segment that stays."""
+        if qids:
+            self._done.setdefault(segment, set()).update(qids)
+
+    def done_marks(self):
+        """Every queue id known to be done whose segment is still on disk."""
+        for qids in self._done.values():
+            yield from qids
 
     def _check(self, segment):
         committed = self._closed.get(segment)
@@ -581,11 +603,13 @@ class SegmentReaper:
         try:
             self._unlink(segment)
         except FileNotFoundError:
+            self._done.pop(segment, None)
             return
-        except OSError as e:
+        except OSError as e:     # it stays on disk: so do its done marks
             log.error("spool: cannot remove finished segment {segment}: {error}",
                       segment=segment, error=e.strerror)
             return
+        self._done.pop(segment, None)
         self.removed += 1
         log.info("spool: removed segment {name}: every message in it is done",
                  name=os.path.basename(segment), segment=segment)

@@ -135,7 +135,16 @@ def queue_drained(server):
     return all(e.queue_id in done for e in spool)
 
 
-def test_kill9_during_delivery_delivers_each_acknowledged_message_exactly_once(tmp_path, make_server):
+@pytest.mark.parametrize("compact_after", [None, 4096], ids=["journal-as-is", "journal-compacted-often"])
+def test_kill9_during_delivery_delivers_each_acknowledged_message_exactly_once(tmp_path, make_server,
+                                                                              monkeypatch, compact_after):
+    # Second run: the queue journal is compacted while running every 4 KiB
+    # (every 20-odd messages; mailsys.journal), so kills land before, during
+    # and after its file swaps too.
+    if compact_after:
+        monkeypatch.setenv("MAILSYS_JOURNAL_COMPACT_AFTER", str(compact_after))
+    else:
+        monkeypatch.delenv("MAILSYS_JOURNAL_COMPACT_AFTER", raising=False)
     sock = lmtp_socket_path(tmp_path)
     server = make_server(lmtp_overrides(sock, queue={"retry_min": 1, "retry_max": 2},
                                         server={"workers": 2}), start=False)
@@ -217,4 +226,9 @@ def test_kill9_during_delivery_delivers_each_acknowledged_message_exactly_once(t
     # counts above hold with it.
     assert re.search(r"spool: removed segment \d\d-[0-9A-F]{8}\.seg: every message in it is done",
                      log), summary
+    compactions = len(re.findall(r"journal: compacted to \d+ bytes", log))
+    if compact_after:
+        assert compactions >= 20, f"{summary}, {compactions} journal compactions"
+    else:
+        assert compactions == 0, summary
 
