@@ -39,6 +39,10 @@ NO_REMOTE = Reply(451, "4.4.1", "Remote delivery is not available in this versio
                                 "the message stays queued")
 NO_LMTP = Reply(451, "4.3.5", "No LMTP listener is configured (listen.lmtp is empty)")
 EXPIRED_STATUS = "4.4.7"
+# A deferred message whose segment is closed and has at most this share of its
+# messages still queued is copied into worker 0's current segment, so that the
+# rest of the file can go (see _copy_forward).
+COPY_FORWARD_SHARE = 0.25
 POSTMASTER_ROLE = "postmaster-notice"   # envelope client role of a double-bounce notice
 
 
@@ -109,6 +113,7 @@ class QueueManager(service.Service):
         self.max_active = max_active
         self.messages = {}
         self.reaper = SegmentReaper()
+        self._copying = set()     # queue ids being copied forward (_copy_forward)
         self._active = 0
         self._waiting = []
         self.running = False
@@ -151,8 +156,11 @@ class QueueManager(service.Service):
         # Every segment found at start-up is closed (each worker writes a new one
         # from now on), and the scan saw every message in it.  Those with nothing
         # queued are open_queue's to delete, now.
+        in_segment = {}
+        for e in entries:
+            in_segment[e.segment] = in_segment.get(e.segment, 0) + 1
         for segment in {m.entry.segment for m in self.messages.values()}:
-            self.reaper.close(segment, self.reaper.seen(segment))
+            self.reaper.close(segment, self.reaper.seen(segment), total=in_segment.get(segment))
         return live, done
 
     def snapshot(self):
@@ -419,6 +427,57 @@ class QueueManager(service.Service):
             yield self.journal.append(schedule, durable=False)
         if not msg.held and msg.qid in self.messages:
             self._schedule(msg, nxt)
+            self._copy_forward(msg)
+
+    def _copy_forward(self, msg):
+        """Copy a deferred message into this process's current spool segment
+        when it is one of the few still queued from a closed segment.
+
+        Why: a segment goes only when every message in it is done, so one
+        message deferred for days would keep up to 128 MiB of finished mail on
+        disk with it.  The copy is an ordinary spool commit under the same
+        queue id (same envelope, same bytes, fsynced); only then does the
+        message point at it and let go of the old segment.  The journal needs
+        no record: its records are keyed by queue id.  A crash in between
+        leaves two copies of one queue id, and start-up takes one of them.  A
+        segment that is still mostly queued (an outage) is left alone: copying
+        would only double the writes."""
+        old = msg.entry
+        if (msg.qid in self._copying or self.spool is None
+                or not self.reaper.stranded(old.segment, COPY_FORWARD_SHARE)):
+            return
+        try:
+            data = old.read_message()
+        except OSError as e:
+            _tlog.error("{qid}: cannot copy forward from {segment}: {error}", qid=msg.qid,
+                        segment=old.segment, error=e.strerror)
+            return
+        writer = self.spool.new_message(msg.qid)
+        try:
+            writer.write(data)
+        except OSError as e:     # spilling a large one to spool/incoming failed
+            writer.discard()
+            _tlog.error("{qid}: cannot copy forward: {error}", qid=msg.qid, error=e.strerror)
+            return
+        self._copying.add(msg.qid)
+        d = self.spool.commit(writer, old.envelope, notify=False)
+
+        def moved(new):
+            self._copying.discard(msg.qid)
+            self.reaper.track(new.segment, msg.qid)
+            if self.messages.get(msg.qid) is not msg:     # finished or deleted meanwhile
+                self.reaper.done(new.segment, msg.qid)
+                return
+            msg.entry = new
+            self.reaper.done(old.segment, msg.qid)
+            log.info(f"{msg.qid}: copied forward from {os.path.basename(old.segment)} "
+                     f"to {os.path.basename(new.segment)}", qid=msg.qid)
+
+        def failed(f):
+            self._copying.discard(msg.qid)
+            _tlog.error("{qid}: cannot copy forward: {error}", qid=msg.qid, error=f.getErrorMessage())
+
+        d.addCallbacks(moved, failed)
 
     def _finish(self, msg):
         failed = [r for r in msg.rcpts if r.state == "failed" and not r.reported]

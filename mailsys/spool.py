@@ -422,14 +422,17 @@ class Spool:
     def new_message(self, queue_id=None):
         return MessageWriter(self, queue_id or self.ids.next())
 
-    def commit(self, writer, envelope):
+    def commit(self, writer, envelope, notify=True):
         """Make the message durable; the Deferred fires (with its SpoolEntry) only
-        after the fdatasync covering it returned, or fails with SpoolError."""
+        after the fdatasync covering it returned, or fails with SpoolError.
+        ``notify=False``: not a new message (the queue's copy of one it has,
+        mailsys.queue), so :attr:`on_commit` is not told; it still counts in
+        the segment's total."""
         envelope = dict(envelope, id=writer.queue_id, size=writer.size)
         env_bytes = dumpb(envelope)
         header = HEADER.pack(MAGIC, len(env_bytes), writer.size, zlib.crc32(env_bytes), writer.crc)
         d = defer.Deferred()
-        self._pending.append((writer, header, env_bytes, envelope, d))
+        self._pending.append((writer, header, env_bytes, envelope, d, notify))
         if not self._flushing:
             self._start_flush()
         return d
@@ -440,7 +443,7 @@ class Spool:
         if self._seg_size >= self.segment_limit:
             self._new_segment()
         d = self._pool.run(self._write_batch,
-                           [(w.chunks, w.spill_fd, w.size, h, e) for w, h, e, _, _ in batch],
+                           [(w.chunks, w.spill_fd, w.size, h, e) for w, h, e, _, _, _ in batch],
                            self._fd, self._seg_size)
         d.addBoth(self._flushed, batch)
 
@@ -476,19 +479,20 @@ class Spool:
                 err = SpoolError(str(err))
             log.error("spool: write failed, {count} messages refused: {error}",
                       count=len(batch), error=str(err))
-            for w, _, _, _, d in batch:
+            for w, _, _, _, d, _ in batch:
                 w.discard()
                 d.errback(err)
         else:
             offsets, self._seg_size = result
             self._seg_count += len(batch)
-            for (w, header, env, envelope, d), off in zip(batch, offsets):
+            for (w, header, env, envelope, d, notify), off in zip(batch, offsets):
                 w.discard()
                 entry = SpoolEntry(envelope["id"], self._seg_path, off, envelope,
                                    off + HEADER.size + len(env), envelope["size"])
                 d.callback(entry)
-                for notify in self.on_commit:
-                    notify(entry)
+                if notify:
+                    for listener in self.on_commit:
+                        listener(entry)
         if self._pending:
             self._start_flush()
 
@@ -544,7 +548,8 @@ class SegmentReaper:
     pipe, or one lost with a worker that died, keeps it until the next
     start-up scan.  Segments found at start-up are closed, and the scan saw
     all of them (:meth:`close` with the count loaded).  A message deferred for
-    days keeps its segment (copying it forward is not done).
+    days keeps its segment until the queue copies it forward (mailsys.queue,
+    :meth:`stranded`).
 
     It also remembers which messages of a segment still on disk are done
     (:meth:`done_marks`): the queue's journal, compacted while the server runs,
@@ -556,6 +561,7 @@ class SegmentReaper:
         self._seen = {}          # segment path -> messages the queue learnt of
         self._closed = {}        # segment path -> messages its writer committed
         self._done = {}          # segment path -> queue ids done (the segment is still there)
+        self._total = {}         # segment path -> messages in it, done or not (once closed)
         self._unlink = unlink
         self.removed = 0
 
@@ -566,8 +572,12 @@ class SegmentReaper:
     def seen(self, segment):
         return self._seen.get(segment, 0)
 
-    def close(self, segment, committed):
+    def close(self, segment, committed, total=None):
+        """The writer left ``segment`` after ``committed`` messages the queue is
+        to hear of; ``total`` counts the done ones too where they differ (a
+        segment found at start-up, whose done messages are not tracked)."""
         self._closed[segment] = committed
+        self._total[segment] = committed if total is None else total
         self._check(segment)
 
     def done(self, segment, qid):
@@ -576,6 +586,14 @@ class SegmentReaper:
         if live is not None:
             live.discard(qid)
             self._check(segment)
+
+    def stranded(self, segment, share):
+        """Whether ``segment`` is closed and at most ``share`` of the messages
+        committed to it are still queued: worth copying those few forward
+        (mailsys.queue) rather than keeping the whole file for them."""
+        total = self._total.get(segment)
+        live = self._live.get(segment)
+        return bool(total and live) and len(live) <= share * total
 
     def finished(self, segment, qid):
         """``qid`` is done, but its segment is still being read (a delivery in
@@ -599,6 +617,7 @@ class SegmentReaper:
             return
         self._live.pop(segment, None)
         self._seen.pop(segment, None)
+        self._total.pop(segment, None)
         del self._closed[segment]
         try:
             self._unlink(segment)

@@ -218,3 +218,43 @@ def test_a_finished_segment_is_removed_while_the_server_runs(host):
     assert os.path.basename(segment) not in _segment_names(host)
     assert count(host, "ann@example.com") == 1
     assert "status=bounced" not in host.log_text()
+
+
+def test_a_straggler_is_copied_forward_and_survives_kill9(host):
+    """Eight messages delivered and one deferred share a segment; after a
+    restart (which closes every segment it finds) the deferred one is the only
+    thing keeping that file, so its next retry copies it into a new segment
+    and the old file goes.  A kill -9 after that loses nothing: the restarted
+    queue delivers it, from the copy, exactly once."""
+    for n in range(8):
+        send(host, "sender@example.org", ["joe@example.com"],
+             f"Subject: small {n}\r\n\r\nhello\r\n".encode())
+    big = b"Subject: big\r\nMessage-ID: <straggler@example.org>\r\n\r\n" + b"x" * 3000 + b"\r\n"
+    send(host, "sender@example.org", ["ann@example.com"], big)
+    deferred = host.wait_for_log(r"(\w+): to=<ann@example\.com>, relay=lmtp, delay=[0-9.]+, "
+                                 r"dsn=5\.2\.2, status=deferred", timeout=30)
+    qid = deferred.group(1)
+    wait_for(lambda: count(host, "joe@example.com") == 8, what="joe's eight")
+    [segment] = {os.path.basename(e.segment) for e in host.spool() if e.queue_id == qid}
+    assert len([e for e in host.spool() if os.path.basename(e.segment) == segment]) == 9
+    host.stop()
+    host.start()
+    moved = host.wait_for_log(rf"{qid}: copied forward from {segment} to (\S+)$", timeout=30)
+    host.wait_for_log(rf"spool: removed segment {segment}: every message in it is done", timeout=10)
+    assert segment not in _segment_names(host)
+    copies = [e for e in host.spool() if e.queue_id == qid]
+    assert [os.path.basename(e.segment) for e in copies] == [moved.group(1)]
+    assert copies[0].read_message().endswith(big)
+    host.kill9()
+    host.start()
+    text = host.users_path.read_text().replace("quota=2000", "quota=100000")
+    host.users_path.write_text(text)
+    wait_for(lambda: count(host, "ann@example.com") == 1, timeout=30, what="the retry")
+    host.wait_for_log(rf"{qid}: removed", timeout=30)
+    time.sleep(1.5)      # a second delivery, if there were one, would come within the retry time
+    assert count(host, "ann@example.com") == 1
+    assert count(host, "joe@example.com") == 8
+    (stored,) = list(maildir(host, "ann@example.com"))
+    data = bytes(stored) if isinstance(stored, bytes) else stored.as_bytes()
+    assert data.endswith(big.replace(b"\r\n", b"\n"))
+    assert "status=bounced" not in host.log_text()
