@@ -31,6 +31,25 @@ DELIVERED = "delivered"     # into a mailbox (our MDA over LMTP)
 RELAYED = "relayed"         # handed to a server that does not offer DSN
 PASSED_ON = None            # handed to a server that offers DSN, with the NOTIFY
                             # request: that server reports, so we must not (RFC 3461 5.2)
+EXPANDED = "expanded"       # an alias of several addresses (RFC 3461 6.2.7.3, RFC 3464 2.3.3)
+
+# How our MDA words a 250 for an alias (mailsys.mda.lmtp), so that the queue's
+# LMTP courier can tell the notice's Action; any other 250 is "delivered".
+EXPANDED_TEXT = "Ok: expanded to {n} recipients"
+ALIAS_QUEUED_TEXT = "Ok: queued as {qid}"
+
+
+def lmtp_action(reply):
+    """The Action of a recipient our MDA answered 250: ``expanded`` for an
+    alias of several addresses, ``relayed`` for an alias of one address outside
+    our domains (spooled as a new message that asks for no notice, so none
+    will follow), ``delivered`` otherwise."""
+    text = reply.text
+    if text.startswith("Ok: expanded to "):
+        return EXPANDED
+    if text.startswith("Ok: queued as "):
+        return RELAYED
+    return DELIVERED
 
 
 class Delivered(Outcome):

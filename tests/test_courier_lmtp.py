@@ -15,7 +15,7 @@ from mailsys.accounts import Expansion, User
 from mailsys.couriers import lmtp as courier_module
 from mailsys.couriers.lmtp import (LMTPClientProtocol, LMTPCourier, ProtocolError, ReplyParser,
                                    client_endpoint_for, parse_reply, stuffed_chunks)
-from mailsys.delivery import Delivered, PermFail, TempFail
+from mailsys.delivery import Delivered, PermFail, TempFail, lmtp_action
 from mailsys.mda.lmtp import MDA, LMTPFactory
 from mailsys.mda.memory import MemoryStore
 from mailsys.smtp.data import DataReader
@@ -190,6 +190,23 @@ def test_pipelined_session_step_by_step():
     server(s, BYE)
     assert not s.t.connected
     assert s.proto.closed.called
+
+
+def test_our_mdas_words_give_the_notice_action():
+    """mailsys.mda.lmtp answers an alias of several addresses "expanded to N",
+    an alias of one outside address "queued as"; the success notice's Action
+    follows (RFC 3461 6.2.7.3, RFC 3464 2.3.3)."""
+    s = start()
+    server(s, GREETING)
+    server(s, LHLO_FULL)
+    for reply in (MAIL_OK, RCPT_OK, RCPT_OK, START):
+        server(s, reply)
+    server(s, b"250 2.0.0 Ok: expanded to 3 recipients\r\n250 2.0.0 Ok: queued as 1A2B\r\n")
+    first, second = outcome(s)
+    assert (first.action, second.action) == ("expanded", "relayed")
+    assert lmtp_action(Reply(250, "2.0.0", "Ok: delivered")) == "delivered"
+    assert lmtp_action(Reply(250, "2.0.0", "Ok: already delivered")) == "delivered"
+    assert lmtp_action(Reply(250, "2.0.0", "Saved")) == "delivered"
 
 
 FULL_SCRIPT = GREETING + LHLO_FULL + MAIL_OK + RCPT_OK + RCPT_OK + START + DELIVERED + \

@@ -105,6 +105,18 @@ def test_alias_fans_out_and_one_failure_fails_the_recipient(session):
     assert out.endswith(b"552 5.2.2 <team@example.com>: Mailbox full: over quota\r\n")
 
 
+def test_alias_of_several_addresses_answers_expanded(session):
+    """The courier turns this text into the notice's Action: expanded
+    (RFC 3461 6.2.7.3); a single mailbox, plus-addressed or not, stays delivered."""
+    out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<team@example.com>\r\n"
+                       b"RCPT TO:<joe+tag@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                        b"250 2.0.0 Ok: expanded to 2 recipients\r\n"
+                        b"250 2.0.0 Ok: delivered\r\n")
+    for user in ("joe", "ann"):
+        assert len(session.stores["maildir"].messages(f"{session.root}/example.com/{user}/Maildir")) == 1
+
+
 def test_disk_trouble_is_temporary_for_affected_recipients(session):
     session.stores["mbox"].fail_with = TempFail(Reply(452, "4.3.1", "Insufficient system storage for mailbox"))
     out = run(session, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<box@example.com>\r\n"
@@ -254,7 +266,7 @@ def test_alias_remote_targets_are_queued_not_dropped(tmp_path):
     proto.dataReceived(b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<ext@example.com>\r\n"
                        b"RCPT TO:<away@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
     assert t.value().endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"
-                              b"250 2.0.0 Ok: delivered\r\n"
+                              b"250 2.0.0 Ok: expanded to 2 recipients\r\n"
                               b"250 2.0.0 Ok: queued as R1\r\n")
     ((envelope, message),) = committed
     assert envelope["sender"] == "a@b.org"

@@ -353,7 +353,7 @@ def test_a_redelivery_delivers_where_the_copy_is_missing(tmp_path):
     os.unlink(tmp_path / "mail" / "example.com" / "ann" / "Maildir" / "new" / lost)
     # The record alone is not enough: ann gets the copy she lacks, joe no second one.
     assert lmtp(make_mda(tmp_path, worker=1), f" XQID={QID} XREDELIVERY", ["team@example.com"]) == [
-        "250 2.0.0 Ok: already delivered"]
+        "250 2.0.0 Ok: expanded to 2 recipients, already delivered"]
     assert len(new_files(tmp_path, "joe")) == 1
     (copy,) = new_files(tmp_path, "ann")
     assert copy != lost

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from mailsys.delivery import PASSED_ON, RELAYED, Delivered, PermFail, TempFail
+from mailsys.delivery import EXPANDED, PASSED_ON, RELAYED, Delivered, PermFail, TempFail
 from mailsys.queue import NO_LMTP, NO_REMOTE, QueueManager
 from mailsys.smtp.reply import Reply
 
@@ -509,6 +509,19 @@ def test_success_notice_says_relayed_or_nothing_for_a_remote_next_hop(q):
     assert "x@dsn.test" not in text and "y@dsn.test" not in text
     sent = {r["r"]: r.get("a", "absent") for r in q.journal.records if r.get("id") == "QD" and "r" in r}
     assert sent == {0: "absent", 1: None, 2: None, 3: "relayed"}
+
+
+def test_success_notice_says_expanded_for_an_alias_of_several(q):
+    q.lmtp.script = [[Delivered(Reply(250, "2.0.0", "Ok: expanded to 2 recipients"), action=EXPANDED),
+                      Delivered()]]
+    q.qm.add(_success_wanted("QX", "team@example.com", "joe@example.com"))
+    q.clock.advance(0)
+    [(_, envelope, report)] = q.spool.committed
+    text = report.decode()
+    assert "Final-Recipient: rfc822; team@example.com\r\nAction: expanded\r\n" in text
+    assert "Final-Recipient: rfc822; joe@example.com\r\nAction: delivered\r\n" in text
+    sent = {r["r"]: r.get("a", "absent") for r in q.journal.records if r.get("id") == "QX" and "r" in r}
+    assert sent == {0: "expanded", 1: "absent"}
 
 
 def test_success_notice_after_a_restart_keeps_its_action(q):

@@ -39,7 +39,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from mailsys import fastio
-from mailsys.delivery import Delivered, PermFail, TempFail
+from mailsys.delivery import Delivered, PermFail, TempFail, lmtp_action
 from mailsys.logs import MailLog
 from mailsys.smtp.address import AddressError, parse_path
 from mailsys.smtp.params import QUEUE_ID
@@ -702,7 +702,8 @@ class LMTPClientProtocol(Protocol):
 
     def _on_final(self, i, last, code, texts):
         reply = parse_reply(code, texts)
-        self.outcomes[i] = Delivered(reply) if code // 100 == 2 else failure_for(reply)
+        self.outcomes[i] = (Delivered(reply, action=lmtp_action(reply)) if code // 100 == 2
+                            else failure_for(reply))
         if last:
             if self.on_ready is None:
                 self._quit()

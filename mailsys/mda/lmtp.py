@@ -20,7 +20,7 @@ import time
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
-from mailsys.delivery import Delivered, PermFail, TempFail
+from mailsys.delivery import ALIAS_QUEUED_TEXT, EXPANDED_TEXT, Delivered, PermFail, TempFail
 from mailsys.logs import MailLog
 from mailsys.mda.dedupe import DeliveryLog
 from mailsys.mda.maildir import MaildirStore
@@ -209,7 +209,7 @@ class LMTPHandler:
                   if local else defer.succeed([]))
         if pairs:
             relayed = self.mda.relay(sender, pairs, _to_crlf(bytes(message))).addCallbacks(
-                lambda entry: Delivered(Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")),
+                lambda entry: Delivered(Reply(250, "2.0.0", ALIAS_QUEUED_TEXT.format(qid=entry.queue_id))),
                 lambda f: TempFail(Reply(451, "4.3.0", "Could not queue the copy for an alias's "
                                                        "remote targets")))
             d = defer.gatherResults([stored, relayed])
@@ -230,7 +230,14 @@ class LMTPHandler:
         def done(outcomes):
             replies = []
             delay = time.time() - arrival
-            for (rcpt, _, _), outcome in zip(targets, outcomes):
+            for (rcpt, accounts, remote), outcome in zip(targets, outcomes):
+                if outcome.delivered and len(accounts) + len(remote) > 1:
+                    # RFC 3461 6.2.7.3: an alias of several addresses is reported
+                    # (NOTIFY=SUCCESS) as "expanded"; the courier reads it from here.
+                    text = EXPANDED_TEXT.format(n=len(accounts) + len(remote))
+                    if outcome.reply.text == ALREADY.text:     # a redelivery found it done
+                        text += ", already delivered"
+                    outcome = Delivered(outcome.reply.with_text(text))
                 status = "sent" if outcome.delivered else ("refused" if outcome.permanent else "deferred")
                 log.info(f"{txn.queue_id}: to=<{rcpt}>, relay=local, delay={delay:.2f}, "
                          f"dsn={outcome.reply.status}, status={status} ({outcome.reply.text})",

@@ -127,6 +127,31 @@ def test_permanent_failure_bounces_to_the_senders_mailbox(host):
     assert "sender failure notification" in log
 
 
+def test_success_notice_for_an_alias_of_several_says_expanded(host):
+    """RFC 3461 6.2.7.3: NOTIFY=SUCCESS for an alias that fans out to two
+    mailboxes gets one notice, Action: expanded; each member gets its copy."""
+    host.aliases_path.write_text("team@example.com: joe@example.com, ann@example.com\n")
+    body = b"Subject: to the team\r\nMessage-ID: <team-1@example.com>\r\n\r\nhello team\r\n"
+    with smtplib.SMTP(LOOPBACK, host.port, timeout=30) as s:
+        s.ehlo("client.example.org")
+        assert s.mail("sender@example.com", options=["RET=HDRS"])[0] == 250
+        code, text = s.rcpt("team@example.com", options=["NOTIFY=SUCCESS"])
+        assert code == 250, text
+        assert s.data(body)[0] == 250
+    wait_for(lambda: count(host, "sender@example.com") == 1, what="the success notice")
+    assert count(host, "joe@example.com") == 1 and count(host, "ann@example.com") == 1
+    (raw,) = [m for m in maildir(host, "sender@example.com")]
+    report = email.message_from_bytes(raw if isinstance(raw, bytes) else raw.as_bytes(),
+                                      policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    status = list(report.iter_parts())[1].as_string()
+    assert "Final-Recipient: rfc822; team@example.com" in status
+    assert "Action: expanded" in status
+    assert "Status: 2.0.0" in status
+    assert host.wait_for_log(r"to=<team@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=2\.0\.0, "
+                             r"status=sent \(Ok: expanded to 2 recipients\)")
+
+
 def worker_pids(server):
     """PIDs of the extra worker processes (children running mailsys.workers)."""
     pids = []
