@@ -283,3 +283,43 @@ def test_a_straggler_is_copied_forward_and_survives_kill9(host):
     data = bytes(stored) if isinstance(stored, bytes) else stored.as_bytes()
     assert data.endswith(big.replace(b"\r\n", b"\n"))
     assert "status=bounced" not in host.log_text()
+
+
+def test_sigusr1_rotates_the_log_of_a_running_server(two_workers):
+    """``kill -USR1`` makes twistd rotate its log file now (FILE -> FILE.1); the
+    lines of both processes, worker 1's relayed through worker 0 and written once
+    per reactor turn (mailsys.logs.TurnBufferedFile), go on in the new file and
+    none is lost or split between the two."""
+    server = two_workers
+    log, rotated = server.log_path, server.log_path.with_name(server.log_path.name + ".1")
+
+    def one(n):
+        with smtplib.SMTP(LOOPBACK, server.port, timeout=30) as s:
+            s.ehlo("client.example.org")
+            s.mail("sender@example.org")
+            s.rcpt("joe@example.com")
+            code, text = s.data(f"Subject: rotation {n}\r\n\r\nhi\r\n".encode())
+        assert code == 250, text
+        wait_for(lambda: count(server, "joe@example.com") == n, what=f"message {n}")
+        return re.fullmatch(rb"2\.0\.0 Ok: queued as (\w+)", text).group(1).decode()
+
+    first = one(1)
+    server.wait_for_log(rf"{first}: removed$", timeout=30)
+    assert not rotated.exists()
+    os.kill(server.proc.pid, signal.SIGUSR1)
+    wait_for(rotated.exists, what="the rotation")
+    second = one(2)
+    server.wait_for_log(rf"{second}: removed$", timeout=30)
+    old, new = rotated.read_text(), log.read_text()
+    for text, qid, other in ((old, first, second), (new, second, first)):
+        assert re.search(rf"\] {qid}: client=localhost\[127\.0\.0\.1\], from=<sender@example\.org>", text)
+        assert re.search(rf"\] {qid}: to=<joe@example\.com>, relay=lmtp, .*status=sent", text)   # worker 0's queue
+        assert re.search(rf"\] {qid}: removed\n", text)
+        assert other not in text
+        # worker 1's MDA (its own transaction id), relayed through worker 0
+        assert len(re.findall(r"\[mailsys\.lmtp#info\] \w+: to=<joe@example\.com>, relay=local, .*status=sent",
+                              text)) == 1
+    for text in (old, new):
+        assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[", line) or line.startswith("\t")
+                   for line in text.splitlines()), text[-2000:]
+    assert server.running
