@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mailsys.smtp.data import DataReader, LFDataReader
+from mailsys.smtp.data import DataReader, LFDataReader, crlf_clean, strip_cr
 
 
 def run(*segments):
@@ -381,3 +381,36 @@ def test_lf_mode_matches_crlf_mode_on_noise(wire, data):
     same_as_crlf_mode(wire, [])
     same_as_crlf_mode(wire, data.draw(st.lists(st.integers(0, len(wire)), max_size=15)))
     same_as_crlf_mode(wire, range(len(wire)))
+
+
+# -- strip_cr: the line-end check every reader and the SMTP courier use ------------------------
+
+_line_ends = st.one_of(
+    st.binary(max_size=200),
+    st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"a", b"bcdefghijklmnopqrstuvwxyz0123456789" * 2,
+                              b"\r\r\n", b"\n\r"]), max_size=80).map(b"".join),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_line_ends)
+def test_strip_cr_answers_exactly_what_counting_did(chunk):
+    """The three counts it replaces (DataReader before the seventh session):
+    clean exactly when every CR and LF is part of a CRLF.  Both of its ways
+    (counting for short lines, rebuilding for long ones) are drawn."""
+    n = chunk.count(b"\r\n")
+    clean, out, crs = strip_cr(chunk)
+    assert clean == (chunk.count(b"\r") == n and chunk.count(b"\n") == n)
+    assert crlf_clean(chunk) == clean
+    assert crlf_clean(b"y" * 300 + chunk) == clean       # judged sparse at its start
+    assert crlf_clean(b"\r\n" * 150 + chunk) == clean   # judged dense
+    assert out == chunk.replace(b"\r", b"") and crs == chunk.count(b"\r")
+
+
+def test_strip_cr_both_ways_on_examples():
+    long_line = b"x" * 40
+    for chunk, clean in ((b"", True), (b"a\r\n", True), (long_line + b"\r\n", True),
+                         (long_line + b"\n", False), (long_line + b"\r", False),
+                         (long_line + b"\r\r\n", False), (long_line + b"\n\r", False),
+                         (b"\r\n\r\n", True), (b"\r\r\n", False), (b"\n", False)):
+        assert strip_cr(chunk)[0] is clean and crlf_clean(chunk) is clean, chunk

@@ -282,7 +282,10 @@ def stuffed_chunks(message, size=CHUNK):
         end = min(start + size, n)
         # Most pieces of a big body have no line starting with "."; one find
         # (in place, no copy) tells, and such a piece is sent as its slice.
-        if (message.find(b"\r\n.", max(start - 2, 0), end) < 0
+        # Many have no "." at all (base64): a one-byte find, at memchr speed,
+        # tells that before the three-byte one (1.3 GB/s) is needed.
+        if ((message.find(b".", start, end) < 0
+             or message.find(b"\r\n.", max(start - 2, 0), end) < 0)
                 and not (start == 0 and message[:1] == b".")):
             piece = message[start:end]
         else:

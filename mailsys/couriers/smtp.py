@@ -38,6 +38,7 @@ from mailsys.couriers.lmtp import (
 )
 from mailsys.delivery import PASSED_ON, RELAYED, Delivered, PermFail, TempFail
 from mailsys.logs import MailLog
+from mailsys.smtp.data import crlf_clean
 from mailsys.smtp.reply import Reply
 
 log = MailLog("mailsys.courier.smtp")
@@ -127,8 +128,7 @@ def _failure(reply, relay):
 
 def crlf_lines(message):
     """``message`` with every line end CRLF (no bare CR or LF on the wire)."""
-    n = message.count(b"\r\n")
-    if message.count(b"\n") == n and message.count(b"\r") == n:
+    if crlf_clean(message):
         return message
     return _BARE.sub(b"\r\n", message)
 
