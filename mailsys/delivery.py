@@ -45,11 +45,15 @@ def lmtp_action(reply):
     our domains (spooled as a new message that asks for no notice, so none
     will follow), ``delivered`` otherwise."""
     text = reply.text
-    if text.startswith("Ok: expanded to "):
+    if text.startswith(_EXPANDED_PREFIX):
         return EXPANDED
-    if text.startswith("Ok: queued as "):
+    if text.startswith(_ALIAS_QUEUED_PREFIX):
         return RELAYED
     return DELIVERED
+
+
+_EXPANDED_PREFIX = EXPANDED_TEXT.partition("{")[0]
+_ALIAS_QUEUED_PREFIX = ALIAS_QUEUED_TEXT.partition("{")[0]
 
 
 class Delivered(Outcome):

@@ -103,8 +103,13 @@ class Journal:
 
     def open(self):
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self.size = os.fstat(self._fd).st_size
-        self._compact_at = max(self.size + COMPACT_AFTER, 2 * self.size)
+        self._compacted_to(os.fstat(self._fd).st_size)
+
+    def _compacted_to(self, size):
+        """The file now holds ``size`` bytes of live state: the next compaction
+        comes after COMPACT_AFTER more, and not before the file doubles."""
+        self.size = size
+        self._compact_at = max(size + COMPACT_AFTER, 2 * size)
 
     def close(self):
         if self._lazy is not None and self._lazy.active():
@@ -200,8 +205,7 @@ class Journal:
         self._writing = False
         failure = result if hasattr(result, "value") else None
         if failure is None and result is not None:      # a compaction: the new size
-            self.size = result
-            self._compact_at = max(result + COMPACT_AFTER, 2 * result)
+            self._compacted_to(result)
             self.compactions += 1
             log.info("journal: compacted to {size} bytes", size=result)
         for _, d in batch:
