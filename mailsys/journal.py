@@ -21,7 +21,6 @@ the pending records, fsynced and renamed over the old one.  Without it the
 journal grew by some 160 bytes per message until the next restart, which then
 read every record into memory.
 """
-import contextlib
 import json
 import os
 import struct
@@ -179,25 +178,13 @@ class Journal:
 
     def _compact(self, state, blob):
         """Writer thread: replace the journal by ``state`` (encoded records)
-        followed by ``blob``; the old file stays whole until the rename."""
+        followed by ``blob`` (``write_atomically``: the old file stays whole
+        until the rename), then append to the new one."""
         for directory in self.sync_first:
             fsync_dir(directory)
         data = b"".join(state) + blob
-        tmp = self.path + ".compact"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.replace(tmp, self.path)
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        old, self._fd = self._fd, fd
+        write_atomically(self.path, data)
+        old, self._fd = self._fd, os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         os.close(old)
         return len(data)
 
