@@ -9,7 +9,6 @@ synchronous or manually stepped stand-in, the queue on task.Clock.
 import os
 from types import SimpleNamespace
 
-import pytest
 from twisted.internet import task
 
 from mailsys import spool as spool_mod
@@ -17,10 +16,12 @@ from mailsys.delivery import TempFail
 from mailsys.queue import QueueManager
 from mailsys.smtp.reply import Reply
 from mailsys.spool import SegmentReaper, Spool, read_spool
-from tests.helpers import SyncOffload
+from tests import test_spool
 from tests.test_queue import Courier, Entry
 from tests.test_queue import Journal as ListJournal
 from tests.test_spool import ManualThreads
+
+sync = test_spool.sync     # the spool's writer thread run synchronously
 
 BUSY = TempFail(Reply(451, "4.2.0", "mailbox busy"))
 CONFIG = SimpleNamespace(queue=SimpleNamespace(retry_min=300, retry_max=3600, lifetime=86400,
@@ -65,11 +66,6 @@ class Setup:
 
     def segments(self):
         return sorted(os.listdir(self.spool.segments))
-
-
-@pytest.fixture
-def sync(monkeypatch):
-    monkeypatch.setattr(spool_mod, "Offload", SyncOffload)
 
 
 def test_a_straggler_is_copied_forward_and_its_segment_goes(tmp_path, sync):

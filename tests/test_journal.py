@@ -56,7 +56,12 @@ def manual(tmp_path, clock):
 
     def finish():
         d, f, args = pending.pop(0)
-        d.callback(f(*args))
+        try:
+            result = f(*args)
+        except Exception as e:    # noqa: BLE001 - handed back like a thread's failure
+            d.errback(e)
+        else:
+            d.callback(result)
 
     j = Journal(str(tmp_path / "queue.jnl"), clock, run=run)
     j.open()

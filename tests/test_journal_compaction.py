@@ -15,12 +15,13 @@ from twisted.internet import defer, task
 
 from mailsys import journal as journal_module
 from mailsys.delivery import PASSED_ON, Delivered, PermFail, TempFail
-from mailsys.journal import Journal, replay
+from mailsys.journal import replay
 from mailsys.queue import QueueManager, open_queue
 from mailsys.smtp.reply import Reply
 from mailsys.spool import SegmentReaper, Spool
 
 from tests import test_queue
+from tests.test_journal import manual
 from tests.test_queue import Courier, Entry
 from tests.test_queue import Journal as ListJournal
 
@@ -132,27 +133,6 @@ def test_reaper_keeps_done_marks_when_the_segment_cannot_go():
 
 # --- the journal's file swap -------------------------------------------------------------
 
-class Manual:
-    """The journal's thread work, done when the test says."""
-
-    def __init__(self):
-        self.pending = []
-
-    def run(self, f, *args):
-        d = defer.Deferred()
-        self.pending.append((d, f, args))
-        return d
-
-    def finish(self):
-        d, f, args = self.pending.pop(0)
-        try:
-            result = f(*args)
-        except Exception as e:    # noqa: BLE001 - handed to the journal like a thread's failure
-            d.errback(e)
-        else:
-            d.callback(result)
-
-
 @pytest.fixture
 def small(monkeypatch):
     monkeypatch.setattr(journal_module, "COMPACT_AFTER", 200)
@@ -161,54 +141,52 @@ def small(monkeypatch):
 def test_journal_compacts_to_snapshot_then_pending(tmp_path, small, monkeypatch):
     synced = []
     monkeypatch.setattr(journal_module, "fsync_dir", lambda d: synced.append(d))
-    clock, work = task.Clock(), Manual()
-    j = Journal(str(tmp_path / "queue.jnl"), clock, run=work.run)
+    clock = task.Clock()
+    j, pending, finish = manual(tmp_path, clock)
     state = [{"id": "L", "r": 0, "s": "deferred"}]
     j.snapshot = lambda: list(state)
     j.sync_first = (str(tmp_path / "segments"),)
-    j.open()
     fired = []
     record = {"id": "A0", "r": 0, "s": "sent", "pad": "x" * 20}
     n = len(journal_module.encode(record))
     assert 3 * n < 200 <= 4 * n
     for i in range(4):                              # the 4th write takes it past 200
         j.append(dict(record, id=f"A{i}")).addCallback(fired.append)
-        work.finish()
+        finish()
     assert j.size == 4 * n and j.compactions == 0 and len(replay(j.path)) == 4
     j.append({"id": "B", "r": 0, "s": "sent"}).addCallback(fired.append)
-    assert len(work.pending) == 1                   # the compaction, with B on top
+    assert len(pending) == 1                   # the compaction, with B on top
     j.append({"id": "C", "next": 9}, durable=False)  # during it
     j.append({"id": "E", "r": 0, "s": "sent"}).addCallback(fired.append)   # during it
     assert len(fired) == 4
-    work.finish()
+    finish()
     assert synced == [str(tmp_path / "segments")]     # before the swap (write_atomically syncs its own)
     assert len(fired) == 5 and j.compactions == 1
     assert replay(j.path) == [{"id": "L", "r": 0, "s": "deferred"}, {"id": "B", "r": 0, "s": "sent"}]
-    work.finish()                                   # C and E go to the new file
+    finish()                                   # C and E go to the new file
     assert len(fired) == 6
     assert [r["id"] for r in replay(j.path)] == ["L", "B", "C", "E"]
     assert sorted(os.listdir(tmp_path)) == ["queue.jnl"]
     # The next compaction waits for another COMPACT_AFTER bytes of growth.
     assert j.size == os.path.getsize(j.path)
     j.append({"id": "F", "r": 0, "s": "sent"})
-    work.finish()
+    finish()
     assert j.compactions == 1
     j.close()
 
 
 def test_compaction_failure_keeps_the_old_journal(tmp_path, small):
-    clock, work = task.Clock(), Manual()
-    j = Journal(str(tmp_path / "queue.jnl"), clock, run=work.run)
-    j.open()
+    clock = task.Clock()
+    j, pending, finish = manual(tmp_path, clock)
     for i in range(5):
         j.append({"id": f"A{i}", "r": 0, "s": "sent", "pad": "x" * 20})
-        work.finish()
+        finish()
     before = open(j.path, "rb").read()
     j.snapshot = lambda: [{"id": "Z", "big": "y" * 10}]
     j.sync_first = (str(tmp_path / "missing"),)     # fsync of a missing directory fails
     failed = []
     j.append({"id": "B", "r": 0, "s": "sent"}).addErrback(failed.append)
-    work.finish()
+    finish()
     assert len(failed) == 1 and j.failed is not None
     assert open(j.path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["queue.jnl"]
     j.close()
