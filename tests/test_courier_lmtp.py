@@ -686,13 +686,18 @@ def test_large_message_through_the_producer():
     assert server(s, DELIVERED) == b"QUIT\r\n"
 
 
-def test_connection_lost_while_sending_stops_the_producer():
+@pytest.mark.parametrize("chunking", [False, True])
+def test_connection_lost_while_sending_stops_the_producer(chunking):
+    """After DATA's 354, or (BDAT, tests/test_courier_lmtp_bdat.py) right after LHLO."""
     with mock.patch.object(courier_module, "CHUNK", 16):
         s = start(["joe@example.com"])
         server(s, GREETING)
-        server(s, LHLO_FULL)
-        server(s, MAIL_OK + RCPT_OK)
-        s.proto.dataReceived(START)
+        if chunking:
+            s.proto.dataReceived(LHLO_FULL.replace(b"250 HELP", b"250-CHUNKING\r\n250 HELP"))
+        else:
+            server(s, LHLO_FULL)
+            server(s, MAIL_OK + RCPT_OK)
+            s.proto.dataReceived(START)
         producer = s.t.producer
         producer.resumeProducing()
         s.t.loseConnection()

@@ -35,7 +35,12 @@ class Accounts:
 
 
 @pytest.fixture
-def session(monkeypatch, tmp_path):
+def session(tmp_path):
+    return make_session(tmp_path)
+
+
+def make_session(tmp_path):
+    """An LMTP server session on StringTransport over in-memory stores."""
     config = SimpleNamespace(
         mailbox=SimpleNamespace(root=str(tmp_path), default_store="maildir", quota=0),
         domains=SimpleNamespace(local=("example.com",)))
@@ -63,7 +68,7 @@ def test_lhlo_and_no_ehlo(session):
     assert run(session, b"EHLO x\r\n") == b"500 5.5.2 Error: command not recognized\r\n"
     assert run(session, b"LHLO x\r\n") == (
         b"250-mda.example.com\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-ENHANCEDSTATUSCODES\r\n"
-        b"250-8BITMIME\r\n250-SMTPUTF8\r\n250 HELP\r\n")
+        b"250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250 HELP\r\n")
 
 
 def test_one_reply_per_recipient_in_rcpt_order(session):

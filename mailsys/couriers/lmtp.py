@@ -4,7 +4,11 @@ A session is one connection: greeting and ``LHLO`` once, then per delivery
 ``MAIL FROM`` and every ``RCPT TO`` (one write when the server offers
 PIPELINING), ``DATA`` only when a recipient was accepted, the message
 dot-stuffed, then exactly one reply per accepted recipient, in RCPT order (RFC
-2033 section 4.2).  After the last final reply the transaction is over on both
+2033 section 4.2).  When the server offers CHUNKING as well (our MDA does), the
+message goes as one ``BDAT <size> LAST`` in the same write as the envelope,
+undotted, and the final replies come after the RCPT replies with nothing in
+between: one round trip per delivery instead of two, and no pass over the
+message to stuff it.  After the last final reply the transaction is over on both
 sides (RFC 5321 4.1.1.4), so the courier hands the session the next waiting
 delivery at once, or keeps it idle for :data:`IDLE_TIMEOUT` seconds; it ends
 with ``QUIT`` after :data:`MAX_MESSAGES` deliveries, when idle for too long, and
@@ -60,7 +64,8 @@ RETRY = object()         # a session's result when it died before its MAIL was a
 _HOSTNAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
 
 __all__ = ["LMTPCourier", "LMTPClientProtocol", "ReplyParser", "ProtocolError",
-           "client_endpoint_for", "split_description", "stuffed_chunks", "parse_reply"]
+           "client_endpoint_for", "split_description", "stuffed_chunks", "plain_chunks",
+           "parse_reply"]
 
 
 # --- endpoints -----------------------------------------------------------------------
@@ -297,13 +302,22 @@ def stuffed_chunks(message, size=CHUNK):
         start = end
 
 
+def plain_chunks(message, size=CHUNK):
+    """The message in pieces of ``size`` bytes, as they are: a BDAT chunk needs
+    no stuffing and no terminator."""
+    for start in range(0, len(message), size):
+        yield message[start:start + size]
+
+
 @implementer(IPullProducer)
 class _BodyProducer:
-    """Writes the stuffed message a chunk each time the transport asks for more."""
+    """Writes the message a piece each time the transport asks for more, then
+    calls ``done`` (the DATA path's ``_body_sent`` unless told otherwise)."""
 
-    def __init__(self, proto, chunks):
+    def __init__(self, proto, chunks, done=None):
         self.proto = proto
         self.chunks = chunks
+        self.done = done or proto._body_sent
         self.pending = next(chunks)
         self.stopped = False
 
@@ -316,7 +330,7 @@ class _BodyProducer:
         if self.pending is None:
             self.stopped = True
             self.proto.transport.unregisterProducer()
-            self.proto._body_sent()
+            self.done()
 
     def stopProducing(self):
         self.stopped = True
@@ -350,6 +364,7 @@ class LMTPClientProtocol(Protocol):
         self._parser = ReplyParser()
         self._expect = deque()
         self._pipelining = False
+        self._chunking = False
         self._direct = False      # mailsys.fastio, decided in connectionMade
         self._quitting = False
         self._closing = False
@@ -374,6 +389,7 @@ class LMTPClientProtocol(Protocol):
         self._mail_answered = False
         self._finished = False
         self._producer = None
+        self._quit_when_sent = False
         self.transactions += 1
 
     def send(self, sender, recipients, message, params=None):
@@ -551,6 +567,10 @@ class LMTPClientProtocol(Protocol):
             keyword, _, argument = text.strip().partition(" ")
             self.extensions[keyword.upper()] = argument.strip()
         self._pipelining = "PIPELINING" in self.extensions
+        # BDAT (RFC 3030) with pipelining: the envelope and the whole message in
+        # one write, answered in one: one round trip per delivery instead of two
+        # (the 354 of DATA), and no dot-stuffing.
+        self._chunking = self._pipelining and "CHUNKING" in self.extensions
         self._start_transaction()
 
     def _start_transaction(self):
@@ -620,10 +640,14 @@ class LMTPClientProtocol(Protocol):
             indexes = list(self._to_send)
             self._to_send.clear()
             self._rcpt_left = len(indexes)
-            self._write(b"".join([mail] + [self._rcpt_command(i) for i in indexes] + [b"DATA\r\n"]))
+            group = [mail] + [self._rcpt_command(i) for i in indexes]
             self._expect.append(self._on_mail)
             for i in indexes:
                 self._expect.append(partial(self._on_rcpt, i))
+            if self._chunking:
+                self._send_chunk(group)
+                return
+            self._write(b"".join(group + [b"DATA\r\n"]))
             self._expect.append(self._on_data)
         else:
             self._write(mail)
@@ -659,9 +683,55 @@ class LMTPClientProtocol(Protocol):
         if self._pipelining:
             self._rcpt_left -= 1
             if self._rcpt_left == 0:
-                self.phase = "after DATA"     # its reply is next (_on_data)
+                if self._chunking:
+                    self._after_chunked_rcpts()
+                else:
+                    self.phase = "after DATA"     # its reply is next (_on_data)
         else:
             self._next_rcpt()
+
+    # -- BDAT ----------------------------------------------------------------------------
+
+    def _send_chunk(self, group):
+        """The envelope, ``BDAT <size> LAST`` and the message, as one write when
+        it fits a chunk, else the message through a pull producer.  The message
+        goes as the spool holds it; one not ending in CRLF gets one, as after
+        DATA."""
+        message = self.message
+        if message and not message.endswith(b"\r\n"):
+            message += b"\r\n"
+        group.append(b"BDAT %d LAST\r\n" % len(message))
+        if len(message) <= CHUNK:
+            group.append(message)
+            self._write(b"".join(group))
+            return
+        self._write(b"".join(group))
+        self.phase = "sending the message"
+        self._producer = _BodyProducer(self, plain_chunks(message, CHUNK), self._chunk_sent)
+        self.transport.registerProducer(self._producer, False)
+
+    def _chunk_sent(self):
+        self._producer = None
+        if self._quit_when_sent:
+            self._quit()
+
+    def _after_chunked_rcpts(self):
+        """Every RCPT is answered: what the BDAT LAST will get is known now."""
+        if self._mail_refused or not self._accepted:
+            # Nothing to deliver: the outcomes are complete.  Whether a server
+            # answers this BDAT once or not at all, QUIT ends the session (after
+            # the chunk, whose bytes the server reads as a chunk whatever it
+            # answers).
+            self._finish()
+            if self._producer is None:
+                self._quit()
+            else:
+                self._quit_when_sent = True
+            return
+        self.phase = "waiting for the final replies"
+        last = self._accepted[-1]
+        for i in self._accepted:
+            self._expect.append(partial(self._on_final, i, i == last))
 
     def _after_rcpts(self):
         if self._mail_refused or not self._accepted:
@@ -704,6 +774,11 @@ class LMTPClientProtocol(Protocol):
             self._expect.append(partial(self._on_final, i, i == last))
 
     def _on_final(self, i, last, code, texts):
+        if self._producer is not None:
+            # Only after BDAT: a final reply before the server had the whole
+            # message cannot be about the message.
+            self._protocol_error(f"reply {parse_reply(code, texts)} before the message was sent")
+            return
         reply = parse_reply(code, texts)
         self.outcomes[i] = (Delivered(reply, action=lmtp_action(reply)) if code // 100 == 2
                             else failure_for(reply))

@@ -33,7 +33,15 @@ def flush(paths):
                 os.close(fd)
         return
     seen = {}
+    dirs = set()
     for path in paths:
+        # Files created in one directory (a batch's tmp/ files) live on its
+        # filesystem: one stat for them all, not a system call per message on
+        # the MDA's disk thread.
+        parent = os.path.dirname(path)
+        if parent in dirs:
+            continue
+        dirs.add(parent)
         dev = os.stat(path).st_dev
         if dev not in seen:
             seen[dev] = path

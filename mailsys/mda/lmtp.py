@@ -400,6 +400,6 @@ class LMTPFactory(ServerFactory):
             peer = peer.decode("utf-8", "replace")
         handler = LMTPHandler(self.mda, str(peer))
         proto = SMTPServerProtocol(handler, self.hostname, limits=self.limits, clock=self.clock,
-                                   lmtp=True)
+                                   lmtp=True, chunking=True)
         proto.factory = self
         return proto

@@ -200,3 +200,41 @@ class LFDataReader(DataReader):
             size = len(out) + crlf
             self.size += size
             self._sink(out, size)
+
+
+class ChunkReader:
+    """BDAT content (RFC 3030 CHUNKING): the chunks' bytes as they arrive, with
+    no end marker to look for and nothing to unstuff, through ``inner``'s own
+    line-end check (and, for an :class:`LFDataReader`, its conversion to LF), so
+    a message means the same to the handler whichever command carried it: a
+    bare CR or LF is reported exactly as DataReader reports it.
+
+    A CR at the end of a piece is held back until the next piece, which may
+    start with its LF (a CRLF is cut by a TCP segment or a chunk boundary alike);
+    :meth:`finish` hands on a CR still held at the very end, a bare one.
+    """
+
+    __slots__ = ("_inner", "_cr")
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._cr = False
+
+    @property
+    def bare_newline(self):
+        return self._inner.bare_newline
+
+    def feed(self, data):
+        if self._cr:
+            data = _CR + data
+            self._cr = False
+        if data.endswith(_CR):
+            data = data[:-1]
+            self._cr = True
+        if data:
+            self._inner._emit(data, False)
+
+    def finish(self):
+        if self._cr:
+            self._cr = False
+            self._inner._emit(_CR, False)

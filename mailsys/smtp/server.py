@@ -20,7 +20,7 @@ from mailsys import fastio
 from mailsys.logs import MailLog
 from mailsys.smtp import reply as R
 from mailsys.smtp.address import AddressError, parse_path, split_path_and_params
-from mailsys.smtp.data import DataReader, LFDataReader
+from mailsys.smtp.data import ChunkReader, DataReader, LFDataReader
 from mailsys.smtp.params import ParamError, parse_mail_params, parse_rcpt_params
 from mailsys.smtp.reply import Reply
 from mailsys.smtp import sasl
@@ -41,6 +41,8 @@ PROTOCOL_ERRORS = frozenset((500, 501, 502, 503, 504, 538, 555))
 _HELO_NAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
 _MAIL_FROM = re.compile(r"FROM:", re.I)
 _RCPT_TO = re.compile(r"TO:", re.I)
+# RFC 3030: "BDAT" SP chunk-size [SP "LAST"]; a size of at most 20 digits.
+_BDAT = re.compile(r"([0-9]{1,20})(?: +(LAST))? *\Z", re.I)
 
 log = MailLog("mailsys.smtpd")
 
@@ -88,9 +90,10 @@ class SMTPServerProtocol(Protocol):
     lmtp = False
 
     def __init__(self, handler, hostname, *, limits, clock, lmtp=False, tls_available=False,
-                 auth_mechanisms=(), etrn=False):
+                 auth_mechanisms=(), etrn=False, chunking=False):
         self.handler = handler
         self.etrn = etrn
+        self.chunking = chunking
         self.hostname = hostname
         self.limits = limits
         self.clock = clock
@@ -120,6 +123,19 @@ class SMTPServerProtocol(Protocol):
         self._data_received = 0
         self._timer = None
         self._direct = False
+        # BDAT (RFC 3030): the transaction's chunk reader, the bytes of the current
+        # chunk still to come, whether it is the last, and the reply it gets
+        # instead of the usual one when it cannot be taken (its bytes are skipped).
+        self._chunks = None
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_error = None
+        # While the handler stores a message that came by BDAT, the replies to the
+        # commands before it (MAIL, RCPT) wait and go out with its final replies
+        # (RFC 2920 lets a server hold a group's replies; it must only not wait
+        # for input with replies held, and nothing is read while a handler is
+        # pending): a pipelined delivery by BDAT is then one write each way.
+        self._hold = False
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -186,7 +202,7 @@ class SMTPServerProtocol(Protocol):
         if left > 0:
             self._timer = self.clock.callLater(left, self._check_timeout)
             return
-        phase = "DATA" if self._reader else "command"
+        phase = "DATA" if self._reader or self._chunk_left else "command"
         client = self.handler.client_name(self)
         log.info(f"timeout after {phase} from {client}", phase=phase, client=client)
         self._send(R.TIMEOUT.with_text(f"{self.hostname} {R.TIMEOUT.text}"))
@@ -200,10 +216,14 @@ class SMTPServerProtocol(Protocol):
             return
         self._buf = self._buf + data if self._buf else data
         self._process()
-        self._flush()
+        if not self._hold:
+            self._flush()
 
     def _process(self):
         while not self._blocked and not self._closing and self._buf:
+            if self._chunk_left:
+                self._chunk_bytes()
+                continue
             if self._reader is not None:
                 buf, self._buf = self._buf, b""
                 self._data_progress(len(buf))
@@ -254,7 +274,7 @@ class SMTPServerProtocol(Protocol):
         verb = verb.upper()
         method = self._commands.get(verb)
         if method is None or (self.lmtp and verb in ("EHLO", "HELO")) or (
-                not self.lmtp and verb == "LHLO"):
+                not self.lmtp and verb == "LHLO") or (verb == "BDAT" and not self.chunking):
             self._error(R.UNKNOWN_COMMAND, "unknown")
             return
         if verb not in ("MAIL", "RCPT") and not line.isascii():
@@ -321,9 +341,10 @@ class SMTPServerProtocol(Protocol):
 
         def done(value):
             self._blocked = False
+            self._hold = False
             if self._closing:
                 return
-            if self._reader is None:
+            if self._reader is None and not self._chunk_left:
                 # The client's idle time starts when it has our answer.
                 self._arm(self.limits.command_timeout)
             then(value)
@@ -378,6 +399,8 @@ class SMTPServerProtocol(Protocol):
         if self.auth_mechanisms and self.tls and self.auth_user is None:
             ext.append("AUTH " + " ".join(self.auth_mechanisms))
         ext += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        if self.chunking:
+            ext.append("CHUNKING")
         if not self.lmtp:
             ext.append("DSN")
         if self.etrn:
@@ -470,7 +493,10 @@ class SMTPServerProtocol(Protocol):
             self._error(R.NEED_MAIL, "data")
             return
         if not txn.recipients:
-            self._error(Reply(554, "5.5.1", "Error: no valid recipients"), "data")
+            self._error(R.NO_RECIPIENTS, "data")
+            return
+        if self._chunks is not None:
+            self._error(R.BDAT_THEN_DATA, "data")
             return
 
         def answered(result):
@@ -508,6 +534,12 @@ class SMTPServerProtocol(Protocol):
 
     def _end_of_data(self):
         reader, self._reader = self._reader, None
+        self._finish_message(reader)
+
+    def _finish_message(self, reader, verb="data"):
+        """The message is complete (DATA's end marker, or the last BDAT chunk):
+        refuse it for a limit or a bare newline, or hand it to the handler; in
+        LMTP one reply per recipient either way."""
         txn, self.txn = self.txn, None
         self._deadline = self.clock.seconds() + self.limits.command_timeout
         n = len(txn.recipients) if self.lmtp else 1
@@ -515,7 +547,7 @@ class SMTPServerProtocol(Protocol):
             refusal = R.MESSAGE_TOO_BIG if self._data_too_big else R.BARE_NEWLINE
             self.handler.data_abort(self, txn, refusal)
             for _ in range(n):
-                self._reply(refusal, "data")
+                self._reply(refusal, verb)
             return
 
         def answered(result):
@@ -523,7 +555,7 @@ class SMTPServerProtocol(Protocol):
                 result = R.OK
             replies = result if isinstance(result, list) else [result] * n
             for r in replies:
-                self._reply(r, "data")
+                self._reply(r, verb)
 
         self._run(self.handler.data_end(self, txn, self._data_size), answered)
 
@@ -539,6 +571,90 @@ class SMTPServerProtocol(Protocol):
         if txn is not None:
             self.handler.data_abort(self, txn, None)
         self._reader = None
+        self._chunks = None
+
+    # -- BDAT (RFC 3030 CHUNKING; offered by the MDA's LMTP, for the queue) ------
+
+    def do_BDAT(self, arg):
+        """A chunk of the message follows the command line at once, ``size``
+        bytes of it, neither dot-stuffed nor ended by a marker.  Its reply comes
+        after the last of those bytes, so whatever the chunk's fate its bytes
+        are read (and skipped when it cannot be taken) before the next command.
+        The last chunk of a transaction gets, in LMTP, one reply per accepted
+        recipient (RFC 2033 4.2), as DATA's end does; a chunk refused outside a
+        transaction with recipients gets one."""
+        m = _BDAT.match(arg)
+        if not m:
+            # Only the size says where the next command starts: without it the
+            # session cannot go on safely.
+            self._error(R.BDAT_SYNTAX, "bdat")
+            self._close()
+            return
+        self._chunk_left = int(m.group(1))
+        self._chunk_last = m.group(2) is not None
+        self._chunk_error = None
+        self._arm(self.limits.data_timeout)
+        self._data_started = self.clock.seconds()
+        self._data_received = 0
+        txn = self.txn
+        if txn is None:
+            self._chunk_error = R.NEED_MAIL
+        elif not txn.recipients:
+            self._chunk_error = R.NO_RECIPIENTS
+        elif self._chunks is None:
+            # The transaction's first chunk: the handler is asked, as for DATA.
+            def answered(result):
+                if result is not None and result.code >= 400:
+                    self._chunk_error = result
+                else:
+                    self._data_size = 0
+                    self._data_too_big = False
+                    self._chunks = ChunkReader(self._data_reader())
+                if not self._chunk_left:
+                    self._chunk_end()
+
+            self._run(self.handler.data(self, txn), answered)
+            return
+        if not self._chunk_left:
+            self._chunk_end()
+
+    def _chunk_bytes(self):
+        """Take the next bytes of the current chunk from the input buffer."""
+        n, buf = self._chunk_left, self._buf
+        if len(buf) <= n:
+            piece, self._buf = buf, b""
+        else:
+            piece, self._buf = buf[:n], buf[n:]
+        self._chunk_left = n - len(piece)
+        self._data_progress(len(piece))
+        if self._chunk_error is None:
+            self._chunks.feed(piece)
+        if not self._chunk_left:
+            self._chunk_end()
+
+    def _chunk_end(self):
+        self._deadline = self.clock.seconds() + self.limits.command_timeout
+        error = self._chunk_error
+        if error is not None:
+            self._chunk_error = None
+            txn = self.txn
+            n = len(txn.recipients) if (self.lmtp and self._chunk_last and txn is not None
+                                        and txn.recipients) else 1
+            for _ in range(n):
+                self._reply(error, "bdat")
+            # A transaction that lost a chunk cannot carry on: later chunks must
+            # not make a message without it (they get "need MAIL").
+            self._abort_transaction()
+            return
+        if not self._chunk_last:
+            self._reply(Reply(250, "2.0.0", f"Ok: {self._data_size} octets received"), "bdat")
+            return
+        reader, self._chunks = self._chunks, None
+        reader.finish()
+        self._hold = True
+        self._finish_message(reader, "bdat")
+        if not self._blocked:
+            self._hold = False
 
     def do_NOOP(self, arg):
         self._reply(R.NOOP_OK, "noop")
@@ -596,7 +712,8 @@ class SMTPServerProtocol(Protocol):
             verbs.append("STARTTLS")
         if self.auth_mechanisms:
             verbs.append("AUTH")
-        verbs += ["MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"]
+        verbs += ["MAIL", "RCPT", "DATA"] + (["BDAT"] if self.chunking else []) + [
+            "RSET", "NOOP", "QUIT", "VRFY", "HELP"]
         if self.etrn:
             verbs.append("ETRN")
         self._reply(Reply(214, "2.0.0", "Commands: " + " ".join(verbs), "See RFC 5321"), "help")
@@ -701,5 +818,5 @@ class SMTPServerProtocol(Protocol):
         "EHLO": do_EHLO, "HELO": do_HELO, "LHLO": do_LHLO, "MAIL": do_MAIL, "RCPT": do_RCPT,
         "DATA": do_DATA, "RSET": do_RSET, "NOOP": do_NOOP, "QUIT": do_QUIT, "VRFY": do_VRFY,
         "EXPN": do_EXPN, "HELP": do_HELP, "STARTTLS": do_STARTTLS, "AUTH": do_AUTH,
-        "ETRN": do_ETRN,
+        "ETRN": do_ETRN, "BDAT": do_BDAT,
     }

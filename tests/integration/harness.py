@@ -832,7 +832,8 @@ def _restore_modes(changed):
 
 
 class DovecotPeer:
-    """A stock Dovecot (IMAP only) on 127.0.0.1 reading the Maildirs under ``mail_root``.
+    """A stock Dovecot (IMAP; with ``lmtp=True`` its LMTP as well, on ``lmtp_port``) on
+    127.0.0.1 reading the Maildirs under ``mail_root``.
 
     ``mail_location = maildir:ROOT/%d/%n/Maildir`` (mailsys's layout), any user with
     password ``pw`` (passdb static), ``ssl = no``, logs to ``base/dovecot.log``.  Dovecot
@@ -845,7 +846,8 @@ class DovecotPeer:
 
     PASSWORD = "pw"
 
-    def __init__(self, base, mail_root, uid=5000, gid=5000):
+    def __init__(self, base, mail_root, uid=5000, gid=5000, lmtp=False):
+        self.lmtp_port = free_port() if lmtp else None
         self.dovecot = find_program("dovecot")
         self.doveadm = find_program("doveadm")
         if not self.dovecot or not self.doveadm:
@@ -869,7 +871,7 @@ class DovecotPeer:
 # written by tests/integration/harness.py (DovecotPeer)
 base_dir = {self.run_dir}
 instance_name = mailsys-test-{self.imap_port}
-protocols = imap
+protocols = imap{" lmtp" if self.lmtp_port else ""}
 listen = {LOOPBACK}
 log_path = {self.log}
 info_log_path = {self.log}
@@ -895,7 +897,13 @@ service imap-login {{
     port = 0
   }}
 }}
-"""
+""" + (f"""service lmtp {{
+  inet_listener lmtp {{
+    address = {LOOPBACK}
+    port = {self.lmtp_port}
+  }}
+}}
+""" if self.lmtp_port else "")
 
     def start(self, timeout=START_TIMEOUT):
         self.base.mkdir(parents=True, exist_ok=True)
@@ -919,10 +927,10 @@ service imap-login {{
             raise HarnessError(f"dovecot -c {self.conf} exited {p.returncode}\n{tail(out_path)}"
                                f"\n--- {self.log}\n{tail(self.log)}")
         deadline = time.monotonic() + timeout
-        while not port_accepts(self.imap_port):
+        while not port_accepts(self.imap_port) or (self.lmtp_port and not port_accepts(self.lmtp_port)):
             if time.monotonic() > deadline:
                 self.stop()
-                raise HarnessError(f"Dovecot does not accept IMAP on 127.0.0.1:{self.imap_port}\n"
+                raise HarnessError(f"Dovecot does not accept IMAP on 127.0.0.1:{self.imap_port} (or LMTP on {self.lmtp_port})\n"
                                    f"--- {self.log}\n{tail(self.log)}")
             time.sleep(0.1)
         return self
