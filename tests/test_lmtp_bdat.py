@@ -8,7 +8,6 @@ import pytest
 from twisted.internet import defer
 
 from tests.test_lmtp import make_session, run
-run_ = run
 
 
 @pytest.fixture
@@ -134,15 +133,15 @@ def test_envelope_replies_wait_for_the_final_ones_after_bdat_but_not_after_data(
     had to go out before the message."""
     held = []
 
-    def run(f, *args):
+    def hold(f, *args):
         d = defer.Deferred()
         held.append((d, f, args))
         return d
 
-    session.proto.handler.mda.batcher._run = run
+    session.proto.handler.mda.batcher._run = hold
     writes = []
     session.t.write = lambda data, write=session.t.write: writes.append(data) or write(data)
-    run_(session, b"LHLO x\r\n")
+    run(session, b"LHLO x\r\n")
     writes.clear()
     session.proto.dataReceived(ENVELOPE[len(b"LHLO x\r\n"):] + bdat(MESSAGE))
     assert writes == [] and len(held) == 1

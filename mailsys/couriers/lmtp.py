@@ -702,8 +702,7 @@ class LMTPClientProtocol(Protocol):
             message += b"\r\n"
         group.append(b"BDAT %d LAST\r\n" % len(message))
         if len(message) <= CHUNK:
-            group.append(message)
-            self._write(b"".join(group))
+            self._write(b"".join(group + [message]))
             return
         self._write(b"".join(group))
         self.phase = "sending the message"

@@ -13,6 +13,7 @@ bytes inside a chunk read as commands, nor a command read as message bytes.
 """
 import pytest
 
+from tests.helpers import FakeService, receive_connect
 from tests.test_lmtp import make_session, run
 
 
@@ -89,21 +90,14 @@ def test_a_command_after_the_last_chunk_is_a_command(session):
 
 
 def test_bdat_is_an_unknown_command_where_chunking_is_not_offered():
-    from types import SimpleNamespace
-    from twisted.internet import task
-    from twisted.internet.testing import StringTransport
-    from mailsys.smtp.server import SMTPServerProtocol
-
-    class Handler:
-        def __getattr__(self, name):
-            return lambda *a, **k: None
-
-    limits = SimpleNamespace(message_size=10000, recipients=100, command_timeout=300,
-                             data_timeout=600, auth_failures=3)
-    proto = SMTPServerProtocol(Handler(), "mx.example.com", limits=limits, clock=task.Clock())
-    t = StringTransport()
-    proto.makeConnection(t)
-    proto.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<c@d.org>\r\nBDAT 4 LAST\r\n")
+    """The MX-facing listener does not offer CHUNKING: BDAT is refused as an
+    unknown command, and its would-be chunk is read as (bad) commands, not mail."""
+    svc = FakeService(users=("alice@example.com",))
+    proto, t = receive_connect(svc, "203.0.113.66")
+    proto.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<alice@example.com>\r\n"
+                       b"BDAT 6 LAST\r\nhello\r\n")
     out = t.value()
     assert b"CHUNKING" not in out
-    assert out.endswith(b"250 2.1.5 Ok\r\n500 5.5.2 Error: command not recognized\r\n")
+    assert out.endswith(b"250 2.1.5 Ok\r\n500 5.5.2 Error: command not recognized\r\n"
+                       b"500 5.5.2 Error: command not recognized\r\n")
+    assert svc.spool.commits == []
