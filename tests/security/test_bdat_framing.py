@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers import FakeService, receive_connect
 from tests.test_lmtp import make_session, run
+from tests.test_lmtp_bdat import stored
 
 
 @pytest.fixture
@@ -23,10 +24,6 @@ def session(tmp_path):
 
 HIDDEN = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<joe@example.com>\r\nBDAT 4 LAST\r\nowned\r\n"
 BARE_OK = b"250 2.0.0 Ok\r\n"
-
-
-def stored(s, user):
-    return s.stores["maildir"].messages(f"{s.root}/example.com/{user}/Maildir")
 
 
 def test_a_chunk_without_mail_is_skipped_whole_and_hidden_commands_never_run(session):
