@@ -17,9 +17,25 @@ own), which now reads ``[-]`` like any other.  Error handling is unchanged:
 ``_doReadOrWrite`` itself catches and logs an exception from ``doRead`` or
 ``doWrite`` and drops the connection, exactly as before.
 
-Only the reactor instance given is changed (its ``doIteration`` attribute),
-and only an epoll reactor whose internals look as expected; anything else is
-left alone.
+The same loop also spares the threads' wake-ups.  ``callFromThread`` (how a
+disk thread of the spool, the journal or the MDA hands its result back)
+appends to ``threadCallQueue`` and calls ``wakeUp``, which writes a byte to the
+waker pipe so that a reactor asleep in ``epoll_wait`` returns.  Under load the
+reactor is almost never asleep: the write, the GIL the thread gives up and
+must take back for it, and the pipe's read as one more ready event on the
+reactor's side are wasted.  So the loop keeps a flag, set just before it
+polls and cleared when the poll returns, and ``wakeUp`` writes only while the
+flag is set.  No call can be left waiting: the flag is set *before* the loop
+looks at ``threadCallQueue`` (and then polls without waiting if a call is
+queued), and a thread appends *before* it reads the flag; both run under the
+GIL, so either the loop sees the call or the thread sees the flag.  Signals
+are unaffected: Twisted wakes the reactor for them through its own wake-up
+descriptor, not through ``wakeUp``.  Measured: docs/performance.rst (ninth
+session).
+
+Only the reactor instance given is changed (its ``doIteration`` and ``wakeUp``
+attributes), and only an epoll reactor whose internals look as expected;
+anything else is left alone.
 """
 import errno
 
@@ -32,26 +48,42 @@ def lean_dispatch(reactor):
     poller = getattr(reactor, "_poller", None)
     selectables = getattr(reactor, "_selectables", None)
     dispatch = getattr(reactor, "_doReadOrWrite", None)
+    calls = getattr(reactor, "threadCallQueue", None)
     if (poller is None or not isinstance(selectables, dict) or dispatch is None
-            or not hasattr(poller, "poll") or not hasattr(reactor, "doPoll")):
+            or not hasattr(poller, "poll") or not hasattr(reactor, "doPoll")
+            or not isinstance(calls, list) or not hasattr(reactor, "waker")):
         return False
     get = selectables.get
+    polling = [False]
+
+    def wakeUp():
+        # Only a reactor asleep in poll needs the waker's byte (module docstring).
+        if polling[0]:
+            waker = reactor.waker
+            if waker:
+                waker.wakeUp()
 
     def doIteration(timeout):
-        if timeout is None:
-            timeout = -1
+        polling[0] = True       # before looking at the queue: see the docstring
         try:
+            if calls:
+                timeout = 0
+            elif timeout is None:
+                timeout = -1
             # At most one event per tracked descriptor, as Twisted asks for.
             events = poller.poll(timeout, len(selectables))
         except OSError as e:
             if e.errno == errno.EINTR:
                 return
             raise
+        finally:
+            polling[0] = False
         for fd, event in events:
             selectable = get(fd)
             if selectable is not None:
                 dispatch(selectable, fd, event)
 
     reactor.doIteration = doIteration
+    reactor.wakeUp = wakeUp
     reactor._mailsys_lean = True
     return True

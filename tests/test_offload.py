@@ -2,6 +2,7 @@
 
 The reactor here is a recorder: callFromThread queues the call, and the test
 runs the queue itself, so nothing depends on a running global reactor."""
+import os
 import queue
 import threading
 
@@ -80,3 +81,16 @@ def test_stop_finishes_what_was_submitted_then_ends_the_thread():
     reactor.run_one(); reactor.run_one(); reactor.run_one()
     o.stop()
     assert done == ["second", "restarted"]
+
+
+def test_the_thread_runs_under_sched_batch_and_the_caller_keeps_its_policy(offload):
+    """The woken disk thread must not preempt the reactor thread that woke it
+    (mailsys.offload's docstring); the reactor thread itself is left alone."""
+    o, reactor = offload
+    before = os.sched_getscheduler(0)
+    seen = []
+    o.run(os.sched_getscheduler, 0).addCallback(seen.append)
+    reactor.run_one()
+    assert seen == [os.SCHED_BATCH]
+    assert os.sched_getscheduler(o._thread.native_id) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == before == os.SCHED_OTHER
