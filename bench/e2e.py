@@ -198,6 +198,21 @@ class Mailsys(lmtpbench.Mailsys):
         self.proc = None
 
 
+class Baseline(Mailsys):
+    """The same server from another tree (``--baseline DIR``: a ``git worktree`` of an
+    earlier commit, say), measured exactly like ``mailsys`` and interleaved with it, so
+    that a change is judged against its base in the same minutes of this noisy machine."""
+
+    name = "baseline"
+
+    def __init__(self, workdir, keep, workers, tree):
+        self.tree = os.path.realpath(tree)
+        if not os.path.isfile(os.path.join(self.tree, "mailsys", "__init__.py")):
+            raise BenchError(f"--baseline {tree}: no mailsys package there")
+        super().__init__(os.path.join(workdir, "baseline"), keep, workers)
+        self.env = dict(self.env, PYTHONPATH=self.tree)
+
+
 class Postfix(common.Postfix):
     """The anchor, started once per case (and warmed up) by bench/receive.py's class;
     ``Maildir/new`` emptied before every run."""
@@ -455,6 +470,13 @@ def summarise(results, cases, systems):
                                   for r in mine["mailsys"] if r["run"] in by_run]
             if ratio["target"]:
                 ratio["met"] = ratio["mailsys/postfix"] >= ratio["target"]
+        if med.get("mailsys") and med.get("baseline"):
+            by_run = {r["run"]: r for r in mine["baseline"]}
+            pairs = [(r, by_run[r["run"]]) for r in mine["mailsys"] if r["run"] in by_run]
+            ratio["mailsys/baseline"] = med["mailsys"] / med["baseline"]
+            ratio["baseline_per_round"] = [round(a["msgs_per_s"] / b["msgs_per_s"], 2) for a, b in pairs]
+            ratio["cpu_per_round"] = [round(a["server_cpu_s"] / b["server_cpu_s"], 2) for a, b in pairs
+                                      if "server_cpu_s" in a and "server_cpu_s" in b]
         ratios.append(ratio)
     return rows, ratios
 
@@ -485,6 +507,11 @@ def format_table(rows, ratios):
         verdict = "-" if not r["target"] else (f">= {r['target']:.1f}: " + ("met" if r["met"] else "NOT met"))
         out.append(f"{r['case']:<6} {r['mailsys/postfix']:>26.2f}  "
                    f"{' '.join(f'{x:.2f}' for x in r['per_round']):<20} {verdict}")
+    for r in ratios:
+        if "mailsys/baseline" in r:
+            out.append(f"{r['case']:<6} mailsys/baseline msg/s {r['mailsys/baseline']:.2f} (medians), per round "
+                       f"{' '.join(f'{x:.2f}' for x in r['baseline_per_round'])}; server CPU per round "
+                       f"{' '.join(f'{x:.2f}' for x in r['cpu_per_round'])}")
     return "\n".join(out)
 
 
@@ -512,6 +539,9 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=None, metavar="CASE")
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS, metavar="SYSTEM")
     ap.add_argument("--messages", type=int, default=None, help="override every case's message count")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run mailsys from another tree (e.g. a git worktree of the commit before a "
+                         "change) as system 'baseline', interleaved, and print the ratios per round")
     ap.add_argument("--workers", type=int, default=None,
                     help="mailsys server.workers (default: the configuration's default, one per CPU)")
     ap.add_argument("--wait", type=float, default=120.0,
@@ -570,11 +600,13 @@ def main(argv=None):
         say(f"  {c['name']:<6} {c['messages']} messages of {c['size']} bytes: {c['meaning']}")
     say("")
 
+    names = list(args.systems) + (["baseline"] if args.baseline else [])
     systems, problems = [], []
-    for name in args.systems:
+    for name in names:
         try:
             systems.append(Mailsys(workdir, args.keep, args.workers) if name == "mailsys"
-                           else Postfix(workdir, args.keep, args.wait))
+                           else Baseline(workdir, args.keep, args.workers, args.baseline)
+                           if name == "baseline" else Postfix(workdir, args.keep, args.wait))
         except BenchError as e:
             problems.append(f"{name}: not measured: {e}")
             say(f"!!! {name}: not measured: {e}")
@@ -599,7 +631,7 @@ def main(argv=None):
     facts["loadavg_end"] = common._read("/proc/loadavg").strip()
     facts["busiest_at_end"] = other_load()
     facts["duration_s"] = round(time.monotonic() - started, 1)
-    rows, ratios = summarise(results, cases, args.systems)
+    rows, ratios = summarise(results, cases, names)
     say("")
     say(f"Results ({runs} run(s) per system, medians; clock from smtp-source's start to the N-th file "
         f"in Maildir/new; MB = 10^6 bytes of payload; CPU = the server's process tree; "

@@ -38,12 +38,17 @@ _STOP = object()
 
 def _no_wakeup_preemption():
     """Put the calling thread under ``SCHED_BATCH`` (why: the module's
-    docstring).  Where there is no such policy, or a sandbox forbids changing
-    it, the thread keeps the ordinary one: only speed depends on this."""
+    docstring), but only from the ordinary policy: under a real-time policy
+    an administrator chose for the service (systemd's ``CPUSchedulingPolicy=``),
+    a batch thread could be starved by the reactor thread and hold up every
+    ``fdatasync``.  Where there is no such policy, or a sandbox forbids
+    changing it, the thread keeps what it has: only speed depends on this."""
     batch = getattr(os, "SCHED_BATCH", None)
     if batch is None:       # pragma: no cover - not Linux
         return False
     try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False
         os.sched_setscheduler(0, batch, os.sched_param(0))
     except OSError:         # pragma: no cover - seccomp or similar
         return False
