@@ -19,10 +19,11 @@ A hand-off wakes it while the reactor thread, which woke it, holds the GIL.
 Under the ordinary policy the woken thread may preempt the reactor thread on
 its CPU straight away, only to block on the GIL it cannot have, so the reactor
 thread is switched out and back in for nothing.  With ``SCHED_BATCH`` the woken
-thread waits for the CPU to be free instead (the reactor's next ``epoll_wait``
-or system call, the other CPU falling idle, or the tick).  On the end-to-end
-benchmark this halved the context switches per message (21 to 10) and cut the
-server's CPU per message by about 15% (docs/performance.rst, ninth session).
+thread waits for the CPU to be free instead (the reactor thread blocking, the
+other CPU falling idle, or the tick).  On the end-to-end benchmark this halved
+the context switches per message (21 to 10); with the waker change in
+:mod:`mailsys.dispatch` the server's CPU per message fell by about 9%
+(docs/performance.rst, ninth session).
 A ``SCHED_BATCH`` thread still gets its full share of the CPU: only the
 wakeup preemption is gone, so an ``fdatasync`` is never starved.
 """
