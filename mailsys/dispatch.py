@@ -28,10 +28,12 @@ polls and cleared when the poll returns, and ``wakeUp`` writes only while the
 flag is set.  No call can be left waiting: the flag is set *before* the loop
 looks at ``threadCallQueue`` (and then polls without waiting if a call is
 queued), and a thread appends *before* it reads the flag; both run under the
-GIL, so either the loop sees the call or the thread sees the flag.  Signals
-are unaffected: Twisted wakes the reactor for them through its own wake-up
-descriptor, not through ``wakeUp``.  Measured: docs/performance.rst (ninth
-session).
+GIL, so either the loop sees the call or the thread sees the flag.  Twisted's
+SIGTERM and SIGINT handlers also use ``callFromThread``; they run in the
+reactor thread itself, either inside the poll (the flag is set: the byte is
+written and the retried poll returns at once) or between two steps of the
+loop (the next poll sees the queued call).  Measured: docs/performance.rst
+(ninth session).
 
 Only the reactor instance given is changed (its ``doIteration`` and ``wakeUp``
 attributes), and only an epoll reactor whose internals look as expected;
