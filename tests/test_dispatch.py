@@ -2,6 +2,8 @@
 context.  A private EPollReactor instance (never run, never installed) is
 driven one iteration at a time over a socketpair."""
 import socket
+import threading
+import time
 
 import pytest
 from twisted.internet import epollreactor, task
@@ -138,7 +140,7 @@ def test_a_call_from_a_thread_wakes_the_reactor_only_while_it_polls(reactor):
         assert reactor.waker.count == 1
         reactor.callFromThread(queued.append, "after")   # the poll returned: none again
         assert reactor.waker.count == 1
-        assert [f.__self__ is queued for f, _, _ in reactor.threadCallQueue] == [True, True]
+        assert [args for _, args, _ in reactor.threadCallQueue] == [("in poll",), ("after",)]
     finally:
         reactor._poller = real
 
@@ -204,9 +206,6 @@ def test_no_call_from_a_real_thread_is_left_waiting(reactor):
     """Threads racing the loop on a real epoll and the real waker: every turn
     that waits for a call gets it at once.  A lost wake-up would leave
     doIteration asleep for its whole timeout, which the bound catches."""
-    import threading
-    import time
-
     assert lean_dispatch(reactor) is True
     done = []
 

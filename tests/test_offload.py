@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from mailsys.offload import Offload
+from mailsys.offload import Offload, _no_wakeup_preemption
 
 
 class Reactor:
@@ -99,13 +99,11 @@ def test_the_thread_runs_under_sched_batch_and_the_caller_keeps_its_policy(offlo
 def test_a_thread_under_another_policy_keeps_it(monkeypatch):
     """Only the ordinary policy is changed: a thread started under, say, a
     real-time policy an administrator chose is left alone."""
-    import mailsys.offload as offload
-
     calls = []
-    monkeypatch.setattr(offload.os, "sched_getscheduler", lambda pid: os.SCHED_FIFO)
-    monkeypatch.setattr(offload.os, "sched_setscheduler", lambda *a: calls.append(a))
-    assert offload._no_wakeup_preemption() is False
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_FIFO)
+    monkeypatch.setattr(os, "sched_setscheduler", lambda *a: calls.append(a))
+    assert _no_wakeup_preemption() is False
     assert calls == []
-    monkeypatch.setattr(offload.os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
-    assert offload._no_wakeup_preemption() is True
+    monkeypatch.setattr(os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
+    assert _no_wakeup_preemption() is True
     assert [(pid, policy) for pid, policy, _ in calls] == [(0, os.SCHED_BATCH)]
