@@ -243,7 +243,47 @@ class Postfix(common.Postfix):
 
 # -- running ----------------------------------------------------------------------------------
 
-def run_one(system, case, run, wait, settle, profile=None):
+class Neighbour:
+    """Another tenant of the file system: a thread writing ``mb_per_s`` MB a second of
+    buffered data into one file next to the systems' state (rewritten in place every
+    256 MiB, so the disk fills no further), never flushing it.  What it shows: how much
+    a system's deliveries are slowed by other dirty data on the same file system (a
+    flush of the whole file system waits for all of it; a flush of a file does not)."""
+
+    def __init__(self, directory, mb_per_s):
+        self.path = os.path.join(directory, "neighbour.dat")
+        self.rate = mb_per_s
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
+
+    def _write(self):
+        block = b"n" * (1 << 20)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            start, n = time.monotonic(), 0
+            while not self._stop.is_set():
+                os.write(fd, block)
+                n += 1
+                if n % 256 == 0:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                self._stop.wait(max(0.0, start + n / self.rate - time.monotonic()))
+        finally:
+            os.close(fd)
+
+    def stop(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            os.unlink(self.path)
+
+
+def run_one(system, case, run, wait, settle, profile=None, neighbour=None):
     n = case["messages"]
     result = {"case": case["name"], "system": system.name, "run": run, "messages": n,
               "size": case["size"], "sessions": case["sessions"], "problems": []}
@@ -256,6 +296,9 @@ def run_one(system, case, run, wait, settle, profile=None):
         if profile:
             spy = start_profiler(system.pid(), profile, case)
             result["profile"] = profile
+        if neighbour is not None:
+            neighbour.start()
+            result["neighbour_mb_per_s"] = neighbour.rate
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu0 = system.cpu()
         ended = []
@@ -266,6 +309,8 @@ def run_one(system, case, run, wait, settle, profile=None):
         waiter.start()
         done, got = wait_count(new, n, t0 + common.source_timeout(case) + wait)
         cpu1 = system.cpu()
+        if neighbour is not None:
+            neighbour.stop()
         waiter.join(max(1.0, common.source_timeout(case) - (time.perf_counter() - t0)))
         if source.poll() is None:
             source.kill()
@@ -294,6 +339,8 @@ def run_one(system, case, run, wait, settle, profile=None):
     except BenchError as e:
         result["problems"].append(str(e))
     finally:
+        if neighbour is not None:
+            neighbour.stop()
         if spy is not None:
             stop_profiler(spy, result)
     try:
@@ -548,6 +595,9 @@ def main(argv=None):
                     help="bounded wait for new/ to fill beyond smtp-source's own time limit (default 120 s)")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds to wait after the N-th file before checking for extra files (default 1)")
+    ap.add_argument("--neighbour", type=float, default=None, metavar="MB_PER_S",
+                    help="during every run, a thread writes this many MB a second of buffered data "
+                         "into a file in the work dir (the same file system), never flushed")
     ap.add_argument("--profile", metavar="DIR",
                     help="after the measured runs, one more mailsys run per case with py-spy attached "
                          "(raw profiles in DIR; that run is left out of the medians)")
@@ -564,6 +614,8 @@ def main(argv=None):
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     if runs < 1:
         ap.error("--runs must be at least 1")
+    if args.neighbour is not None and args.neighbour <= 0:
+        ap.error("--neighbour must be above 0")
     cases = []
     for name in args.cases or DEFAULT_CASES:
         size, sessions, _, _, _, meaning = common.CASES[name]
@@ -587,11 +639,12 @@ def main(argv=None):
     command = shlex.join(["python3", "bench/e2e.py"] + (sys.argv[1:] if argv is None else list(argv)))
     facts = common.machine_facts(os.path.realpath(workdir))
     facts["workers"] = args.workers or "default (server.workers = 0: one per CPU, at most 4)"
+    facts["neighbour"] = f"{args.neighbour:g} MB/s of buffered writes" if args.neighbour else "none"
     facts["busiest_at_start"] = other_load()
     say("mailsys end-to-end benchmark (issue 5): smtp-source -> mta -> spool -> queue -> LMTP -> Maildir")
     say(f"command: {command}   (cwd {os.getcwd()})")
     for k in ("date", "nproc", "cpu", "memory", "kernel", "python", "twisted", "postfix", "filesystem",
-              "workers"):
+              "workers", "neighbour"):
         say(f"  {k + ':':<12} {facts[k]}")
     say(f"  {'load:':<12} {facts['loadavg_start']} (1/5/15 min; others share this machine)")
     say("  busiest at start (%CPU PID COMMAND, last second): " + " | ".join(x.strip() for x in facts["busiest_at_start"][:5]))
@@ -624,8 +677,10 @@ def main(argv=None):
                     say(format_profile(r["profile_summary"]))
 
     started = time.monotonic()
+    neighbour = Neighbour(workdir, args.neighbour) if args.neighbour else None
     results = common.interleave(systems, cases, runs,
-                                lambda s, case, run: run_one(s, case, run, args.wait, args.settle),
+                                lambda s, case, run: run_one(s, case, run, args.wait, args.settle,
+                                                             neighbour=neighbour),
                                 problems, workdir=workdir, keep=args.keep, after=profile_run)
 
     facts["loadavg_end"] = common._read("/proc/loadavg").strip()

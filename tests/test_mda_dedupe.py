@@ -315,7 +315,7 @@ def test_a_queue_id_delivery_is_logged_before_it_is_visible(tmp_path):
     mda = make_mda(tmp_path, stores={"maildir": MaildirStore(flush=flush), "mbox": MboxStore()})
     assert lmtp(mda, f" XQID={QID}", ["joe@example.com"]) == ["250 2.0.0 Ok: delivered"]
     (name,) = new_files(tmp_path)
-    (first_paths, visible, records), _ = seen
+    _, (first_paths, visible, records), _ = seen    # the new Maildir's directories come first
     log_path = str(tmp_path / "state" / "mda" / "delivered-0.log")
     assert log_path in first_paths and visible == []        # one flush covers file and record
     assert records == [{"q": QID, "r": "joe@example.com",

@@ -221,12 +221,47 @@ def test_maildir_batch_flushes_twice_for_many_messages(tmp_path):
 
     s = MaildirStore(flush=flush)
     locs = [mailbox_location(str(tmp_path), f"u{i}@example.com", "maildir") for i in range(3)]
+    for loc in locs:
+        assert MaildirStore().deliver(loc, b"", b"first\n", 0).delivered
     items = [(loc, PREFIX, MESSAGE, 0, "a@b.org", None) for loc in locs for _ in range(4)]
     assert all(o.delivered for o in s.deliver_many(items))
     assert len(calls) == 2
     assert len(calls[0]) == 12 and all("/tmp/" in p for p in calls[0])
     assert calls[1] == sorted(os.path.join(loc, "new") for loc in locs)
-    assert [len(os.listdir(os.path.join(loc, "new"))) for loc in locs] == [4, 4, 4]
+    assert [len(os.listdir(os.path.join(loc, "new"))) for loc in locs] == [5, 5, 5]
+
+
+def test_maildir_first_delivery_makes_its_new_directories_durable_first(tmp_path):
+    """A new mailbox's directories are entries of their parents: without a flush
+    of each parent, a power failure could take the whole Maildir, and the
+    acknowledged message with it.  They are flushed before the message's own
+    flushes; an existing mailbox costs nothing more."""
+    calls = []
+    s = MaildirStore(flush=lambda paths: calls.append(list(paths)))
+    root = str(tmp_path / "mail")
+    loc = mailbox_location(root, "joe@example.com", "maildir")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0).delivered
+    (name,) = os.listdir(os.path.join(loc, "new"))
+    assert calls == [
+        [str(tmp_path), root, os.path.join(root, "example.com"),
+         os.path.join(root, "example.com", "joe"), loc],
+        [os.path.join(loc, "tmp", name)],
+        [os.path.join(loc, "new")],
+    ]
+    calls.clear()
+    assert s.deliver(loc, PREFIX, MESSAGE, 0).delivered
+    assert [len(c) for c in calls] == [1, 1]
+
+
+def test_maildir_failing_directory_flush_refuses_the_message(tmp_path):
+    def flush(paths):
+        if any(p.endswith("Maildir") for p in paths):
+            raise OSError(errno.EIO, "Input/output error")
+
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "maildir")
+    outcome = MaildirStore(flush=flush).deliver(loc, PREFIX, MESSAGE, 0)
+    assert outcome == TempFail(Reply(451, "4.3.0", "Local I/O error writing mailbox"))
+    assert os.listdir(os.path.join(loc, "tmp")) == [] and os.listdir(os.path.join(loc, "new")) == []
 
 
 def test_maildir_recreated_after_removal(tmp_path):
@@ -371,3 +406,38 @@ def test_maildir_writes_more_chunks_than_iov_max_and_finishes_short_writes(tmp_p
     assert s.deliver(loc, PREFIX, body, 0).delivered
     assert s.messages(loc) == [PREFIX + data]
     assert len(calls) == -(-3001 // md._IOV_MAX)
+
+
+def test_mbox_first_delivery_makes_the_new_file_and_directories_durable(tmp_path, monkeypatch):
+    """The new mbox file is an entry of its directory and the new directories of
+    theirs: flushed before the append, so a power failure cannot take an
+    acknowledged message's mailbox away.  An existing mbox costs no flush."""
+    from mailsys.mda import mbox as mbox_module
+
+    calls = []
+    real_flush = mbox_module.durable.flush
+    monkeypatch.setattr(mbox_module.durable, "flush", lambda paths: calls.append(list(paths)) or real_flush(paths))
+    root = str(tmp_path / "mail")
+    os.mkdir(root)
+    loc = mailbox_location(root, "joe@example.com", "mbox")
+    s = MboxStore()
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, "a@b.org").delivered
+    home = os.path.dirname(loc)
+    assert calls == [[root, os.path.join(root, "example.com"), home]]
+    calls.clear()
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, "a@b.org").delivered
+    assert calls == []
+    assert len(s.messages(loc)) == 2
+
+
+def test_mbox_failing_directory_flush_refuses_the_message(tmp_path, monkeypatch):
+    from mailsys.mda import mbox as mbox_module
+
+    def flush(paths):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(mbox_module.durable, "flush", flush)
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    outcome = MboxStore().deliver(loc, PREFIX, MESSAGE, 0, "a@b.org")
+    assert outcome == TempFail(Reply(451, "4.3.0", "Local I/O error writing mailbox"))
+    assert os.path.getsize(loc) == 0

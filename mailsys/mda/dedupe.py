@@ -116,8 +116,8 @@ class DeliveryLog:
 
     def write(self, records):
         """Append ``[(qid, rcpt, mailbox, where)]`` with one write and no flush:
-        the caller's flush (syncfs of the same filesystem, or :meth:`sync`)
-        makes them durable.  Call it before the copies become visible."""
+        the caller's flush (the Maildir batch's, which includes :attr:`path`,
+        or :meth:`sync`) makes them durable.  Call it before the copies become visible."""
         data = b"".join(encode(*r) for r in records)
         if not data:
             return

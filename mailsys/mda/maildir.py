@@ -3,16 +3,17 @@
 Delivery: write ``tmp/<unique>``, make it durable, hard-link it into ``new/``
 (a link never replaces an existing name, unlike rename), remove the tmp name,
 make ``new/`` durable, and only then report success.  Messages delivered
-together are made durable together (mailsys.mda.durable: one flush per batch
-and filesystem rather than two fsyncs per message).  Unique names are
+together are flushed together (mailsys.mda.durable): every file of the batch,
+then every ``new/`` the batch touched once, not file-link-directory per
+message.  Unique names are
 ``<sec>.M<usec>P<pid>Q<counter>.<host>,S=<size>,W=<crlf-size>``: ``S`` is the
 size on disk (LF line ends) and ``W`` the RFC 822 size with CRLF, which Dovecot
 uses without opening the file.
 
 With a delivery log (mailsys.mda.dedupe) each copy's final name is recorded
 after its bytes are written to ``tmp/`` and before the first flush, which
-makes the record durable with the file (the same syncfs when the log shares
-the filesystem); nothing reaches ``new/`` unrecorded.
+makes the record durable with the file (the log is one more path of that
+flush); nothing reaches ``new/`` unrecorded.
 """
 import itertools
 import os
@@ -71,15 +72,18 @@ class MaildirStore:
             q = next(self._counter)
         return f"{sec}.M{usec}P{_pid}Q{q}.{self._host},S={size},W={vsize}"
 
-    @staticmethod
-    def _ensure(path):
+    def _ensure(self, path):
+        """Create the Maildir and what leads to it, and make those entries durable
+        before a message goes in: the batch's own flushes cover the files in
+        ``tmp/`` and the links in ``new/``, not ``new/`` itself or the home."""
         # The mailbox root is ROOT/<domain>/<local>/Maildir: three levels above it.
-        make_private_dirs(path, os.path.dirname(os.path.dirname(os.path.dirname(path))))
+        changed = make_private_dirs(path, os.path.dirname(os.path.dirname(os.path.dirname(path))))
         for sub in ("tmp", "new", "cur"):
             try:
                 os.mkdir(os.path.join(path, sub), 0o700)
             except FileExistsError:
                 pass
+        self._flush(sorted(set(changed) | {path}))
 
     def size(self, path):
         total = 0

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, TempFail, from_os_error
+from mailsys.mda import durable
 from mailsys.mda.store import IMailStore, make_private_dirs
 from mailsys.smtp.reply import Reply
 
@@ -113,7 +114,7 @@ class MboxStore:
         directory = os.path.dirname(path)
         try:
             # ROOT/<domain>/<local>/mbox: the root is two levels above the home.
-            make_private_dirs(directory, os.path.dirname(os.path.dirname(directory)))
+            changed = make_private_dirs(directory, os.path.dirname(os.path.dirname(directory)))
         except OSError as e:
             return every(from_os_error(e))
         dotlock = path + ".lock"
@@ -122,7 +123,15 @@ class MboxStore:
         fd = None
         start = None
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                changed = sorted(set(changed) | {directory})
+            if changed:
+                # A new mbox, or new directories on the way to it, are entries of
+                # their parents: durable before a message in them is acknowledged.
+                durable.flush(changed)
             try:
                 held = lock_fcntl(fd, fcntl.LOCK_EX, self.lock_timeout, self._clock, self._sleep)
             except OSError as e:

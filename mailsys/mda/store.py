@@ -131,19 +131,35 @@ def mailbox_location(root, address, store):
 
 def make_private_dirs(path, root):
     """Create ``path`` and every missing directory between ``root`` and it with
-    mode 0700 (``os.makedirs`` gives the mode to the last one only)."""
-    missing = []
+    mode 0700 (``os.makedirs`` gives the mode to the last one only).
+
+    Returns the directories whose entries changed -- the parent of every
+    directory that was missing when looked at, created here or by another
+    process meanwhile -- for a store to flush before it acknowledges anything
+    inside: a new directory's name is an entry of its parent, and a mailbox
+    whose directory a power failure loses takes the messages acknowledged in
+    it along."""
+    below = []
     current = path
     root = os.path.abspath(root)
     while current != root and not os.path.isdir(current):
-        missing.append(current)
+        below.append(current)
         parent = os.path.dirname(current)
         if parent == current:
             break
         current = parent
+    above = []          # the root itself when it is missing, and what it lacks above
+    d = current
+    while not os.path.isdir(d):
+        above.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
     os.makedirs(current, mode=0o700, exist_ok=True)
-    for directory in reversed(missing):
+    for directory in reversed(below):
         try:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             pass
+    return sorted({os.path.dirname(d) for d in below + above})
