@@ -301,6 +301,53 @@ def test_mbox_cuts_the_torn_tail_of_a_killed_append(tmp_path):
     assert s.messages(loc) == [STORED, b"Subject: after\n\nafter\n"]
 
 
+def test_mbox_cuts_a_torn_append_longer_than_a_mib(tmp_path):
+    """The kill -9 test once left 1.3 MB of a 1.5 MB append: the search for the
+    record's start must go back as far as the append went."""
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender="a@b.org").delivered
+    complete = open(loc, "rb").read()
+    with open(loc, "ab") as f:
+        f.write(b"From a@b.org Thu Jan  1 00:00:00 1970\nSubject: big\n\n"
+                + b"0123456789abcdefghijklmnopqrstuvwxyz body line of a big message\n" * 20_000)
+    assert os.path.getsize(loc) - len(complete) > 1 << 20
+    assert s.deliver(loc, b"", b"Subject: after\n\nafter\n", 0, sender="a@b.org").delivered
+    assert open(loc, "rb").read().startswith(complete)
+    assert s.messages(loc) == [STORED, b"Subject: after\n\nafter\n"]
+
+
+@pytest.mark.parametrize("window", range(8, 48))
+def test_mbox_torn_tail_found_whatever_the_window(tmp_path, monkeypatch, window):
+    """Small windows put the record's start across a boundary at every offset."""
+    from mailsys.mda import mbox as mbox_module
+
+    monkeypatch.setattr(mbox_module, "TORN_TAIL_WINDOW", window)
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender="a@b.org").delivered
+    complete = open(loc, "rb").read()
+    with open(loc, "ab") as f:
+        f.write(b"From a@b.org Thu Jan  1 00:00:00 1970\nSubject: half\n\nhalf a message, torn")
+    assert s.deliver(loc, b"", b"Subject: after\n\nafter\n", 0, sender="a@b.org").delivered
+    assert open(loc, "rb").read().startswith(complete)
+    assert s.messages(loc) == [STORED, b"Subject: after\n\nafter\n"]
+
+
+def test_mbox_foreign_file_longer_than_the_window_is_kept(tmp_path, monkeypatch):
+    from mailsys.mda import mbox as mbox_module
+
+    monkeypatch.setattr(mbox_module, "TORN_TAIL_WINDOW", 16)
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    os.makedirs(os.path.dirname(loc))
+    foreign = b"Some text that is not an mbox record\n\nnor is this, From anyone\n" * 3
+    with open(loc, "wb") as f:
+        f.write(foreign)
+    assert s.deliver(loc, b"", b"Subject: x\n\nx\n", 0).delivered
+    assert open(loc, "rb").read().startswith(foreign + b"\nFrom ")
+
+
 def test_mbox_torn_first_record_is_cut_entirely(tmp_path):
     s = MboxStore()
     loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")

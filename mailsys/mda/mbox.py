@@ -33,6 +33,8 @@ log = Logger(namespace="mailsys.mda")
 OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full: over quota")
 LOCKED = Reply(451, "4.2.0", "Mailbox busy: could not lock it in time")
 STALE_DOTLOCK = 300
+TORN_TAIL_WINDOW = 1 << 20      # bytes read at a time looking for the torn append's start
+_RECORD_START = b"\n\nFrom "
 _QUOTE = re.compile(rb"^(>*From )", re.M)
 _SPLIT = re.compile(rb"^From [^\n]*\n", re.M)
 
@@ -202,21 +204,18 @@ class MboxStore:
         is fsynced before it is acknowledged, so an mbox that does not end in
         ``\n\n`` holds the start of an append a crash cut short (never
         acknowledged): cut it off at the beginning of that last record, or the
-        next message would be glued to it."""
+        next message would be glued to it.  The search goes back a MiB at a
+        time as far as it must: an interrupted append can be longer than any
+        fixed window (a 1.5 MB message cut after 1.3 MB once kept its torn
+        start in the mbox as a message of its own)."""
         size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
             return 0
         tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, size, 0)
         if tail == b"\n\n":
             return size
-        window = min(size, 1 << 20)
-        data = os.pread(fd, window, size - window)
-        i = data.rfind(b"\n\nFrom ")
-        if i >= 0:
-            keep = size - window + i + 2
-        elif window == size and data.startswith(b"From "):
-            keep = 0
-        else:
+        keep = _last_record_start(fd, size, TORN_TAIL_WINDOW)
+        if keep is None:
             # Not our record shape: keep everything, start ours on a fresh line.
             gap = b"\n" if tail.endswith(b"\n") else b"\n\n"
             view = memoryview(gap)
@@ -254,6 +253,23 @@ class MboxStore:
 
 
 # -- the locks, shared with every reader of an mbox (mailsys.pop3) ---------------------
+
+def _last_record_start(fd, size, window):
+    """The offset of the last ``From `` line that starts a record (after a
+    blank line, or at offset 0) in the first ``size`` bytes of ``fd``, or None.
+    Reads backwards ``window`` bytes at a time, the windows overlapping by one
+    byte less than the marker so that one across a boundary is found."""
+    end = size
+    while True:
+        begin = max(0, end - window)
+        data = os.pread(fd, end - begin, begin)
+        i = data.rfind(_RECORD_START)
+        if i >= 0:
+            return begin + i + 2
+        if begin == 0:
+            return 0 if data.startswith(b"From ") else None
+        end = begin + len(_RECORD_START) - 1
+
 
 def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep):
     """Create ``dotlock`` exclusively (removing one older than STALE_DOTLOCK, left
