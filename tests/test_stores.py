@@ -317,9 +317,10 @@ def test_mbox_cuts_a_torn_append_longer_than_a_mib(tmp_path):
     assert s.messages(loc) == [STORED, b"Subject: after\n\nafter\n"]
 
 
-@pytest.mark.parametrize("window", range(8, 48))
+@pytest.mark.parametrize("window", range(14, 48))
 def test_mbox_torn_tail_found_whatever_the_window(tmp_path, monkeypatch, window):
-    """Small windows put the record's start across a boundary at every offset."""
+    """Small windows make the search take several steps, the record's start
+    falling across a window boundary in many of them."""
     from mailsys.mda import mbox as mbox_module
 
     monkeypatch.setattr(mbox_module, "TORN_TAIL_WINDOW", window)
@@ -332,6 +333,30 @@ def test_mbox_torn_tail_found_whatever_the_window(tmp_path, monkeypatch, window)
     assert s.deliver(loc, b"", b"Subject: after\n\nafter\n", 0, sender="a@b.org").delivered
     assert open(loc, "rb").read().startswith(complete)
     assert s.messages(loc) == [STORED, b"Subject: after\n\nafter\n"]
+
+
+def test_last_record_start_across_every_boundary(tmp_path):
+    """Every position of the marker against every window size: the overlap of
+    the windows finds it wherever a boundary cuts it; a window too small to
+    move back is widened rather than looping."""
+    from mailsys.mda.mbox import _last_record_start
+
+    path = tmp_path / "box"
+    for before in range(0, 40):
+        data = b"From x\n" + b"a" * before + b"\n\nFrom y\n" + b"b" * 13
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for window in range(1, 30):
+                assert _last_record_start(fd, len(data), window) == 7 + before + 2, (before, window)
+        finally:
+            os.close(fd)
+    path.write_bytes(b"no record here\n" * 5)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _last_record_start(fd, 75, 16) is None
+    finally:
+        os.close(fd)
 
 
 def test_mbox_foreign_file_longer_than_the_window_is_kept(tmp_path, monkeypatch):

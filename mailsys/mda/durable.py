@@ -14,9 +14,9 @@ spool segment being filled, the logs, a backup or a database on the same
 Before Linux 5.8 it also did not report write-back errors at all, so a
 failing disk could have been acknowledged as a delivery.  ``fsync`` reports
 the file's own errors on every kernel.  Measured on this project's benchmark
-machine with and without a neighbour writing 50-300 MB/s to the same file
-system: per-path ``fsync`` was as fast or faster, with a shorter tail
-(docs/performance.rst, tenth session).
+machine: without a neighbour, as fast within the noise (one session faster);
+next to one writing 50-300 MB/s to the same file system, faster and with a
+shorter tail of delivery times (docs/performance.rst, tenth session).
 """
 import os
 

@@ -252,13 +252,12 @@ class MboxStore:
         return out
 
 
-# -- the locks, shared with every reader of an mbox (mailsys.pop3) ---------------------
-
 def _last_record_start(fd, size, window):
     """The offset of the last ``From `` line that starts a record (after a
     blank line, or at offset 0) in the first ``size`` bytes of ``fd``, or None.
     Reads backwards ``window`` bytes at a time, the windows overlapping by one
     byte less than the marker so that one across a boundary is found."""
+    window = max(window, 2 * len(_RECORD_START))     # each step must move back
     end = size
     while True:
         begin = max(0, end - window)
@@ -270,6 +269,8 @@ def _last_record_start(fd, size, window):
             return 0 if data.startswith(b"From ") else None
         end = begin + len(_RECORD_START) - 1
 
+
+# -- the locks, shared with every reader of an mbox (mailsys.pop3) ---------------------
 
 def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep):
     """Create ``dotlock`` exclusively (removing one older than STALE_DOTLOCK, left
