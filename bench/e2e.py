@@ -21,6 +21,7 @@ point, root.  ``--profile`` needs py-spy.  Only 127.0.0.1 is ever contacted.
 """
 import argparse
 import collections
+import contextlib
 import fcntl
 import json
 import os
@@ -280,7 +281,8 @@ class Neighbour:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            os.unlink(self.path)
+            with contextlib.suppress(FileNotFoundError):     # the thread could not create it
+                os.unlink(self.path)
 
 
 def run_one(system, case, run, wait, settle, profile=None, neighbour=None):
