@@ -5,13 +5,20 @@ import os
 import tempfile
 
 
-def fsync_dir(directory):
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def fsync_path(path, flags=0):
+    """``fsync`` a file or a directory by name: a file's data, a directory's
+    entries (a rename, a new file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory):
+    """Make a directory's entries (a rename, a new file) durable; refuses a path
+    that is not a directory."""
+    fsync_path(directory, getattr(os, "O_DIRECTORY", 0))
 
 
 def write_atomically(path, data, mode=0o600, keep_owner=False):

@@ -25,9 +25,9 @@ def _record_fsyncs(monkeypatch, fail_at=None):
         if fail_at is not None and len(synced) == fail_at:
             raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(durable.os, "open", fake_open)
-    monkeypatch.setattr(durable.os, "close", fake_close)
-    monkeypatch.setattr(durable.os, "fsync", fake_fsync)
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "close", fake_close)
+    monkeypatch.setattr(os, "fsync", fake_fsync)
     return synced, opened, closed
 
 

@@ -18,7 +18,7 @@ machine: without a neighbour, as fast within the noise (one session faster);
 next to one writing 50-300 MB/s to the same file system, faster and with a
 shorter tail of delivery times (docs/performance.rst, tenth session).
 """
-import os
+from mailsys.files import fsync_path
 
 
 def flush(paths):
@@ -29,8 +29,4 @@ def flush(paths):
     directory it is what makes its new entries durable, and for a file
     written once and never again the two write the same inode."""
     for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
