@@ -18,6 +18,7 @@ _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 MAX_ENVID = 100   # RFC 3461 4.4
 # Our queue ids (mailsys.spool.QueueIds): upper-case hex, 17 digits today, at most 20.
 QUEUE_ID = re.compile(r"[0-9A-F]{1,20}\Z")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")   # not allowed in a parameter value
 
 
 class ParamError(Exception):
@@ -60,7 +61,7 @@ def _split(text):
             # Echo the item only when it is safe to put on the wire as it is.
             shown = item[:40] if item.isascii() and item.isprintable() else ""
             raise _bad(f"Bad parameter syntax: {shown}" if shown else "Bad parameter syntax")
-        if any(ord(c) < 33 or ord(c) == 127 for c in value):
+        if _CONTROL_OR_SPACE.search(value):
             raise _bad("Bad characters in parameter value")
         ukey = key.upper()
         if ukey in seen:
