@@ -105,6 +105,19 @@ def test_commit_then_read_spool(sync, tmp_path):
     s.close()
 
 
+def test_read_spool_skips_a_segment_removed_while_it_reads(sync, tmp_path, monkeypatch):
+    """A running server removes a segment once every message in it is done:
+    one listed but gone by the time it is opened held nothing queued."""
+    s = open_spool(tmp_path / "spool")
+    result_of(commit(s, "Q1", b"Subject: t\r\n\r\nkept\r\n", ENVELOPE))
+    real = os.listdir
+    monkeypatch.setattr(spool_mod.os, "listdir",
+                        lambda path: ["00-00000000.seg", *real(path), "99-FFFFFFFF.seg"])
+    assert [(e.queue_id, e.read_message()) for e in read_spool(str(tmp_path / "spool"))] == [
+        ("Q1", b"Subject: t\r\n\r\nkept\r\n")]
+    s.close()
+
+
 def test_commit_hooks_hear_of_each_durable_message(sync, tmp_path):
     s = open_spool(tmp_path / "spool")
     heard = []
