@@ -2,12 +2,13 @@
 import errno
 import mailbox
 import os
+import subprocess
 
 import pytest
 
 from mailsys.delivery import Delivered, PermFail, TempFail
 from mailsys.mda.maildir import MaildirStore
-from mailsys.mda.mbox import MboxStore, quote, unquote
+from mailsys.mda.mbox import MboxStore, quote, read_append_note, take_dotlock, unquote
 from mailsys.mda.memory import MemoryStore
 from mailsys.mda.store import IMailStore, UnsafeMailbox, mailbox_location
 from mailsys.smtp.reply import Reply
@@ -393,6 +394,183 @@ def test_mbox_foreign_file_without_final_blank_line_is_kept(tmp_path):
     assert s.deliver(loc, b"", b"Subject: x\n\nx\n", 0).delivered
     data = open(loc, "rb").read()
     assert data.startswith(foreign + b"\nFrom ")
+
+
+# -- a killed append, told by the note in its dotlock ------------------------------------
+
+SENDER = "a@b.org"
+WHEN = 0
+TWO = b"Subject: two\n\nfirst paragraph\n\nsecond paragraph\nFrom the end\n\n"
+AFTER = b"Subject: after\n\nafter\n"
+
+
+def dead_pid():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def leave_stale_lock(loc, content):
+    with open(loc + ".lock", "wb") as f:
+        f.write(content)
+    old = os.path.getmtime(loc + ".lock") - 301
+    os.utime(loc + ".lock", (old, old))
+
+
+def note(pid, *numbers):
+    return b"%d\nmailsys-append %s\n" % (pid, b" ".join(b"%d" % n for n in numbers))
+
+
+def test_mbox_append_writes_where_each_record_begins_into_its_dotlock(tmp_path, monkeypatch):
+    from mailsys.mda import mbox as mbox_module
+
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender=SENDER).delivered
+    size = os.path.getsize(loc)
+    seen = []
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        with open(loc + ".lock", "rb") as f:
+            seen.append(f.read())
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(mbox_module.os, "pwrite", pwrite)
+    one, two = s._record(b"", AFTER, SENDER, WHEN), s._record(b"", TWO, SENDER, WHEN)
+    assert [o.delivered for o in s.deliver_many([(loc, b"", AFTER, 0, SENDER, WHEN),
+                                                 (loc, b"", TWO, 0, SENDER, WHEN)])] == [True, True]
+    assert seen == [note(os.getpid(), size, size + len(one), size + len(one) + len(two))]
+    assert not os.path.exists(loc + ".lock")
+
+
+def test_mbox_append_killed_at_any_byte_is_cut_back_by_the_note(tmp_path):
+    """Every length the killed append may have reached, including those right
+    after one of its blank lines, which look like a complete record without
+    the note."""
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender=SENDER).delivered
+    complete = open(loc, "rb").read()
+    record = s._record(b"", TWO, SENDER, WHEN)
+    pid = dead_pid()
+    for k in range(1, len(record)):
+        with open(loc, "wb") as f:
+            f.write(complete + record[:k])
+        leave_stale_lock(loc, note(pid, len(complete), len(complete) + len(record)))
+        assert s.deliver(loc, b"", AFTER, 0, sender=SENDER).delivered, k
+        assert s.messages(loc) == [STORED, AFTER], k
+        assert open(loc, "rb").read().startswith(complete)
+
+
+def test_mbox_note_of_a_batch_keeps_the_records_it_finished(tmp_path):
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender=SENDER).delivered
+    complete = open(loc, "rb").read()
+    records = [s._record(b"", m, SENDER, WHEN) for m in (AFTER, TWO, TWO)]
+    offsets = [len(complete), len(complete) + len(records[0]), len(complete) + len(records[0]) + len(records[1])]
+    end = offsets[-1] + len(records[2])
+    pid = dead_pid()
+    for cut, kept in ((offsets[2] + 40, [AFTER, TWO]), (offsets[2], [AFTER, TWO]), (offsets[1] + 1, [AFTER])):
+        with open(loc, "wb") as f:
+            f.write((complete + b"".join(records))[:cut])
+        leave_stale_lock(loc, note(pid, *offsets, end))
+        assert s.deliver(loc, b"", b"Subject: x\n\nx\n", 0, sender=SENDER).delivered
+        assert s.messages(loc) == [STORED, *kept, b"Subject: x\n\nx\n"], cut
+
+
+def test_mbox_note_never_cuts_mail_another_program_appended_after_the_crash(tmp_path):
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender=SENDER).delivered
+    complete = open(loc, "rb").read()
+    record = s._record(b"", TWO * 20, SENDER, WHEN)
+    torn = record[:record.index(b"\n\n") + 2]          # the header, then a blank line
+    theirs = b"From other@example.org Thu Jan  1 00:00:00 1970\nSubject: theirs\n\ntheirs\n\n"
+    with open(loc, "wb") as f:
+        f.write(complete + torn + theirs)
+    assert len(complete + torn + theirs) < len(complete) + len(record)
+    leave_stale_lock(loc, note(dead_pid(), len(complete), len(complete) + len(record)))
+    assert s.deliver(loc, b"", AFTER, 0, sender=SENDER).delivered
+    assert open(loc, "rb").read().startswith(complete + torn + theirs)
+    assert s.messages(loc)[-2:] == [b"Subject: theirs\n\ntheirs\n", AFTER]
+
+
+def test_mbox_note_of_a_live_holder_is_not_acted_on(tmp_path):
+    """A holder past STALE_DOTLOCK that still runs may still be writing."""
+    s = MboxStore()
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender=SENDER).delivered
+    complete = open(loc, "rb").read()
+    record = s._record(b"", TWO, SENDER, WHEN)
+    torn = record[:record.index(b"\n\n") + 2]
+    with open(loc, "wb") as f:
+        f.write(complete + torn)
+    leave_stale_lock(loc, note(os.getpid(), len(complete), len(complete) + len(record)))
+    assert s.deliver(loc, b"", AFTER, 0, sender=SENDER).delivered
+    assert open(loc, "rb").read().startswith(complete + torn)
+
+
+def test_a_zombie_holder_is_dead():
+    from mailsys.mda.mbox import _alive
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _alive(child.pid)
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)    # dead, not reaped: a zombie
+        assert not _alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not _alive(child.pid)
+    assert _alive(os.getpid()) and _alive(1) and _alive(0) and _alive(-5)
+
+
+@pytest.mark.parametrize("content", [
+    b"%d\nmailsys-append 10 20\n",
+    b"%d\nmailsys-append 10 20 30\nmore\n",
+    b"%d\nsomething else\nmailsys-append 0 5\n",
+])
+def test_read_append_note_of_a_dead_holder(content):
+    pid = dead_pid()
+    numbers = [int(w) for w in (content % pid).split(b"mailsys-append ")[1].split(b"\n")[0].split()]
+    assert read_append_note(content % pid) == (numbers[:-1], numbers[-1])
+
+
+@pytest.mark.parametrize("content", [
+    b"",
+    b"%d\n",
+    b"%d\nmailsys-append 10 20",             # cut short: the last number may be too
+    b"%d\nmailsys-append 10\n",
+    b"%d\nmailsys-append 20 10\n",
+    b"%d\nmailsys-append 10 10\n",
+    b"%d\nmailsys-append -1 10\n",
+    b"%d\nmailsys-append 1 +10\n",
+    b"%d\nmailsys-append 1 1e3\n",
+    b"%d\nmailsys-append  10 20\n",
+    b"%d\nmailsys-append 10 20 \n",
+    b"mailsys-append 10 20\n",
+    b"x%d\nmailsys-append 10 20\n",
+    b"0\nmailsys-append 10 20\n",
+    b"%d\nMAILSYS-APPEND 10 20\n",
+])
+def test_read_append_note_refuses_anything_else(content):
+    if b"%d" in content:
+        content = content % dead_pid()
+    assert read_append_note(content) is None
+
+
+def test_take_dotlock_reports_only_the_stale_lock_it_replaced(tmp_path):
+    lock = str(tmp_path / "mbox.lock")
+    stale = []
+    assert take_dotlock(lock, 0.1, stale=stale) and stale == []
+    assert not take_dotlock(lock, 0.1, stale=stale) and stale == []     # held, not stale
+    leave_stale_lock(str(tmp_path / "mbox"), b"123\nmailsys-append 1 2\n")
+    assert take_dotlock(lock, 0.1, stale=stale)
+    assert stale == [b"123\nmailsys-append 1 2\n"]
+    assert open(lock, "rb").read() == b"%d\n" % os.getpid()
 
 
 @pytest.mark.parametrize("kind", ["maildir", "mbox"])

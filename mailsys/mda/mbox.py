@@ -8,6 +8,13 @@ delivery is a temporary failure and the sender's MTA retries.  The append is
 fsynced; on any error the file is truncated back to its size before the append,
 so a reader never sees half a message.
 
+A ``kill -9`` (or a crash of the machine) in the middle of an append leaves part
+of a record at the end of the file, and the next append must cut it off.  Where
+each record begins is written into the dotlock before the append
+(:data:`APPEND_NOTE`), so the one who later removes the dead holder's stale lock
+knows exactly where the interrupted append began; without such a note, an mbox
+that does not end in a blank line is cut back to its last record's start.
+
 With a delivery log (mailsys.mda.dedupe) each record's offset, length and
 CRC-32 are logged and the log made durable (fdatasync) before the append is
 written, so no copy is ever in the mbox unrecorded.
@@ -34,6 +41,8 @@ OVER_QUOTA = Reply(552, "5.2.2", "Mailbox full: over quota")
 LOCKED = Reply(451, "4.2.0", "Mailbox busy: could not lock it in time")
 STALE_DOTLOCK = 300
 TORN_TAIL_WINDOW = 1 << 20      # bytes read at a time looking for the torn append's start
+APPEND_NOTE = b"mailsys-append"   # dotlock line: the offset of each record appended, then the end
+MAX_LOCK_READ = 65536
 _RECORD_START = b"\n\nFrom "
 _QUOTE = re.compile(rb"^(>*From )", re.M)
 _SPLIT = re.compile(rb"^From [^\n]*\n", re.M)
@@ -120,7 +129,8 @@ class MboxStore:
         except OSError as e:
             return every(from_os_error(e))
         dotlock = path + ".lock"
-        if not self._take_dotlock(dotlock):
+        stale = []
+        if not self._take_dotlock(dotlock, stale):
             return every(TempFail(LOCKED))
         fd = None
         start = None
@@ -140,8 +150,8 @@ class MboxStore:
                 return every(from_os_error(e))
             if not held:
                 return every(TempFail(LOCKED))
-            start = end = self._cut_torn_tail(fd, path)
-            results, data, logged = [], [], []
+            start = end = self._cut_torn_tail(fd, path, read_append_note(stale[0]) if stale else None)
+            results, data, logged, offsets = [], [], [], []
             for i, record, quota, key in records:
                 if quota and end + len(record) > quota:
                     results.append((i, PermFail(OVER_QUOTA)))
@@ -149,8 +159,11 @@ class MboxStore:
                 if key is not None:
                     logged.append(key + (path, [end, len(record), zlib.crc32(record)]))
                 data.append(record)
+                offsets.append(end)
                 end += len(record)
                 results.append((i, Delivered()))
+            if data:
+                write_append_note(dotlock, offsets, end)
             if logged:
                 log.write(logged)
                 log.sync()
@@ -199,16 +212,31 @@ class MboxStore:
             os.close(fd)
         return data.startswith(b"From ") and zlib.crc32(data) == crc
 
-    def _cut_torn_tail(self, fd, path):
-        """The size to append at.  Every append of ours ends with a blank line and
-        is fsynced before it is acknowledged, so an mbox that does not end in
-        ``\n\n`` holds the start of an append a crash cut short (never
-        acknowledged): cut it off at the beginning of that last record, or the
-        next message would be glued to it.  The search goes back a MiB at a
-        time as far as it must: an interrupted append can be longer than any
-        fixed window (a 1.5 MB message cut after 1.3 MB once kept its torn
-        start in the mbox as a message of its own)."""
+    def _cut_torn_tail(self, fd, path, note=None):
+        """The size to append at, after cutting off what an interrupted append
+        of ours left (never acknowledged: each append is fsynced before its 250).
+
+        ``note`` is what the dead holder's dotlock said, ``(offsets, end)``
+        (:func:`read_append_note`): when the file stops inside that append, it
+        is cut back to the start of the record it stops in.  This is the only
+        way to tell a record cut right after one of its blank lines from a
+        complete one.
+
+        Without a note: every append of ours ends with a blank line, so an mbox
+        that does not end in ``\n\n`` holds the start of an append a crash cut
+        short: cut it off at the beginning of that last record, or the next
+        message would be glued to it.  The search goes back a MiB at a time as
+        far as it must: an interrupted append can be longer than any fixed
+        window (a 1.5 MB message cut after 1.3 MB once kept its torn start in
+        the mbox as a message of its own)."""
         size = os.lseek(fd, 0, os.SEEK_END)
+        if note is not None:
+            keep = _torn_record_start(fd, size, *note)
+            if keep is not None:
+                log.warn("mbox {path}: cut {n} bytes of an append a crash interrupted",
+                         path=path, n=size - keep)
+                os.ftruncate(fd, keep)
+                return keep
         if size == 0:
             return 0
         tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, size, 0)
@@ -228,9 +256,9 @@ class MboxStore:
         os.ftruncate(fd, keep)
         return keep
 
-    def _take_dotlock(self, dotlock):
+    def _take_dotlock(self, dotlock, stale=None):
         try:
-            return take_dotlock(dotlock, self.lock_timeout, self._clock, self._sleep)
+            return take_dotlock(dotlock, self.lock_timeout, self._clock, self._sleep, stale)
         except OSError:
             return False
 
@@ -270,29 +298,138 @@ def _last_record_start(fd, size, window):
         end = begin + len(_RECORD_START) - 1
 
 
+def _torn_record_start(fd, size, offsets, end):
+    """Where to cut an mbox of ``size`` bytes that an append of records at
+    ``offsets``, ending at ``end``, may have left torn; None to cut nothing.
+
+    Records the append finished stay (the queue's delivery log knows them, see
+    mailsys.mda.dedupe).  Nothing is cut unless what lies from the torn
+    record's offset to the end of the file can only be that record's start:
+    ``From `` first and no other line starting ``From `` (mboxrd quoting
+    leaves none inside a record of ours).  So mail another program appended
+    after the crash is never cut off."""
+    if not offsets[0] < size < end or size in offsets:
+        return None
+    start = max(o for o in offsets if o < size)
+    head = os.pread(fd, min(5, size - start), start)
+    if not b"From ".startswith(head) or not head:
+        return None
+    carry, at = b"", start
+    while at < size:
+        chunk = os.pread(fd, min(TORN_TAIL_WINDOW, size - at), at)
+        if not chunk:
+            return None
+        if b"\nFrom " in carry + chunk:
+            return None
+        carry, at = (carry + chunk)[-5:], at + len(chunk)
+    return start
+
+
+def write_append_note(dotlock, offsets, end):
+    """Replace the content of our ``dotlock`` with our pid and the note of the
+    append about to be written: the offset of each record, then where it ends.
+    No flush: the note is for a process killed mid-append, and the page cache
+    outlives a process."""
+    note = b" ".join([APPEND_NOTE, *(b"%d" % n for n in (*offsets, end))])
+    fd = os.open(dotlock, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        data = b"%d\n%s\n" % (os.getpid(), note)
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def read_append_note(content):
+    """``(offsets, end)`` from a stale dotlock's ``content`` when it holds a
+    complete, well-formed note (:func:`write_append_note`) and the pid on its
+    first line is not a live process; else None.  A live holder that merely
+    kept its lock past STALE_DOTLOCK may still be writing: its append is not
+    to be cut."""
+    lines = content.split(b"\n")[:-1]      # complete lines only
+    if len(lines) < 2 or not lines[0].isdigit() or _alive(int(lines[0])):
+        return None
+    for line in lines[1:]:
+        words = line.split(b" ")
+        if words[0] != APPEND_NOTE:
+            continue
+        if len(words) < 3 or not all(w.isdigit() for w in words[1:]):
+            return None
+        numbers = [int(w) for w in words[1:]]
+        if any(a >= b for a, b in zip(numbers, numbers[1:])):
+            return None
+        return numbers[:-1], numbers[-1]
+    return None
+
+
+def _alive(pid):
+    """Whether ``pid`` may still be writing: it exists and is not a zombie (a
+    killed worker waits as one until its parent, or init, reaps it)."""
+    if pid <= 0:
+        return True         # not a pid of a process of ours: do not act on it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True         # exists, someone else's
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:
+        return True
+
+
 # -- the locks, shared with every reader of an mbox (mailsys.pop3) ---------------------
 
-def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep):
+def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep, stale=None):
     """Create ``dotlock`` exclusively (removing one older than STALE_DOTLOCK, left
     by a crashed holder).  True once held; False when another holder kept it past
-    ``timeout`` seconds.  Any other OSError is the caller's."""
+    ``timeout`` seconds.  Any other OSError is the caller's.
+
+    With a list as ``stale``: when the lock was taken right after removing a
+    stale one, with nobody else's lock in between, that lock's content (at most
+    MAX_LOCK_READ bytes) is appended to it, for :func:`read_append_note`."""
     deadline = clock() + timeout
+    removed = None
     while True:
         try:
             fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.write(fd, f"{os.getpid()}\n".encode())
             os.close(fd)
+            if removed is not None and stale is not None:
+                stale.append(removed)
             return True
         except FileExistsError:
+            removed = None
             try:
                 if clock() - os.stat(dotlock).st_mtime > STALE_DOTLOCK:
+                    content = _read_lock(dotlock) if stale is not None else b""
                     os.unlink(dotlock)
+                    removed = content
                     continue
             except FileNotFoundError:
                 continue
         if clock() >= deadline:
             return False
         sleep(0.05)
+
+
+def _read_lock(dotlock):
+    """A dotlock's content, or b"" when it cannot be read (another program's,
+    say): nothing is then known about the append it guarded."""
+    try:
+        fd = os.open(dotlock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, MAX_LOCK_READ)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def lock_fcntl(fd, kind, timeout, clock=time.time, sleep=time.sleep):
