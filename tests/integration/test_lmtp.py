@@ -564,6 +564,80 @@ def test_mbox_append_after_an_interrupted_one(make_server):
     assert len(got) == 2
 
 
+def test_kill9_in_the_middle_of_an_mbox_append_is_cut_back_by_its_dotlock_note(make_server):
+    """A real append of a 22 MB message killed while it writes: the dotlock it
+    leaves names where the append began (mailsys.mda.mbox, APPEND_NOTE), and
+    once that lock is stale the next delivery after the restart cuts exactly
+    the torn bytes (docs/mda.rst, "Crash recovery for mbox").  The torn tail is
+    then shortened to end right after one of the message's blank lines, as a
+    kill landing there would leave it: the case only the note tells from a
+    complete record.  An attempt whose kill lands after the write is repeated."""
+    server = start_mda(make_server)
+    first = message("note-first")
+    _, _, after = lmtp_deliver(server.lmtp_socket, "sender@example.org", ["box@example.com"], first)
+    assert DELIVERED.match(after[0]), after
+    box = mbox_of(server, "box@example.com")
+    lock = Path(str(box) + ".lock")
+    expected = [first]
+    paragraph = b"0123456789 a line of the big message that a kill will cut\r\n" * 99 + b"\r\n"
+    big = message("note-big", paragraph * 3_700)
+    for attempt in range(8):
+        complete = box.read_bytes()
+
+        def send():
+            try:
+                lmtp_deliver(server.lmtp_socket, "sender@example.org", ["box@example.com"], big)
+            except (OSError, EOFError):
+                pass        # the kill came first
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:      # the note, then the first bytes of the append
+            try:
+                content = lock.read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"\nmailsys-append " in content and content.endswith(b"\n") \
+                    and box.stat().st_size > len(complete):
+                break
+        else:
+            pytest.fail("the append never started")
+        server.kill9()
+        sender.join(60)
+        size = box.stat().st_size
+        if len(complete) < size:
+            with open(box, "r+b") as f:       # back to just after the last blank line written
+                f.seek(len(complete))
+                size = len(complete) + f.read(size - len(complete)).rindex(b"\n\n") + 2
+                f.truncate(size)
+        words = content.split(b"\n")[1].split()
+        assert words[0] == b"mailsys-append" and int(words[1]) == len(complete), words
+        end = int(words[-1])
+        if lock.exists():       # not when the kill came after the whole append
+            old = time.time() - 301
+            os.utime(lock, (old, old))
+        server.start()
+        probe = message(f"note-probe-{attempt}")
+        _, _, after = lmtp_deliver(server.lmtp_socket, "sender@example.org", ["box@example.com"], probe)
+        assert DELIVERED.match(after[0]), after
+        assert not lock.exists()
+        mb = mailbox.mbox(box, create=False)
+        got = [mboxrd_unquote(mb.get_bytes(k)) for k in mb.keys()]
+        expected += [probe] if size < end else [big, probe]
+        assert got == [stored_form("sender@example.org", "box@example.com", m) for m in expected]
+        if size < end:
+            print(f"attempt {attempt}: the kill cut the append after {size - len(complete)} "
+                  f"of {end - len(complete)} bytes")
+            server.wait_for_log(rf"mbox {re.escape(str(box))}: cut {size - len(complete)} bytes "
+                                rf"of an append a crash interrupted")
+            data = box.read_bytes()
+            assert data.startswith(complete) and b"note-big" not in data[len(complete):]
+            return
+        print(f"attempt {attempt}: the kill came after the write ({size} of {end} bytes); again")
+    pytest.fail("no kill landed inside the append in 8 attempts")
+
+
 # --- kill -9 ----------------------------------------------------------------------------
 
 THREADS = 12
@@ -692,6 +766,8 @@ def test_kill9_during_deliveries_leaves_only_complete_messages(make_server):
         probe = kill_message(probe_marker, random.Random(round_no))
         _, _, after = lmtp_deliver(server.lmtp_socket, "load@example.org", list(TARGETS), probe)
         assert len(after) == 2 and all(DELIVERED.match(r) for r in after), after
+        print(f"round {round_no}: torn mbox appends cut: "
+              f"{server.log_since_start().count('of an append a crash interrupted')}")
         for rcpt in TARGETS:
             a = Attempt(probe_marker, rcpt, probe)
             a.state = "accepted"
