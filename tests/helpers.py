@@ -1,7 +1,10 @@
 """Shared fakes for the SMTP unit tests: a recording handler, a fake mail host
 service for mailsys.receive, and helpers to drive a protocol over StringTransport
-with a task.Clock (no reactor, no network, no sleeps)."""
+with a task.Clock (no reactor, no network, no sleeps); and what an mbox append
+killed in the middle leaves, for the stores' and POP3's tests."""
 import ipaddress
+import os
+import subprocess
 from types import SimpleNamespace
 
 from twisted.internet import defer
@@ -354,3 +357,26 @@ users = "{tmp_path / 'users'}"
 aliases = "{tmp_path / 'aliases'}"
 {extra}""")
     return str(path)
+
+
+# -- an mbox append killed in the middle (tests/test_stores.py, tests/test_pop3_mailbox.py)
+
+def dead_pid():
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def leave_stale_lock(mbox_path, content):
+    """What a holder killed long ago leaves: ``MBOX.lock`` holding ``content``,
+    older than mailsys.mda.mbox.STALE_DOTLOCK."""
+    with open(mbox_path + ".lock", "wb") as f:
+        f.write(content)
+    old = os.path.getmtime(mbox_path + ".lock") - 301
+    os.utime(mbox_path + ".lock", (old, old))
+
+
+def append_note(pid, *numbers):
+    """A dotlock's content as an append of mailsys.mda.mbox writes it."""
+    return b"%d\nmailsys-append %s\n" % (pid, b" ".join(b"%d" % n for n in numbers))

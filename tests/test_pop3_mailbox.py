@@ -15,6 +15,7 @@ from mailsys.mda.store import mailbox_location
 from mailsys.pop3 import mailbox as mb
 from mailsys.pop3.mailbox import MailboxError, MailboxLock, MaildirBox, MboxBox
 from mailsys.pop3.wire import encode
+from tests.helpers import append_note, dead_pid, leave_stale_lock
 
 PREFIX = b"Return-Path: <a@b.org>\r\nDelivered-To: joe@example.com\r\n"
 
@@ -229,6 +230,68 @@ def test_mbox_waits_for_the_mda_dotlock_then_gives_up(mbox):
         box.load()
     assert 0.15 < time.monotonic() - start < 2
     assert os.path.exists(mbox + ".lock")    # someone else's lock is left alone
+
+
+TORN = b"Subject: torn\n\nfirst paragraph\n\nsecond paragraph\n"
+
+
+def leave_torn_append(mbox, pid):
+    """An append of TORN killed right after its first paragraph, as the MDA's
+    stale dotlock describes it; the bytes the mbox held before."""
+    complete = open(mbox, "rb").read()
+    record = MboxStore()._record(b"", TORN, "a@b.org", 0)
+    with open(mbox, "ab") as f:
+        f.write(record[:record.index(b"first paragraph\n\n") + len(b"first paragraph\n\n")])
+    leave_stale_lock(mbox, append_note(pid, len(complete), len(complete) + len(record)))
+    return complete
+
+
+def test_mbox_login_that_removes_a_killed_appends_lock_cuts_what_it_left(mbox, monkeypatch):
+    """The MDA was killed in the middle of an append, and a login is the first
+    to take the mbox once the lock is stale: the torn record (cut after a
+    blank line, so it looks complete) is cut before the scan, and durably, not
+    listed as a fourth message."""
+    complete = leave_torn_append(mbox, dead_pid())
+    flushed = []
+    real = os.fsync
+
+    def fsync(fd):
+        flushed.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        return real(fd)
+
+    monkeypatch.setattr(mb.os, "fsync", fsync)
+    box = MboxBox(mbox)
+    entries = box.load()
+    box.close()
+    assert flushed == [(mbox, len(complete))]
+    assert len(entries) == 3
+    assert open(mbox, "rb").read() == complete
+    assert not os.path.exists(mbox + ".lock")
+    assert MboxStore().messages(mbox) == [stored(i) for i in range(3)]
+
+
+def test_mbox_login_leaves_the_append_of_a_live_lock_holder(mbox):
+    complete = leave_torn_append(mbox, os.getpid())
+    size = os.path.getsize(mbox)
+    box = MboxBox(mbox)
+    entries = box.load()
+    box.close()
+    assert len(entries) == 4 and os.path.getsize(mbox) == size
+    assert open(mbox, "rb").read().startswith(complete)
+
+
+def test_mbox_login_goes_on_when_the_cut_fails(mbox, monkeypatch):
+    leave_torn_append(mbox, dead_pid())
+    size = os.path.getsize(mbox)
+
+    def refuse(fd, length):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mb.os, "ftruncate", refuse)
+    box = MboxBox(mbox)
+    assert len(box.load()) == 4
+    box.close()
+    assert os.path.getsize(mbox) == size and not os.path.exists(mbox + ".lock")
 
 
 def test_mbox_missing_is_empty(tmp_path):

@@ -12,6 +12,8 @@ from mailsys.mda.mbox import MboxStore, quote, read_append_note, take_dotlock, u
 from mailsys.mda.memory import MemoryStore
 from mailsys.mda.store import IMailStore, UnsafeMailbox, mailbox_location
 from mailsys.smtp.reply import Reply
+from tests.helpers import append_note as note
+from tests.helpers import dead_pid, leave_stale_lock
 
 # The contract: prefix and message arrive with LF line ends (the MDA's DATA reader
 # converted them) and are stored as they are.
@@ -402,23 +404,6 @@ SENDER = "a@b.org"
 WHEN = 0
 TWO = b"Subject: two\n\nfirst paragraph\n\nsecond paragraph\nFrom the end\n\n"
 AFTER = b"Subject: after\n\nafter\n"
-
-
-def dead_pid():
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
-def leave_stale_lock(loc, content):
-    with open(loc + ".lock", "wb") as f:
-        f.write(content)
-    old = os.path.getmtime(loc + ".lock") - 301
-    os.utime(loc + ".lock", (old, old))
-
-
-def note(pid, *numbers):
-    return b"%d\nmailsys-append %s\n" % (pid, b" ".join(b"%d" % n for n in numbers))
 
 
 def test_mbox_append_writes_where_each_record_begins_into_its_dotlock(tmp_path, monkeypatch):

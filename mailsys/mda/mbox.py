@@ -229,14 +229,11 @@ class MboxStore:
         far as it must: an interrupted append can be longer than any fixed
         window (a 1.5 MB message cut after 1.3 MB once kept its torn start in
         the mbox as a message of its own)."""
-        size = os.lseek(fd, 0, os.SEEK_END)
         if note is not None:
-            keep = _torn_record_start(fd, size, *note)
+            keep = cut_noted_append(fd, path, note)
             if keep is not None:
-                log.warn("mbox {path}: cut {n} bytes of an append a crash interrupted",
-                         path=path, n=size - keep)
-                os.ftruncate(fd, keep)
                 return keep
+        size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
             return 0
         tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, size, 0)
@@ -323,6 +320,20 @@ def _torn_record_start(fd, size, offsets, end):
             return None
         carry, at = (carry + chunk)[-5:], at + len(chunk)
     return start
+
+
+def cut_noted_append(fd, path, note):
+    """Cut what an append killed in the middle left in the mbox open (read and
+    write, locked) as ``fd``, going by the ``note`` from its stale dotlock
+    (:func:`read_append_note`).  The new size, or None when nothing was cut.
+    The cut is not flushed: the caller's next flush covers it."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    keep = _torn_record_start(fd, size, *note)
+    if keep is None:
+        return None
+    log.warn("mbox {path}: cut {n} bytes of an append a crash interrupted", path=path, n=size - keep)
+    os.ftruncate(fd, keep)
+    return keep
 
 
 def write_append_note(dotlock, offsets, end):

@@ -24,9 +24,13 @@ import re
 import tempfile
 import time
 
+from twisted.logger import Logger
+
 from mailsys.files import fsync_dir
-from mailsys.mda.mbox import lock_fcntl, take_dotlock
+from mailsys.mda.mbox import cut_noted_append, lock_fcntl, read_append_note, take_dotlock
 from mailsys.pop3.wire import SizeCounter, wire_size
+
+log = Logger(namespace="mailsys.pop3")
 
 LOCK_NAME = "mailsys-pop3.lock"
 MAX_UID = 70        # RFC 1939 section 7: 1 to 70 characters in 0x21..0x7E
@@ -257,11 +261,34 @@ class MboxBox:
 
     # -- the MDA's locks (mailsys.mda.mbox): dotlock, then fcntl on the mbox
 
-    def _take_dotlock(self):
+    def _take_dotlock(self, stale=None):
         dotlock = self.path + ".lock"
-        if not take_dotlock(dotlock, self.lock_timeout, self._clock, self._sleep):
+        if not take_dotlock(dotlock, self.lock_timeout, self._clock, self._sleep, stale):
             raise MailboxError("mbox is locked by another program")
         return dotlock
+
+    def _cut_noted_append(self, note):
+        """This login removed the stale dotlock of an MDA killed in the middle of
+        an append: cut what that append left, as the MDA's next append would
+        have (mailsys.mda.mbox), before the scan would show it as a message
+        and before the note is gone with the lock.  Flushed here: no append
+        follows to do it.  A failure only leaves the cut to the shape check of
+        the next append; the login goes on."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            log.warn("mbox {path}: cannot open it to cut an interrupted append: {error}",
+                     path=self.path, error=e.strerror)
+            return
+        try:
+            self._fcntl_lock(fd, fcntl.LOCK_EX)
+            if cut_noted_append(fd, self.path, note) is not None:
+                os.fsync(fd)
+        except OSError as e:
+            log.warn("mbox {path}: cannot cut an interrupted append: {error}",
+                     path=self.path, error=e.strerror)
+        finally:
+            os.close(fd)        # also drops the fcntl lock (and any other of this process on the file)
 
     def _fcntl_lock(self, fd, kind):
         if not lock_fcntl(fd, kind, self.lock_timeout, self._clock, self._sleep):
@@ -274,7 +301,11 @@ class MboxBox:
             return []
         dotlock = None
         try:
-            dotlock = self._take_dotlock()
+            stale = []
+            dotlock = self._take_dotlock(stale)
+            note = read_append_note(stale[0]) if stale else None
+            if note is not None:
+                self._cut_noted_append(note)
             self._fcntl_lock(fd, fcntl.LOCK_SH)
             st = os.fstat(fd)
             entries = self._scan(fd, st.st_size)
