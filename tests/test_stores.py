@@ -8,6 +8,7 @@ import pytest
 
 from mailsys.delivery import Delivered, PermFail, TempFail
 from mailsys.mda.maildir import MaildirStore
+from mailsys.mda import mbox as mbox_module
 from mailsys.mda.mbox import MboxStore, quote, read_append_note, take_dotlock, unquote
 from mailsys.mda.memory import MemoryStore
 from mailsys.mda.store import IMailStore, UnsafeMailbox, mailbox_location
@@ -407,7 +408,6 @@ AFTER = b"Subject: after\n\nafter\n"
 
 
 def test_mbox_append_writes_where_each_record_begins_into_its_dotlock(tmp_path, monkeypatch):
-    from mailsys.mda import mbox as mbox_module
 
     s = MboxStore()
     loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
@@ -425,7 +425,8 @@ def test_mbox_append_writes_where_each_record_begins_into_its_dotlock(tmp_path, 
     one, two = s._record(b"", AFTER, SENDER, WHEN), s._record(b"", TWO, SENDER, WHEN)
     assert [o.delivered for o in s.deliver_many([(loc, b"", AFTER, 0, SENDER, WHEN),
                                                  (loc, b"", TWO, 0, SENDER, WHEN)])] == [True, True]
-    assert seen == [note(os.getpid(), size, size + len(one), size + len(one) + len(two))]
+    head = b"%d\nmailsys %s\n" % (os.getpid(), mbox_module._HOST)
+    assert seen == [head + b"mailsys-append %d %d %d\n" % (size, size + len(one), size + len(one) + len(two))]
     assert not os.path.exists(loc + ".lock")
 
 
@@ -555,7 +556,61 @@ def test_take_dotlock_reports_only_the_stale_lock_it_replaced(tmp_path):
     leave_stale_lock(str(tmp_path / "mbox"), b"123\nmailsys-append 1 2\n")
     assert take_dotlock(lock, 0.1, stale=stale)
     assert stale == [b"123\nmailsys-append 1 2\n"]
-    assert open(lock, "rb").read() == b"%d\n" % os.getpid()
+    assert open(lock, "rb").read() == b"%d\nmailsys %s\n" % (os.getpid(), mbox_module._HOST)
+
+
+def holder_lock(pid, host=None, rest=b""):
+    return b"%d\nmailsys %s\n" % (pid, mbox_module._HOST if host is None else host) + rest
+
+
+def test_take_dotlock_removes_at_once_the_lock_of_a_dead_mailsys_process_of_this_host(tmp_path):
+    """After kill -9 the restarted MDA need not wait five minutes: the lock's
+    holder is gone.  Its content still reaches the taker (the note)."""
+    lock = str(tmp_path / "mbox.lock")
+    content = holder_lock(dead_pid(), rest=b"mailsys-append 1 2\n")
+    with open(lock, "wb") as f:
+        f.write(content)
+    stale = []
+    assert take_dotlock(lock, 0, stale=stale)
+    assert stale == [content]
+
+
+@pytest.mark.parametrize("content", [
+    "live", "mine", "other host", "no host line", "cut short", "foreign", "empty"])
+def test_take_dotlock_waits_for_any_other_fresh_lock(tmp_path, content):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        pid = dead_pid()
+        data = {"live": holder_lock(child.pid), "mine": holder_lock(os.getpid()),
+                "other host": holder_lock(pid, host=b"elsewhere"),
+                "no host line": b"%d\n" % pid, "cut short": holder_lock(pid)[:-1],
+                "foreign": b"%d\nprocmail\n" % pid, "empty": b""}[content]
+        lock = str(tmp_path / "mbox.lock")
+        with open(lock, "wb") as f:
+            f.write(data)
+        ticks = iter(range(100))
+        assert not take_dotlock(lock, 3, clock=lambda: next(ticks), sleep=lambda s: None)
+        assert open(lock, "rb").read() == data
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_mbox_delivery_after_kill9_goes_on_at_once_and_cuts_by_the_note(tmp_path):
+    """The dead holder's lock is fresh (no five-minute wait): the next delivery
+    removes it, reads its note and cuts the torn record."""
+    s = MboxStore(lock_timeout=0)
+    loc = mailbox_location(str(tmp_path), "joe@example.com", "mbox")
+    assert s.deliver(loc, PREFIX, MESSAGE, 0, sender=SENDER).delivered
+    complete = open(loc, "rb").read()
+    record = s._record(b"", TWO, SENDER, WHEN)
+    with open(loc, "ab") as f:
+        f.write(record[:record.index(b"first paragraph\n\n") + len(b"first paragraph\n\n")])
+    with open(loc + ".lock", "wb") as f:
+        f.write(holder_lock(dead_pid(), rest=b"mailsys-append %d %d\n" % (len(complete), len(complete) + len(record))))
+    assert s.deliver(loc, b"", AFTER, 0, sender=SENDER).delivered
+    assert s.messages(loc) == [STORED, AFTER]
+    assert not os.path.exists(loc + ".lock")
 
 
 @pytest.mark.parametrize("kind", ["maildir", "mbox"])

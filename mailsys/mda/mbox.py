@@ -2,7 +2,8 @@
 
 An append takes, in order: an in-process lock (POSIX record locks do not
 exclude threads of one process), the dotlock ``mbox.lock`` (created with
-O_EXCL; one older than five minutes is stale and removed) and an fcntl write
+O_EXCL; one older than five minutes is stale and removed, and so is one a
+mailsys process of this host left when it died) and an fcntl write
 lock on the mbox itself.  Waiting for them is bounded: past ``lock_timeout`` the
 delivery is a temporary failure and the sender's MTA retries.  The append is
 fsynced; on any error the file is truncated back to its size before the append,
@@ -23,6 +24,7 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import threading
 import time
 import zlib
@@ -42,6 +44,8 @@ LOCKED = Reply(451, "4.2.0", "Mailbox busy: could not lock it in time")
 STALE_DOTLOCK = 300
 TORN_TAIL_WINDOW = 1 << 20      # bytes read at a time looking for the torn append's start
 APPEND_NOTE = b"mailsys-append"   # dotlock line: the offset of each record appended, then the end
+LOCK_OWNER = b"mailsys"           # dotlock line: LOCK_OWNER and the host name (_lock_head)
+_HOST = re.sub(rb"\s", b"_", (socket.gethostname() or "localhost").encode("utf-8", "replace"))
 MAX_LOCK_READ = 65536
 _RECORD_START = b"\n\nFrom "
 _QUOTE = re.compile(rb"^(>*From )", re.M)
@@ -344,7 +348,7 @@ def write_append_note(dotlock, offsets, end):
     note = b" ".join([APPEND_NOTE, *(b"%d" % n for n in (*offsets, end))])
     fd = os.open(dotlock, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
-        data = b"%d\n%s\n" % (os.getpid(), note)
+        data = _lock_head() + note + b"\n"
         while data:
             data = data[os.write(fd, data):]
     finally:
@@ -394,9 +398,12 @@ def _alive(pid):
 # -- the locks, shared with every reader of an mbox (mailsys.pop3) ---------------------
 
 def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep, stale=None):
-    """Create ``dotlock`` exclusively (removing one older than STALE_DOTLOCK, left
-    by a crashed holder).  True once held; False when another holder kept it past
-    ``timeout`` seconds.  Any other OSError is the caller's.
+    """Create ``dotlock`` exclusively, removing a stale one first: older than
+    STALE_DOTLOCK (left by a crashed holder, any program's), or made by a
+    mailsys process of this host that is no longer alive (:func:`_dead_holder`:
+    after a ``kill -9`` deliveries go on at once instead of five minutes later).
+    True once held; False when another holder kept it past ``timeout`` seconds.
+    Any other OSError is the caller's.
 
     With a list as ``stale``: when the lock was taken right after removing a
     stale one, with nobody else's lock in between, that lock's content (at most
@@ -406,18 +413,21 @@ def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep, stale=None
     while True:
         try:
             fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
+            try:
+                os.write(fd, _lock_head())
+            finally:
+                os.close(fd)
             if removed is not None and stale is not None:
                 stale.append(removed)
             return True
         except FileExistsError:
             removed = None
             try:
-                if clock() - os.stat(dotlock).st_mtime > STALE_DOTLOCK:
-                    content = _read_lock(dotlock) if stale is not None else b""
-                    os.unlink(dotlock)
-                    removed = content
+                content, ino, mtime = _read_lock(dotlock)
+                if clock() - mtime > STALE_DOTLOCK or _dead_holder(content):
+                    if os.stat(dotlock).st_ino == ino:     # still the lock just read
+                        os.unlink(dotlock)
+                        removed = content
                     continue
             except FileNotFoundError:
                 continue
@@ -426,19 +436,41 @@ def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep, stale=None
         sleep(0.05)
 
 
+def _lock_head():
+    """What our dotlocks start with: the pid, then ``mailsys HOST``, so that
+    another mailsys process of this host can tell that the holder is gone."""
+    return b"%d\n%s %s\n" % (os.getpid(), LOCK_OWNER, _HOST)
+
+
+def _dead_holder(content):
+    """Whether ``content`` is the lock of a mailsys process of this host that
+    is no longer alive (this process is: a thread of ours may hold the lock).
+    Another host's lock, on a shared file system, is left to STALE_DOTLOCK;
+    so is a lock whose pid a new process has taken since."""
+    lines = content.split(b"\n")
+    if len(lines) < 3 or not lines[0].isdigit() or lines[1] != b"%s %s" % (LOCK_OWNER, _HOST):
+        return False
+    return not _alive(int(lines[0]))
+
+
 def _read_lock(dotlock):
-    """A dotlock's content, or b"" when it cannot be read (another program's,
-    say): nothing is then known about the append it guarded."""
+    """``(content, inode, mtime)`` of a dotlock; the content is b"" when it
+    cannot be read (another program's, say): nothing is then known about the
+    holder.  FileNotFoundError when it is gone."""
     try:
         fd = os.open(dotlock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise
     except OSError:
-        return b""
+        st = os.stat(dotlock, follow_symlinks=False)
+        return b"", st.st_ino, st.st_mtime
     try:
-        return os.read(fd, MAX_LOCK_READ)
-    except OSError:
-        return b""
+        st = os.fstat(fd)
+        try:
+            content = os.read(fd, MAX_LOCK_READ)
+        except OSError:
+            content = b""
+        return content, st.st_ino, st.st_mtime
     finally:
         os.close(fd)
 

@@ -568,7 +568,9 @@ def test_kill9_in_the_middle_of_an_mbox_append_is_cut_back_by_its_dotlock_note(m
     """A real append of a 22 MB message killed while it writes: the dotlock it
     leaves names where the append began (mailsys.mda.mbox, APPEND_NOTE), and
     once that lock is stale the next delivery after the restart cuts exactly
-    the torn bytes (docs/mda.rst, "Crash recovery for mbox").  The torn tail is
+    the torn bytes (docs/mda.rst, "Crash recovery for mbox").  The lock is not
+    aged: its holder, a mailsys process of this host, is dead, so the restarted
+    server takes it at once instead of five minutes later.  The torn tail is
     then shortened to end right after one of the message's blank lines, as a
     kill landing there would leave it: the case only the note tells from a
     complete record.  An attempt whose kill lands after the write is repeated."""
@@ -611,16 +613,13 @@ def test_kill9_in_the_middle_of_an_mbox_append_is_cut_back_by_its_dotlock_note(m
                 f.seek(len(complete))
                 size = len(complete) + f.read(size - len(complete)).rindex(b"\n\n") + 2
                 f.truncate(size)
-        words = content.split(b"\n")[1].split()
+        words = content.split(b"\n")[2].split()     # pid, "mailsys HOST", the note
         assert words[0] == b"mailsys-append" and int(words[1]) == len(complete), words
         end = int(words[-1])
-        if lock.exists():       # not when the kill came after the whole append
-            old = time.time() - 301
-            os.utime(lock, (old, old))
         server.start()
         probe = message(f"note-probe-{attempt}")
         _, _, after = lmtp_deliver(server.lmtp_socket, "sender@example.org", ["box@example.com"], probe)
-        assert DELIVERED.match(after[0]), after
+        assert DELIVERED.match(after[0]), after     # not 451 4.2.0: the dead holder's lock went at once
         assert not lock.exists()
         mb = mailbox.mbox(box, create=False)
         got = [mboxrd_unquote(mb.get_bytes(k)) for k in mb.keys()]
