@@ -272,8 +272,10 @@ class MboxBox:
         an append: cut what that append left, as the MDA's next append would
         have (mailsys.mda.mbox), before the scan would show it as a message
         and before the note is gone with the lock.  Flushed here: no append
-        follows to do it.  A failure only leaves the cut to the shape check of
-        the next append; the login goes on."""
+        follows to do it.  When the file cannot be opened or cut, a warning is
+        logged and the login goes on (the next append's check of the file's
+        shape may still cut it); waiting too long for the ``fcntl`` lock fails
+        the login like any other lock held too long."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
