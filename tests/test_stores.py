@@ -559,6 +559,69 @@ def test_take_dotlock_reports_only_the_stale_lock_it_replaced(tmp_path):
     assert open(lock, "rb").read() == b"%d\nmailsys %s\n" % (os.getpid(), mbox_module._HOST)
 
 
+class Killed(BaseException):
+    """What kill -9 does to a process, as far as the files it leaves go."""
+
+
+def test_dotlock_is_whole_when_it_appears_and_absent_after_a_kill_before(tmp_path, monkeypatch):
+    """The lock's content is written before the lock has its name: a kill
+    before the link leaves no lock, not an empty one that names nobody."""
+    lock = str(tmp_path / "mbox.lock")
+    real = os.link
+    at_link = []
+
+    def link(src, dst, **kw):
+        with open(f"/proc/self/fd/{src}", "rb") as f:     # the unnamed file, as it is now
+            at_link.append(f.read())
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(mbox_module.os, "link", link)
+    assert take_dotlock(lock, 0)
+    assert at_link == [b"%d\nmailsys %s\n" % (os.getpid(), mbox_module._HOST)]
+    assert open(lock, "rb").read() == at_link[0]
+    os.unlink(lock)
+
+    def killed(src, dst, **kw):
+        raise Killed()
+
+    monkeypatch.setattr(mbox_module.os, "link", killed)
+    with pytest.raises(Killed):
+        take_dotlock(lock, 0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_dotlock_without_o_tmpfile_is_made_the_old_way(tmp_path, monkeypatch):
+    lock = str(tmp_path / "mbox.lock")
+    real = os.open
+
+    def no_tmpfile(path, flags, *args, **kw):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(mbox_module.os, "open", no_tmpfile)
+    assert take_dotlock(lock, 0)
+    assert open(lock, "rb").read() == b"%d\nmailsys %s\n" % (os.getpid(), mbox_module._HOST)
+    assert not take_dotlock(lock, 0)
+
+
+def test_append_note_is_added_after_the_holder_and_a_kill_before_it_keeps_the_holder(tmp_path, monkeypatch):
+    lock = str(tmp_path / "mbox.lock")
+    assert take_dotlock(lock, 0)
+    head = open(lock, "rb").read()
+
+    def killed(fd, data):
+        raise Killed()
+
+    monkeypatch.setattr(mbox_module.os, "write", killed)
+    with pytest.raises(Killed):
+        mbox_module.write_append_note(lock, [10, 20], 30)
+    assert open(lock, "rb").read() == head
+    monkeypatch.undo()
+    mbox_module.write_append_note(lock, [10, 20], 30)
+    assert open(lock, "rb").read() == head + b"mailsys-append 10 20 30\n"
+
+
 def holder_lock(pid, host=None, rest=b""):
     return b"%d\nmailsys %s\n" % (pid, mbox_module._HOST if host is None else host) + rest
 

@@ -341,16 +341,16 @@ def cut_noted_append(fd, path, note):
 
 
 def write_append_note(dotlock, offsets, end):
-    """Replace the content of our ``dotlock`` with our pid and the note of the
-    append about to be written: the offset of each record, then where it ends.
-    No flush: the note is for a process killed mid-append, and the page cache
-    outlives a process."""
+    """Add to our ``dotlock``, after its pid and host, the note of the append
+    about to be written: the offset of each record, then where it ends.
+    Appended, never rewritten, so a kill at any point leaves the pid and host
+    in place (and a note cut short is no note: :func:`read_append_note` reads
+    complete lines only).  No flush: the note is for a process killed
+    mid-append, and the page cache outlives a process."""
     note = b" ".join([APPEND_NOTE, *(b"%d" % n for n in (*offsets, end))])
-    fd = os.open(dotlock, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    fd = os.open(dotlock, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     try:
-        data = _lock_head() + note + b"\n"
-        while data:
-            data = data[os.write(fd, data):]
+        _write_all(fd, note + b"\n")
     finally:
         os.close(fd)
 
@@ -412,11 +412,7 @@ def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep, stale=None
     removed = None
     while True:
         try:
-            fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, _lock_head())
-            finally:
-                os.close(fd)
+            _create_lock(dotlock)
             if removed is not None and stale is not None:
                 stale.append(removed)
             return True
@@ -434,6 +430,55 @@ def take_dotlock(dotlock, timeout, clock=time.time, sleep=time.sleep, stale=None
         if clock() >= deadline:
             return False
         sleep(0.05)
+
+
+def _create_lock(dotlock):
+    """Create ``dotlock`` holding :func:`_lock_head`, whole or not at all; raise
+    FileExistsError when it exists.
+
+    Why whole: a ``kill -9`` between creating an empty lock and writing it
+    (the GIL makes that window milliseconds long, not microseconds) leaves a
+    lock that names nobody, which every taker must wait five minutes for; CI
+    saw it happen.  So the content goes into an unnamed file first
+    (``O_TMPFILE``), which is then linked in under the lock's name, failing
+    if that exists.  Where the file system has no ``O_TMPFILE`` (NFS, say) or
+    ``/proc`` is not mounted, the lock is created with ``O_EXCL`` and then
+    written, as before."""
+    head = _lock_head()
+    tmpfile = getattr(os, "O_TMPFILE", None)
+    if tmpfile is not None:
+        try:
+            fd = os.open(os.path.dirname(dotlock) or ".", os.O_WRONLY | tmpfile | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+        else:
+            try:
+                _write_all(fd, head)
+                try:
+                    fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError:
+                    fds = None      # no /proc: below
+                if fds is not None:
+                    try:
+                        # linkat(fds, "N", AT_FDCWD, dotlock, AT_SYMLINK_FOLLOW): the
+                        # way open(2) gives to name an O_TMPFILE file; EEXIST if held.
+                        os.link(str(fd), dotlock, src_dir_fd=fds)
+                        return
+                    finally:
+                        os.close(fds)
+            finally:
+                os.close(fd)
+    fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, head)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _lock_head():
