@@ -590,6 +590,19 @@ def test_dotlock_is_whole_when_it_appears_and_absent_after_a_kill_before(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+def test_dotlock_whose_link_fails_is_made_the_old_way(tmp_path, monkeypatch):
+    lock = str(tmp_path / "mbox.lock")
+
+    def refused(src, dst, **kw):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(mbox_module.os, "link", refused)
+    assert take_dotlock(lock, 0)
+    assert open(lock, "rb").read() == b"%d\nmailsys %s\n" % (os.getpid(), mbox_module._HOST)
+    assert not take_dotlock(lock, 0)
+    assert os.listdir(tmp_path) == ["mbox.lock"]
+
+
 def test_dotlock_without_o_tmpfile_is_made_the_old_way(tmp_path, monkeypatch):
     lock = str(tmp_path / "mbox.lock")
     real = os.open

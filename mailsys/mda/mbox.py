@@ -441,9 +441,9 @@ def _create_lock(dotlock):
     lock that names nobody, which every taker must wait five minutes for; CI
     saw it happen.  So the content goes into an unnamed file first
     (``O_TMPFILE``), which is then linked in under the lock's name, failing
-    if that exists.  Where the file system has no ``O_TMPFILE`` (NFS, say) or
-    ``/proc`` is not mounted, the lock is created with ``O_EXCL`` and then
-    written, as before."""
+    if that exists.  Where the file system has no ``O_TMPFILE`` (NFS, say),
+    ``/proc`` is not mounted or the link fails otherwise, the lock is created
+    with ``O_EXCL`` and then written, as before."""
     head = _lock_head()
     tmpfile = getattr(os, "O_TMPFILE", None)
     if tmpfile is not None:
@@ -465,6 +465,10 @@ def _create_lock(dotlock):
                         # way open(2) gives to name an O_TMPFILE file; EEXIST if held.
                         os.link(str(fd), dotlock, src_dir_fd=fds)
                         return
+                    except FileExistsError:
+                        raise
+                    except OSError:
+                        pass        # below, the old way
                     finally:
                         os.close(fds)
             finally:
