@@ -1,8 +1,17 @@
 """Durable file replacement, in one place for every writer of small state files
-(users file, certificates, the queue journal's compaction)."""
+(users file, certificates, the queue journal's compaction), and the small
+helpers every writer of files shares."""
 import contextlib
 import os
 import tempfile
+
+
+def write_all(fd, data):
+    """Write all of ``data`` to ``fd``: ``os.write`` may write less than asked
+    (a signal, a full pipe, a file system's own limits)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def fsync_path(path, flags=0):

@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailsys.compactjson import dumpb
-from mailsys.files import fsync_dir, write_atomically
+from mailsys.files import fsync_dir, write_all, write_atomically
 from mailsys.offload import Offload
 
 log = Logger(namespace="mailsys.queue")
@@ -170,9 +170,7 @@ class Journal:
         d.addBoth(self._written, batch)
 
     def _write(self, blob):
-        view = memoryview(blob)
-        while view:
-            view = view[os.write(self._fd, view):]
+        write_all(self._fd, blob)
         if self.fsync:
             os.fdatasync(self._fd)
 

@@ -33,6 +33,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from mailsys.control import RequestError, check_submit, normalise_newlines
+from mailsys.files import write_all
 from mailsys.logs import MailLog
 
 log = MailLog("mailsys.pickup")
@@ -59,9 +60,7 @@ def drop(config, request, message):
     try:
         os.fchmod(fd, 0o644)      # whatever the umask: the service user must read it
         data = json.dumps(request).encode("utf-8") + b"\n" + message
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

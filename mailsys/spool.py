@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailsys.compactjson import dumpb
-from mailsys.files import fsync_dir
+from mailsys.files import fsync_dir, write_all
 from mailsys.offload import Offload
 
 log = Logger(namespace="mailsys.spool")
@@ -99,14 +99,14 @@ class MessageWriter:
                 self.chunks.append(chunk)
                 return
             self._spill()
-        _write_all(self.spill_fd, chunk)
+        write_all(self.spill_fd, chunk)
 
     def _spill(self):
         path = os.path.join(self.spool.incoming, f"{self.queue_id}.{self.spool.worker:02d}")
         self.spill_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self.spill_path = path
         for c in self.chunks:
-            _write_all(self.spill_fd, c)
+            write_all(self.spill_fd, c)
         self.chunks = []
         self.spool._release(self._budgeted)
         self._budgeted = 0
@@ -125,13 +125,6 @@ class MessageWriter:
             except OSError:
                 pass
             self.spill_fd = None
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class SpoolEntry:

@@ -26,6 +26,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger, LogLevel
 
+from mailsys.files import write_all
 from mailsys.logs import emit_text
 
 log = Logger(namespace="mailsys.workers")
@@ -220,11 +221,10 @@ class ParentPipe:
         self.scheduled = False
         if not self.pending:
             return
-        data = memoryview(b"".join(self.pending))
+        data = b"".join(self.pending)
         self.pending = []
         try:
-            while data:
-                data = data[os.write(self.fd, data):]
+            write_all(self.fd, data)
         except OSError:
             pass    # worker 0 is gone; we die with it (PR_SET_PDEATHSIG)
 

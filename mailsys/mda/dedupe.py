@@ -35,7 +35,7 @@ import re
 import threading
 import time
 
-from mailsys.files import write_atomically
+from mailsys.files import write_all, write_atomically
 
 LOG_NAME = re.compile(r"delivered-[0-9]+(?:\.old)?\.log\Z")
 ROTATE_BYTES = 4 << 20     # a worker's log is rotated past this size ...
@@ -126,9 +126,7 @@ class DeliveryLog:
                 self._open()
             elif self._size > ROTATE_BYTES:
                 self._rotate()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+            write_all(self._fd, data)
             self._size += len(data)
 
     def _rotate(self):

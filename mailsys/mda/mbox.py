@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsys.delivery import Delivered, PermFail, TempFail, from_os_error
+from mailsys.files import write_all
 from mailsys.mda import durable
 from mailsys.mda.store import IMailStore, make_private_dirs
 from mailsys.smtp.reply import Reply
@@ -350,7 +351,7 @@ def write_append_note(dotlock, offsets, end):
     note = b" ".join([APPEND_NOTE, *(b"%d" % n for n in (*offsets, end))])
     fd = os.open(dotlock, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     try:
-        _write_all(fd, note + b"\n")
+        write_all(fd, note + b"\n")
     finally:
         os.close(fd)
 
@@ -454,7 +455,7 @@ def _create_lock(dotlock):
                 raise
         else:
             try:
-                _write_all(fd, head)
+                write_all(fd, head)
                 try:
                     fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 except OSError:
@@ -475,14 +476,9 @@ def _create_lock(dotlock):
                 os.close(fd)
     fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, head)
+        write_all(fd, head)
     finally:
         os.close(fd)
-
-
-def _write_all(fd, data):
-    while data:
-        data = data[os.write(fd, data):]
 
 
 def _lock_head():

@@ -26,7 +26,7 @@ import time
 
 from twisted.logger import Logger
 
-from mailsys.files import fsync_dir
+from mailsys.files import fsync_dir, write_all
 from mailsys.mda.mbox import cut_noted_append, lock_fcntl, read_append_note, take_dotlock
 from mailsys.pop3.wire import SizeCounter, wire_size
 
@@ -412,9 +412,7 @@ class MboxBox:
                         data = os.pread(fd, min(1 << 20, b - a), a)
                         if not data:
                             raise MailboxError("mbox shrank during the rewrite")
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(tfd, view):]
+                        write_all(tfd, data)
                         a += len(data)
                 os.fsync(tfd)
             finally:
