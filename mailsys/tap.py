@@ -437,11 +437,12 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
     host = MailHost(config, reactor, worker=worker, nworkers=nworkers)
     host.config_path = config_path
     if config.listen.lmtp:
-        from mailsys.mda.lmtp import LMTPFactory, MDA
+        from mailsys.mda.lmtp import LMTPFactory, MDA, mda_limits
 
         mda = host.mda = MDA(config, host.accounts, host.reactor, worker=worker, spool=host.spool)
+        limits = mda_limits(config.limits)
         for endpoint in config.listen.lmtp:
-            factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
+            factory = LMTPFactory(mda, limits, config.server.hostname, host.reactor)
             host.listeners.append(("lmtp", private_unix(endpoint), factory))
         if nworkers > 1:
             # The queue's deliveries reach the MDA through a socket of their own,
@@ -453,7 +454,7 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
             # queue, the courier, the journal and the log.  listen.lmtp itself stays
             # served by every process, for other MTAs (docs/processes.rst).
             path = os.path.join(config.server.state_dir, "lmtp-queue.sock")
-            factory = LMTPFactory(mda, config.limits, config.server.hostname, host.reactor)
+            factory = LMTPFactory(mda, limits, config.server.hostname, host.reactor)
             host.listeners.append((QUEUE_LMTP, f"unix:{quoteStringArgument(path)}:mode=0600",
                                    factory))
     roles = [("mta", config.listen.mta), ("submission", config.listen.submission),

@@ -315,3 +315,20 @@ def test_lf_body_only_for_an_lmtp_handler_that_asks(lmtp, wants_lf, lf):
     crlf = body.replace(b"\r\n..", b"\r\n.")
     assert h.messages == [crlf.replace(b"\r\n", b"\n") if lf else crlf]
     assert ("data_end", len(crlf), ["joe@example.com"]) in h.calls
+
+
+def test_the_mdas_limits_leave_room_for_what_the_queue_adds():
+    """mailsys.tap gives every LMTP listener of the MDA the configured limits
+    with SIZE_HEADROOM more message size, and nothing else changed."""
+    import dataclasses
+
+    from mailsys.config import LimitsConfig
+    from mailsys.mda.lmtp import SIZE_HEADROOM, mda_limits
+
+    limits = LimitsConfig(message_size=10000, recipients=1000, connections=1000,
+                          connections_per_ip=50, command_timeout=300, data_timeout=600,
+                          auth_failures=3)
+    raised = mda_limits(limits)
+    assert SIZE_HEADROOM == 1024 * 1024
+    assert raised.message_size == 10000 + 1024 * 1024
+    assert dataclasses.replace(raised, message_size=10000) == limits

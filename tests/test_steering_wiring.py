@@ -69,3 +69,13 @@ def test_worker_zero_never_steers(tmp_path):
     path = write_config(tmp_path)
     host = build(load(path), reactor, worker=0, nworkers=2, config_path=path)
     assert host.steering is None and host.mda.batcher.on_load is None
+
+
+def test_every_lmtp_listener_of_the_mda_has_the_size_headroom(worker_host):
+    from mailsys.mda.lmtp import SIZE_HEADROOM
+
+    lmtp = [(role, factory) for role, _, factory in worker_host.listeners
+            if role in ("lmtp", QUEUE_LMTP)]
+    assert sorted(role for role, _ in lmtp) == sorted(["lmtp", QUEUE_LMTP])
+    size = worker_host.config.limits.message_size
+    assert [f.limits.message_size for _, f in lmtp] == [size + SIZE_HEADROOM] * 2

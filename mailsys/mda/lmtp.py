@@ -14,6 +14,7 @@ for one is recorded in the delivery log (mailsys.mda.dedupe), and a message
 the queue recovered after a crash (``XREDELIVERY``) is not stored again in a
 mailbox that provably holds it already: exactly once, even across a crash.
 """
+import dataclasses
 import os
 import time
 
@@ -54,6 +55,25 @@ def delivered_to(head):
 
 
 TARGETS_MEMO = 10000    # recipients remembered by MDA.targets between accounts changes
+
+#: How much more than ``limits.message_size`` the MDA's LMTP accepts.  The
+#: limit is checked when mail arrives (SMTP, sendmail), on the bytes the client
+#: sent; what the queue then hands the MDA is bigger: the Received field the
+#: receiving side adds (and on submission Date and Message-ID), and a delivery
+#: report quotes the original (whole up to mailsys.dsn.MAX_ORIGINAL, 1 MiB)
+#: beside its own parts.  With the bare limit here a message within a few
+#: hundred bytes of it got ``250`` from SMTP and was then bounced by our own
+#: MDA with 552 5.3.4 (its report, from <>, was dropped outright).  Postfix
+#: checks message_size_limit once, at entry, and its local delivery agents
+#: none; Dovecot's LMTP has no size limit.  The MDA keeps one, with this
+#: headroom, so a peer feeding listen.lmtp still cannot store without bound.
+SIZE_HEADROOM = 1024 * 1024
+
+
+def mda_limits(limits):
+    """The limits of the MDA's LMTP listeners: ``limits`` with the message size
+    raised by :data:`SIZE_HEADROOM`."""
+    return dataclasses.replace(limits, message_size=limits.message_size + SIZE_HEADROOM)
 
 
 class MDA:

@@ -323,3 +323,56 @@ def test_sigusr1_rotates_the_log_of_a_running_server(two_workers):
         assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[", line) or line.startswith("\t")
                    for line in text.splitlines()), text[-2000:]
     assert server.running
+
+
+def sized(n, subject, headers=b""):
+    """A message of exactly ``n`` bytes as sent (CRLF line ends)."""
+    head = b"Subject: " + subject + b"\r\n" + headers + b"\r\n"
+    filler = n - len(head)
+    lines = [b"x" * 98 + b"\r\n"] * (filler // 100)
+    rest = filler - 100 * len(lines)
+    if rest:
+        lines.append(b"y" * (rest - 2) + b"\r\n")
+    msg = head + b"".join(lines)
+    assert len(msg) == n
+    return msg
+
+
+def test_a_message_at_the_size_limit_is_delivered_and_its_bounce_arrives(tmp_path, make_server):
+    """``250`` at the limit means delivered: the Received field and a report
+    quoting the original make them bigger than limits.message_size, and the
+    MDA's LMTP takes them (it has mailsys.mda.lmtp.SIZE_HEADROOM more).  With
+    the bare limit the first message was bounced by our own MDA with 552 5.3.4
+    and the report of the second (from <>) was dropped."""
+    limit = 10000
+    server = make_server(lmtp_overrides(lmtp_socket_path(tmp_path), limits={"message_size": limit}),
+                         start=False)
+    server.users_path.write_text(cli_users_text(ACCOUNTS))
+    server.users_path.chmod(0o600)
+    server.aliases_path.write_text("gone@example.com: nobody-here@example.com\n")
+    server.start()
+    at_limit = sized(limit, b"at the limit")
+    send(server, "sender@example.org", ["joe@example.com"], at_limit)
+    wait_for(lambda: count(server, "joe@example.com") == 1, what="delivery at the limit")
+    (stored,) = [bytes(m) for m in maildir(server, "joe@example.com")]
+    assert len(stored) > limit and stored.endswith(at_limit.replace(b"\r\n", b"\n"))
+    server.wait_for_log(r"to=<joe@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=2\.0\.0, status=sent")
+
+    with smtplib.SMTP(LOOPBACK, server.port, timeout=30) as s:
+        s.ehlo("client.example.org")
+        assert s.mail("sender@example.com", options=["RET=FULL"])[0] == 250
+        assert s.rcpt("gone@example.com")[0] == 250
+        code, text = s.data(sized(limit, b"returned whole", b"Message-ID: <whole@example.com>\r\n"))
+        assert code == 250, text
+    wait_for(lambda: count(server, "sender@example.com") == 1, what="the report")
+    (raw,) = [bytes(m) for m in maildir(server, "sender@example.com")]
+    assert len(raw) > limit
+    report = email.message_from_bytes(raw, policy=email.policy.default)
+    parts = list(report.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "message/rfc822"]
+    assert parts[2].get_content()["Message-ID"] == "<whole@example.com>"
+    log = server.log_text()
+    assert "5.3.4" not in log
+    assert "status=bounced" in log      # gone@, and nothing else
+    assert len(re.findall(r"status=bounced", log)) == 1, log
