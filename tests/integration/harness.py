@@ -778,6 +778,19 @@ MAILDIR_NAME = re.compile(r"^(?P<sec>[0-9]+)\.M(?P<usec>[0-9]+)P(?P<pid>[0-9]+)Q
                           r"(?P<host>[^,/:]+),S=(?P<size>[0-9]+),W=(?P<vsize>[0-9]+)$")
 
 
+def padded(head, n):
+    """``head`` (a header section and its blank line) followed by filler lines
+    to exactly ``n`` bytes as sent (CRLF line ends), for size-limit tests."""
+    filler = n - len(head)
+    lines = [b"x" * 98 + b"\r\n"] * (filler // 100)
+    rest = filler - 100 * len(lines)
+    if rest:
+        lines.append(b"y" * (rest - 2) + b"\r\n")
+    msg = head + b"".join(lines)
+    assert len(msg) == n
+    return msg
+
+
 def maildir_files(maildir, sub="new"):
     """``{name: bytes}`` of the files in ``maildir/sub`` ({} when it does not exist)."""
     d = Path(maildir) / sub

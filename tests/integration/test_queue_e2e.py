@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.integration.harness import (LOOPBACK, cli_users_text, lmtp_overrides,
-                                       lmtp_socket_path)
+                                       lmtp_socket_path, padded)
 
 pytestmark = pytest.mark.integration
 
@@ -326,16 +326,7 @@ def test_sigusr1_rotates_the_log_of_a_running_server(two_workers):
 
 
 def sized(n, subject, headers=b""):
-    """A message of exactly ``n`` bytes as sent (CRLF line ends)."""
-    head = b"Subject: " + subject + b"\r\n" + headers + b"\r\n"
-    filler = n - len(head)
-    lines = [b"x" * 98 + b"\r\n"] * (filler // 100)
-    rest = filler - 100 * len(lines)
-    if rest:
-        lines.append(b"y" * (rest - 2) + b"\r\n")
-    msg = head + b"".join(lines)
-    assert len(msg) == n
-    return msg
+    return padded(b"Subject: " + subject + b"\r\n" + headers + b"\r\n", n)
 
 
 def test_a_message_at_the_size_limit_is_delivered_and_its_bounce_arrives(tmp_path, make_server):

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.integration.harness import HOSTNAME, split_received
+from tests.integration.harness import HOSTNAME, padded, split_received
 
 pytestmark = pytest.mark.integration
 
@@ -188,15 +188,7 @@ def test_message_size_limit(make_server):
     server = make_server({"limits": {"message_size": limit}})
 
     def sized(n, subject):
-        head = message(subject, b"")
-        filler = n - len(head)
-        lines = [b"x" * 98 + b"\r\n"] * (filler // 100)
-        rest = filler - 100 * len(lines)
-        if rest:
-            lines.append(b"y" * (rest - 2) + b"\r\n")
-        msg = head + b"".join(lines)
-        assert len(msg) == n
-        return msg
+        return padded(message(subject, b""), n)
 
     client = server.smtp()
     try:
