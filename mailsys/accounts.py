@@ -508,6 +508,10 @@ class Expansion:
     local_users: tuple[str, ...] = ()   # canonical user addresses, deduplicated, in order
     remote: tuple[str, ...] = ()        # remote addresses to relay to
     errors: tuple[str, ...] = ()        # one line each: alias loops, unknown local targets
+    #: Alias targets in our domains that are nobody (a typo in the aliases file):
+    #: the MDA hands them to the queue, whose attempt bounces them to the sender.
+    missing: tuple[str, ...] = ()
+    looped: bool = False                # an error is a loop (or nesting too deep)
 
 
 class _Snapshot:
@@ -552,6 +556,8 @@ class _Snapshot:
         local_users: dict[str, None] = {}
         remote: dict[str, str] = {}
         errors: list[str] = []
+        missing: dict[str, str] = {}
+        looped = False
         done: set[str] = set()
 
         def visit(addr: str, path: list[str]):
@@ -564,10 +570,13 @@ class _Snapshot:
             trail = " -> ".join(path + [shown])
             if node is None:
                 errors.append(f"{trail}: no such local user or alias")
+                if path:
+                    missing.setdefault(_key(local, domain), shown)
                 return
             if node[0] == "user":
                 local_users.setdefault(node[1].address)
                 return
+            nonlocal looped
             _, node_id, alias, alias_domain = node
             if node_id in path_ids:
                 # A self-reference ("alice@d: alice@d, archive@x") means the account itself.
@@ -579,11 +588,13 @@ class _Snapshot:
                                   f"(catch-all @{domain} points back at its own domain)")
                 else:
                     errors.append(f"alias loop: {trail}")
+                    looped = True
                 return
             if node_id in done:
                 return
             if len(path) >= _MAX_ALIAS_DEPTH:
                 errors.append(f"{trail}: aliases nested more than {_MAX_ALIAS_DEPTH} deep")
+                looped = True
                 return
             done.add(node_id)
             path_ids.add(node_id)
@@ -598,7 +609,8 @@ class _Snapshot:
             visit(address, [])
         except ValueError as e:
             errors.append(str(e))
-        return Expansion(tuple(local_users), tuple(remote.values()), tuple(errors))
+        return Expansion(tuple(local_users), tuple(remote.values()), tuple(errors),
+                         tuple(missing.values()), looped)
 
     def owned(self) -> dict[str, frozenset[str]]:
         if self._owned is None:

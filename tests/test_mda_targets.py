@@ -36,7 +36,7 @@ def test_a_repeated_recipient_is_not_worked_out_again(tmp_path, monkeypatch):
     monkeypatch.setattr(mda_lmtp, "mailbox_location", lambda *a: calls.append(a) or real(*a))
     first = mda.targets("joe@example.com")
     assert first == ((("joe@example.com", "maildir", 0,
-                       str(tmp_path / "mail" / "example.com" / "joe" / "Maildir")),), ())
+                       str(tmp_path / "mail" / "example.com" / "joe" / "Maildir")),), (), ())
     assert mda.targets("joe@example.com") is first
     assert len(calls) == 1
     assert mda.targets("team@example.com") == first     # another address: worked out once
@@ -66,7 +66,7 @@ def test_every_change_to_either_file_is_seen_at_the_next_lookup(tmp_path, monkey
 
     write(aliases, "team@example.com: ann@example.com, friend@example.org\n", 4 * 10**18)
     mda.spool = object()       # remote alias targets are kept only when there is a spool
-    local, remote = mda.targets("team@example.com")
+    local, remote, _ = mda.targets("team@example.com")
     assert [t[0] for t in local] == ["ann@example.com"] and remote == ("friend@example.org",)
 
     os.remove(users)
@@ -79,3 +79,38 @@ def test_the_memo_is_bounded(tmp_path, monkeypatch):
     for i in range(10):
         mda.targets(f"joe+{i}@example.com")
     assert len(mda._memo) == 3
+
+
+def test_an_alias_target_that_is_nobody_goes_to_the_queue_and_is_reported(tmp_path):
+    """A typo in the aliases file loses nothing: the members that exist get
+    their copies, the one that is nobody is handed to the queue (whose attempt
+    bounces it to the sender, with the alias as ORCPT), and the problem comes
+    back for the log.  Before, the unknown member was dropped without a word."""
+    mda, _, aliases = make(tmp_path)
+    mda.spool = object()        # any spool: targets() only asks whether there is one
+    write(aliases, "partial@example.com: joe, ghost\n", 2 * 10**18)
+    local, queued, problems = mda.targets("partial@example.com")
+    assert [t[0] for t in local] == ["joe@example.com"]
+    assert queued == ("ghost@example.com",)
+    assert problems == ("partial@example.com -> ghost@example.com: no such local user or alias",)
+    # Without a spool (an MDA that cannot queue) the copy is not made, the log still says why.
+    mda.spool = None
+    mda._seen = None
+    assert mda.targets("partial@example.com")[1:] == ((), problems)
+
+
+def test_an_alias_that_reaches_nobody_is_refused_with_its_reason(tmp_path):
+    mda, _, aliases = make(tmp_path)
+    write(aliases, "ghostonly@example.com: ghost\n"
+                   "loop1@example.com: loop2@example.com\n"
+                   "loop2@example.com: loop1@example.com\n", 2 * 10**18)
+    refused = mda.targets("ghostonly@example.com")
+    assert (refused.code, refused.status, refused.text) == (
+        550, "5.1.1", "User unknown in local recipient table: "
+                      "ghostonly@example.com -> ghost@example.com: no such local user or alias")
+    refused = mda.targets("loop1@example.com")
+    assert (refused.code, refused.status, refused.text) == (
+        554, "5.4.6", "Alias loop: loop1@example.com -> loop2@example.com -> loop1@example.com")
+    refused = mda.targets("nobody@example.com")      # not an alias: the plain reply
+    assert (refused.code, refused.status, refused.text) == (
+        550, "5.1.1", "User unknown in local recipient table")

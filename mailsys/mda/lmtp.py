@@ -98,9 +98,17 @@ class MDA:
         self._seen, self._memo = None, {}    # targets() per address, per accounts snapshot
 
     def targets(self, address):
-        """([(account, store kind, quota, location)], (remote address, ...)) for a
-        recipient, or a Reply.  Remote addresses come from aliases that point
-        outside our domains: they are handed to the queue, never dropped.
+        """([(account, store kind, quota, location)], (address for the queue, ...),
+        (problem, ...)) for a recipient, or a Reply.
+
+        Addresses for the queue come from aliases: targets outside our domains,
+        which it relays, and targets in our domains that are nobody (a typo in
+        the aliases file), which its attempt bounces to the sender with the
+        alias as the original recipient, as Postfix's local(8) bounces an
+        unknown alias member while the others get their copies.  Neither is
+        dropped.  An alias none of whose targets works is refused outright:
+        550 5.1.1 naming the target, 554 5.4.6 for a loop.  The problems (one
+        line each) are logged with every message that meets them.
 
         Remembered per address for as long as the accounts files stay the same
         (``Accounts.snapshot`` is checked, with its ``stat``, on every call): the
@@ -128,7 +136,9 @@ class MDA:
         expansion = self.accounts.expand(address)
         remote = tuple(expansion.remote) if self.spool is not None else ()
         if not expansion.local_users and not remote:
-            return UNKNOWN
+            return _refusal(expansion)
+        if self.spool is not None:
+            remote += tuple(expansion.missing)
         out = []
         for account in expansion.local_users:
             user = self.accounts.user(account)
@@ -141,7 +151,7 @@ class MDA:
             except UnsafeMailbox:
                 return BAD_MAILBOX
             out.append((user.address, kind, quota, location))
-        return tuple(out), remote
+        return tuple(out), remote, tuple(expansion.errors)
 
     def relay(self, sender, pairs, message):
         """Spool one copy for alias targets outside our domains; the queue relays it.
@@ -194,7 +204,10 @@ class LMTPHandler:
             log.info(f"{txn.queue_id}: reject: RCPT from {self.peer}: {targets.code} {targets.status} "
                      f"<{rcpt}>: {targets.text}", qid=txn.queue_id, rcpt=str(rcpt))
             return targets.with_text(f"<{rcpt}>: {targets.text}")
-        local, remote = targets
+        local, remote, problems = targets
+        for problem in problems:
+            log.warn(f"{txn.queue_id}: warning: alias expansion of <{rcpt}>: {problem}",
+                     qid=txn.queue_id, rcpt=str(rcpt), problem=problem)
         self._targets.append((str(rcpt), local, remote))
         return None
 
@@ -398,6 +411,19 @@ def _holds(store, log, qid, location):
         return where is not None and holds is not None and bool(holds(location, where))
     except (OSError, ValueError, TypeError):
         return False    # deliver: a possible duplicate, never a loss
+
+
+def _refusal(expansion):
+    """The reply for a recipient that stands for no mailbox: an unknown address,
+    or an alias none of whose targets works, with the first problem in the text
+    so that the report to the sender (and the log) says which."""
+    if not expansion.errors or not (expansion.missing or expansion.looped):
+        return UNKNOWN       # the address itself is nobody: no alias to explain
+    more = len(expansion.errors) - 1
+    detail = expansion.errors[0] + (f" (and {more} more)" if more else "")
+    if expansion.missing:
+        return Reply(550, "5.1.1", f"{UNKNOWN.text}: {detail}")
+    return Reply(554, "5.4.6", detail[:1].upper() + detail[1:])
 
 
 def _worst(results):

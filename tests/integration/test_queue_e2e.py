@@ -367,3 +367,44 @@ def test_a_message_at_the_size_limit_is_delivered_and_its_bounce_arrives(tmp_pat
     assert "5.3.4" not in log
     assert "status=bounced" in log      # gone@, and nothing else
     assert len(re.findall(r"status=bounced", log)) == 1, log
+
+
+def report_of(raw):
+    report = email.message_from_bytes(raw, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    return report, list(report.iter_parts())[1].as_string()
+
+
+def test_an_unknown_alias_member_bounces_and_a_loop_is_named(host):
+    """A typo in the aliases file: the members that exist get their copies, the
+    one that is nobody comes back to the sender as a report naming it (with the
+    alias as Original-Recipient), and the log says why.  An alias that loops is
+    refused as a loop (5.4.6).  Before, the unknown member vanished without a
+    line in the log, and a loop bounced as "User unknown"."""
+    host.aliases_path.write_text("partial@example.com: joe, ghost\n"
+                                 "loop1@example.com: loop2@example.com\n"
+                                 "loop2@example.com: loop1@example.com\n")
+    send(host, "sender@example.com", ["partial@example.com"],
+         b"Subject: to partial\r\nMessage-ID: <partial@example.com>\r\n\r\nhi\r\n")
+    wait_for(lambda: count(host, "joe@example.com") == 1, what="joe's copy")
+    wait_for(lambda: count(host, "sender@example.com") == 1, what="the report for ghost")
+    (raw,) = [bytes(m) for m in maildir(host, "sender@example.com")]
+    _, status = report_of(raw)
+    assert "Final-Recipient: rfc822; ghost@example.com" in status
+    assert "Original-Recipient: rfc822;partial@example.com" in status
+    assert "Action: failed" in status and "Status: 5.1.1" in status
+    assert host.wait_for_log(r"warning: alias expansion of <partial@example\.com>: "
+                             r"partial@example\.com -> ghost@example\.com: no such local user or alias$")
+    assert host.wait_for_log(r"to=<ghost@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=5\.1\.1, "
+                             r"status=bounced ")
+
+    send(host, "sender@example.com", ["loop1@example.com"],
+         b"Subject: to loop1\r\nMessage-ID: <loop1@example.com>\r\n\r\nhi\r\n")
+    wait_for(lambda: count(host, "sender@example.com") == 2, what="the report for the loop")
+    reports = [report_of(bytes(m)) for m in maildir(host, "sender@example.com")]
+    (status,) = [st for _, st in reports if "loop1@example.com" in st]
+    assert "Final-Recipient: rfc822; loop1@example.com" in status
+    assert "Status: 5.4.6" in status
+    assert ("Diagnostic-Code: smtp; 554 5.4.6 <loop1@example.com>: Alias loop:\n"
+            " loop1@example.com -> loop2@example.com -> loop1@example.com") in status, status
+    assert count(host, "joe@example.com") == 1
