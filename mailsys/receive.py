@@ -181,17 +181,20 @@ class ReceiveHandler:
         def check(_):
             return self.service.portal.login(creds, None, IMailUser)
 
+        method = getattr(proto, "sasl_method", None) or "AUTH"
+
         def ok(result):
             _, address, _ = result
             throttle.succeeded(ip)
-            log.info(f"{self.client.label}: sasl_method=AUTH, sasl_username={address}",
-                     client=self.client.label, sasl_username=address)
+            log.info(f"{self.client.label}: sasl_method={method}, sasl_username={address}",
+                     client=self.client.label, sasl_method=method, sasl_username=address)
             return address
 
         def failed(f):
             throttle.failed(ip)
-            log.info(f"warning: {self.client.label}: SASL authentication failed",
-                     client=self.client.label)
+            # Postfix's words, which fail2ban's postfix-sasl filter expects.
+            log.info(f"warning: {self.client.label}: SASL {method} authentication failed: "
+                     f"authentication failure", client=self.client.label, sasl_method=method)
             return AUTH_FAILED
 
         d = throttle.wait(ip)

@@ -41,6 +41,7 @@ TLS_ACTIVE = b"554 5.5.1 Error: TLS already active\r\n"
 STARTTLS_SYNTAX = b"501 5.5.4 Syntax: STARTTLS\r\n"
 NOT_IMPLEMENTED = b"502 5.5.1 Error: command not implemented\r\n"
 NEED_HELO = b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+NEED_EHLO = b"503 5.5.1 Error: send EHLO first\r\n"     # AUTH after HELO: not offered there
 NEED_MAIL = b"503 5.5.1 Error: need MAIL command\r\n"
 ENCRYPTION_REQUIRED = b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
 AUTH_NOT_ENABLED = b"503 5.5.1 Error: authentication not enabled\r\n"
@@ -233,7 +234,7 @@ def test_helo_after_starttls_is_enough_for_mail_but_not_for_auth():
     proto, t, h, clock = connect()
     assert send(proto, t, b"EHLO client.example\r\nSTARTTLS\r\n") == EHLO_CLEAR + READY
     assert send(proto, t, b"HELO client.example\r\n") == b"250 mx.example.com\r\n"
-    assert send(proto, t, b"AUTH PLAIN " + PLAIN_OK + b"\r\n") == NEED_HELO
+    assert send(proto, t, b"AUTH PLAIN " + PLAIN_OK + b"\r\n") == NEED_EHLO
 
 
 def test_starttls_forgets_the_open_transaction():
@@ -280,7 +281,7 @@ def test_auth_before_ehlo():
     proto, t, h, clock = connect(implicit_tls=True)
     assert send(proto, t, b"AUTH PLAIN " + PLAIN_OK + b"\r\n") == NEED_HELO
     assert send(proto, t, b"HELO c.example\r\n") == b"250 mx.example.com\r\n"
-    assert send(proto, t, b"AUTH PLAIN " + PLAIN_OK + b"\r\n") == NEED_HELO
+    assert send(proto, t, b"AUTH PLAIN " + PLAIN_OK + b"\r\n") == NEED_EHLO
     assert auth_calls(h) == []
 
 

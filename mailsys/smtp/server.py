@@ -104,6 +104,7 @@ class SMTPServerProtocol(Protocol):
         self.esmtp = False
         self.tls = False
         self.auth_user = None
+        self.sasl_method = None     # the mechanism of the last AUTH, for the log
         self.auth_failures = 0
         self.txn = None
         self.errors = 0
@@ -746,8 +747,11 @@ class SMTPServerProtocol(Protocol):
         if not self.auth_mechanisms:
             self._error(Reply(503, "5.5.1", "Error: authentication not enabled"), "auth")
             return
-        if self.helo is None or not self.esmtp:
+        if self.helo is None:
             self._error(R.NEED_HELO, "auth")
+            return
+        if not self.esmtp:      # AUTH is an extension: HELO did not offer it
+            self._error(Reply(503, "5.5.1", "Error: send EHLO first"), "auth")
             return
         if not self.tls:
             self._error(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"),
@@ -768,6 +772,9 @@ class SMTPServerProtocol(Protocol):
             self._error(Reply(504, "5.5.4", "Unrecognized authentication type"), "auth")
             return
         exchange = sasl.MECHANISMS[mech]()
+        # The handler logs it (sasl_method=PLAIN, "SASL LOGIN authentication
+        # failed"): fail2ban's postfix-sasl filter matches on the mechanism.
+        self.sasl_method = mech
         try:
             challenge = exchange.start(parts[1] if len(parts) == 2 else None)
         except sasl.SaslError as e:
