@@ -271,7 +271,10 @@ class LMTPHandler:
                     if outcome.reply.text == ALREADY.text:     # a redelivery found it done
                         text += ", already delivered"
                     outcome = Delivered(outcome.reply.with_text(text))
-                status = "sent" if outcome.delivered else ("refused" if outcome.permanent else "deferred")
+                # The contract's words (sent|deferred|bounced): a permanent refusal
+                # is a bounce for the client, which returns the mail (our queue
+                # keeps a full mailbox's for a retry and logs it deferred).
+                status = "sent" if outcome.delivered else ("bounced" if outcome.permanent else "deferred")
                 log.info(f"{txn.queue_id}: to=<{rcpt}>, relay=local, delay={delay:.2f}, "
                          f"dsn={outcome.reply.status}, status={status} ({outcome.reply.text})",
                          qid=txn.queue_id, rcpt=rcpt, status=status, dsn=outcome.reply.status)

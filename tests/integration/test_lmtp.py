@@ -507,7 +507,7 @@ def test_delivered_to_loop_fails_that_recipient_only(make_server):
     mb = mailbox.mbox(mbox_of(server, "box@example.com"), create=False)
     assert [mboxrd_unquote(mb.get_bytes(k)) for k in mb.keys()] == [
         stored_form("sender@example.org", "box@example.com", msg)]
-    server.wait_for_log(r"to=<joe@example\.com>, relay=local, .*dsn=5\.4\.6, status=refused")
+    server.wait_for_log(r"to=<joe@example\.com>, relay=local, .*dsn=5\.4\.6, status=bounced")
 
 
 def test_quota_fails_that_recipient_only(make_server):
@@ -531,7 +531,7 @@ def test_quota_fails_that_recipient_only(make_server):
         stored_form("sender@example.org", "tiny@example.com", small)]
     assert list(maildir_files(maildir_of(server, "joe@example.com")).values()) == [
         stored_form("sender@example.org", "joe@example.com", big)]
-    server.wait_for_log(r"to=<tiny@example\.com>, relay=local, .*dsn=5\.2\.2, status=refused")
+    server.wait_for_log(r"to=<tiny@example\.com>, relay=local, .*dsn=5\.2\.2, status=bounced")
 
 
 def test_mbox_append_after_an_interrupted_one(make_server):

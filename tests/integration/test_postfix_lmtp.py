@@ -152,7 +152,7 @@ def test_postfix_delivers_over_lmtp_and_bounces_the_over_quota_recipient_alone(m
     assert re.findall(r"(?mi)^Final-Recipient: rfc822; ?(\S+)", text) == ["tiny@example.com"]
     assert re.search(r"(?mi)^Status: 5\.2\.2", text)
     assert re.search(r"(?mi)^Diagnostic-Code: smtp; 552 5\.2\.2 ", text)
-    server.wait_for_log(r"to=<tiny@example\.com>, relay=local, .*dsn=5\.2\.2, status=refused")
+    server.wait_for_log(r"to=<tiny@example\.com>, relay=local, .*dsn=5\.2\.2, status=bounced")
 
 
 def test_postfix_delivers_over_the_unix_socket(make_server, lmtp_peer):
