@@ -535,21 +535,35 @@ class QueueManager(service.Service):
     def flush(self, domain=None):
         """Attempt now every message not held (with a recipient due in
         ``domain`` or below it, when given): ``mailsys queue flush``, ETRN.
-        Returns how many messages were scheduled."""
+        Returns how many messages were scheduled.
+
+        The remote courier first forgets that the destinations involved are
+        down (all of them, or those of ``domain``'s mail), or the attempt
+        would be deferred again unseen; Postfix's ``postqueue -f`` does the
+        same."""
         if domain is not None:
             domain = domain.lower().rstrip(".")
-        now = self.clock.seconds()
-        n = 0
+        picked = []
+        domains = None if domain is None else {domain}
         for msg in list(self.messages.values()):
             if msg.held or msg.active:
                 continue
-            if domain is not None and not any(
-                    r.domain == domain or r.domain.endswith("." + domain) for r in msg.due()):
-                continue
+            if domain is not None:
+                mine = {r.domain for r in msg.due()
+                        if r.domain == domain or r.domain.endswith("." + domain)}
+                if not mine:
+                    continue
+                domains |= mine
+            picked.append(msg)
+        forget = getattr(self.remote, "forget_dead", None)    # only the remote courier keeps them
+        if forget is not None:
+            forget(domains)
+        now = self.clock.seconds()
+        for msg in picked:
             msg.next_attempt = now
             if self.running:
                 self._schedule(msg, now)
-            n += 1
+        n = len(picked)
         log.info(f"flush: {n} message(s) scheduled" + (f" for {domain}" if domain else ""),
                  domain=domain, count=n)
         return n
