@@ -80,10 +80,16 @@ def test_show_prints_the_envelope_and_the_header(queued):
     assert f"recipient <joe@example.com>: deferred, dsn 4.3.5, last attempt " in out
     assert "\nSubject: first\n" in out
     assert f"by mx.mailsys.test (mailsys) with ESMTP id {first}" in out
+    assert cli(server, "queue", "show", first.lower()).stdout == out     # ids in any case
     p = cli(server, "queue", "show", "ABCDEF0123", status=1)
     assert p.stderr == "mailsys: no message ABCDEF0123 in the queue\n"
-    p = cli(server, "queue", "show", "../etc", status=1)
-    assert p.stderr == "mailsys: '../etc' is not a queue id\n"
+    p = cli(server, "queue", "show", "../etc", status=2)
+    assert p.stderr == "mailsys: '../etc' is not a queue id: use one that 'mailsys queue list' shows\n"
+    # Two messages queued: one id is what show takes, and the server never saw the request.
+    p = cli(server, "queue", "show", "ALL", status=2)
+    assert (p.stdout, p.stderr) == ("", "mailsys: show takes one queue id, not ALL: 'mailsys queue "
+                                        "list' shows every message\n")
+    assert "Traceback" not in server.log_text() and "show failed" not in server.log_text()
 
 
 def test_hold_release_delete_and_their_survival_of_a_restart(queued):
@@ -92,8 +98,9 @@ def test_hold_release_delete_and_their_survival_of_a_restart(queued):
     assert server.wait_for_log(rf"{first}: placed on hold")
     data = json.loads(cli(server, "queue", "list", "--json").stdout)
     assert [(m["id"], m["state"], m["next_attempt"]) for m in data][0] == (first, "held", None)
-    p = cli(server, "queue", "hold", first, status=1)
-    assert p.stderr == f"mailsys: no message {first} in the queue to hold\n"
+    # Already as asked: said so, a success (as postsuper -h passes over it).
+    assert cli(server, "queue", "hold", first).stdout == f"message {first} is already on hold\n"
+    assert cli(server, "queue", "release", second).stdout == f"message {second} is not on hold\n"
 
     assert cli(server, "queue", "delete", second).stdout == f"{second}: deleted\n"
     assert server.wait_for_log(rf"{second}: removed \(deleted by the administrator\)")
@@ -123,8 +130,11 @@ def test_flush_attempts_now_and_by_domain(queued):
     before = server.log_text().count("status=deferred")
     assert cli(server, "queue", "flush", "--domain", "example.org").stdout == \
         "0 messages scheduled for delivery now (domain example.org)\n"
-    assert cli(server, "queue", "flush", "--domain", "example.net").stdout == \
+    assert cli(server, "queue", "flush", "--domain", "@example.net").stdout == \
         "1 message scheduled for delivery now (domain example.net)\n"
+    p = cli(server, "queue", "flush", "--domain", "bad..domain", status=2)
+    assert p.stderr == ("mailsys: 'bad..domain' is not a domain name: give one such as example.com "
+                        "or @example.com (both flush it and its subdomains)\n")
     server.wait_for_log(r"(?s)flush: 1 message\(s\) scheduled for example\.net.*"
                         rf"{second}: to=<bob@example\.net>.*status=deferred")
     assert cli(server, "queue", "flush").stdout == "2 messages scheduled for delivery now\n"
@@ -186,8 +196,9 @@ def test_control_sockets_are_private_and_public_as_documented(server):
 def test_queue_commands_say_when_the_server_is_not_running(make_server):
     server = make_server(start=False)
     p = cli(server, "queue", "list", status=1)
-    assert p.stderr.startswith(f"mailsys: mailsys is not running (nothing answers on "
-                               f"{server.state_dir}/control.sock")
+    assert p.stderr == (f"mailsys: mailsys is not running (nothing answers on "
+                        f"{server.state_dir}/control.sock: No such file or directory); start it "
+                        f"with: twistd -n mailsys --config {server.config_path}\n")
     p = server.mailsys_cli("sendmail", "joe@example.com", input="Subject: x\n\nbody\n")
     assert p.returncode == 1
     assert p.stderr.endswith("the message was not sent\n")
