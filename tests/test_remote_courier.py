@@ -116,6 +116,7 @@ class Courier(unittest.TestCase):
             server_says(proto, tr, b"421 4.3.2 busy\r\n")
         self.assertEqual(out, [[TempFail(Reply(421, "4.3.2", "busy"))]])
         self.assertEqual(out[0][0].relay, "mx2.remote.test[127.0.0.2]:25")
+        self.assertTrue(out[0][0].from_peer)          # the server said it: "smtp;" in a report
 
     def test_all_refused_marks_destination_down(self):
         self.net.refuse.update({"127.0.0.1", "127.0.0.2"})
@@ -123,10 +124,12 @@ class Courier(unittest.TestCase):
         self.assertEqual(out, [[TempFail(Reply(451, "4.4.1", "connect to mx2.remote.test"
                                                              "[127.0.0.2]:25: Connection refused"))]])
         self.assertIsNone(out[0][0].relay)
+        self.assertFalse(out[0][0].from_peer)         # made up here: "X-Mailsys;" in a report
         # Fails fast now, without connecting.
         out = self.deliver()
         self.assertEqual(out[0][0].reply.text, "delivery temporarily suspended: connect to "
                                                "mx2.remote.test[127.0.0.2]:25: Connection refused")
+        self.assertFalse(out[0][0].from_peer)
         self.clock.advance(61)
         self.net.refuse.clear()
         out = self.deliver()
@@ -181,6 +184,7 @@ class Courier(unittest.TestCase):
         out = self.deliver(["a@nowhere.test"])
         self.assertIsInstance(out[0][0], PermFail)
         self.assertEqual(out[0][0].reply.status, "5.1.2")
+        self.assertFalse(out[0][0].from_peer)
 
     def test_session_reused_with_rset(self):
         out1 = self.deliver()
