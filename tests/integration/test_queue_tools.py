@@ -335,3 +335,48 @@ def test_sendmail_while_the_server_is_down_is_picked_up_at_start(make_server):
                               f"\r\n\tid {m['id']}\r\n\tfor <joe@example.com>; ".encode())
     assert b"\r\nSubject: nightly\r\nFrom: cron@example.com\r\n" in message
     assert message.endswith(b"\r\n\r\nran fine\r\n")
+
+
+def test_flush_and_etrn_attempt_a_destination_that_refused_a_moment_ago(make_server):
+    """The remote courier takes a destination that refused every connection as
+    down for 60 s; ``queue flush`` and ETRN, sent because it is back, must
+    connect (docs/operations.rst), not defer again with "delivery temporarily
+    suspended" and push the retry out."""
+    from unittest import mock
+
+    from tests.integration.harness import free_port, merge
+    from tests.integration.scripted_smtp import ScriptedSMTP
+
+    ports = {"down.test": free_port(), "later.test": free_port()}
+    server = make_server(merge(QUIET, {"relay": {"outbound_tls": "none", "transport": {
+        d: f"smtp:[{LOOPBACK}]:{p}" for d, p in ports.items()}}}))
+    ids = {}
+    for domain, port in ports.items():
+        sender = f"alice@{domain.partition('.')[0]}.example.org"
+        send(server, sender, [f"bob@{domain}"], domain)
+        ids[domain] = server.wait_for_log(
+            rf"([0-9A-F]+): to=<bob@{re.escape(domain)}>, relay=none, .*status=deferred "
+            rf"\(connect to {LOOPBACK}\[{LOOPBACK}\]:{port}: Connection refused\)", timeout=20).group(1)
+    peers = {}
+    try:
+        for domain, port in ports.items():     # both are back within the 60 s
+            with mock.patch("tests.integration.scripted_smtp.free_port", return_value=port):
+                peers[domain] = ScriptedSMTP().start()
+        assert cli(server, "queue", "flush", "--domain", "@down.test").stdout == \
+            "1 message scheduled for delivery now (domain down.test)\n"
+        assert server.wait_for_log(rf"{ids['down.test']}: to=<bob@down\.test>, relay={LOOPBACK}"
+                                   rf"\[{LOOPBACK}\]:{ports['down.test']}, .*status=sent", timeout=20)
+        with socket.create_connection((LOOPBACK, server.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"HELO client.example.org\r\nETRN later.test\r\nQUIT\r\n")
+            assert f.readline().startswith(b"250 ")
+            assert f.readline() == b"250 2.0.0 Queuing for node later.test started\r\n"
+        assert server.wait_for_log(rf"{ids['later.test']}: to=<bob@later\.test>, relay={LOOPBACK}"
+                                   rf"\[{LOOPBACK}\]:{ports['later.test']}, .*status=sent", timeout=20)
+    finally:
+        for peer in peers.values():
+            peer.stop()
+    assert "delivery temporarily suspended" not in server.log_text()
+    assert {d: [m[1] for m in p.messages] for d, p in peers.items()} == {
+        "down.test": [["RCPT TO:<bob@down.test>"]], "later.test": [["RCPT TO:<bob@later.test>"]]}
