@@ -19,6 +19,7 @@ fsynced, exactly like ``250`` on the SMTP port.
 """
 import json
 import os
+import shlex
 import socket
 import struct
 import time
@@ -61,12 +62,44 @@ def _peer_uid(transport):
         return None
 
 
-def _queue_id(value):
-    if not isinstance(value, str) or not value or len(value) > 40:
-        raise RequestError("a queue id is required")
-    if value != "ALL" and not set(value) <= _QID_CHARS:
-        raise RequestError(f"{value[:40]!r} is not a queue id")
-    return value
+def queue_id(value, cmd="hold"):
+    """The queue id ``value`` names, upper-cased, or ``ALL`` where ``cmd`` takes
+    it (not ``show``); RequestError says what is accepted.
+
+    Ids are upper-case hexadecimal; one typed in lower case is taken as the same
+    id, since hex digits leave no doubt (Postfix's postsuper is case-sensitive,
+    which only makes an administrator retype it).  ``ALL`` is not, as for
+    postsuper: it names every message, and ``delete all`` is not a typo to
+    guess at.  ``mailsys queue`` checks with this before it asks the server
+    (bad usage, exit 2), and the server again for any other client."""
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{cmd} needs a queue id, as 'mailsys queue list' shows them")
+    if value == "ALL" and cmd != "show":
+        return value
+    if value.upper() == "ALL":
+        raise RequestError(f"show takes one queue id, not {value}: 'mailsys queue list' "
+                           f"shows every message" if cmd == "show" else
+                           f"write ALL in capitals to {cmd} every message")
+    qid = value.upper()
+    if len(qid) > 40 or not set(qid) <= _QID_CHARS:
+        raise RequestError(f"{value[:40]!r} is not a queue id: use one that "
+                           f"'mailsys queue list' shows")
+    return qid
+
+
+def flush_domain(value):
+    """``D`` or ``@D`` for ``queue flush --domain``, as ETRN takes them: the
+    mail for D and every domain below it (docs/operations.rst); RequestError
+    says what is accepted."""
+    from mailsys.smtp.address import parse_domain
+
+    if not isinstance(value, str):
+        raise RequestError("flush --domain needs a domain name, such as example.com")
+    domain = parse_domain(value[1:] if value.startswith("@") else value)
+    if domain is None or domain.startswith("["):
+        raise RequestError(f"{value[:100]!r} is not a domain name: give one such as "
+                           f"example.com or @example.com (both flush it and its subdomains)")
+    return domain
 
 
 def check_submit(request, limit):
@@ -184,7 +217,7 @@ class ControlProtocol(Protocol):
     def _parse(self, line):
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):     # RecursionError: [[[[... nested too deep
             raise RequestError("the request is not JSON")
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             raise RequestError("the request names no command")
@@ -192,12 +225,9 @@ class ControlProtocol(Protocol):
         if cmd not in self.allowed:
             raise RequestError(f"{cmd[:20]!r} is not allowed on this socket")
         if cmd in ("show", "delete", "hold", "release"):
-            request["id"] = _queue_id(request.get("id"))
+            request["id"] = queue_id(request.get("id"), cmd)
         if cmd == "flush" and request.get("domain") is not None:
-            domain = request["domain"]
-            if not isinstance(domain, str) or not 0 < len(domain) <= 255 or any(
-                    c.isspace() or c in "@[]<>\\\"" for c in domain):
-                raise RequestError("a domain name is required")
+            request["domain"] = flush_domain(request["domain"])
         if cmd == "submit":
             check_submit(request, self.service.config.limits.message_size)
         return request
@@ -237,9 +267,10 @@ class ControlProtocol(Protocol):
         return {"ok": True, "messages": self.queue.list()}
 
     def do_show(self, request, body):
-        [msg] = self.queue.find(request["id"]) or [None]
-        if msg is None or request["id"] == "ALL":
+        found = self.queue.find(request["id"])      # one id: _parse refused ALL
+        if len(found) != 1:
             raise RequestError(f"no message {request['id']} in the queue")
+        [msg] = found
         item = self.queue.describe(msg)
         item["params"] = msg.envelope.get("params", {})
         item["client"] = msg.envelope.get("client", {})
@@ -254,13 +285,17 @@ class ControlProtocol(Protocol):
 
     def _each(self, verb):
         def run(request, body):
-            d = getattr(self.queue, verb)(request["id"])
+            qid = request["id"]
+            d = getattr(self.queue, verb)(qid)
 
             def done(ids):
-                if not ids and request["id"] != "ALL":
-                    raise RequestError(f"no message {request['id']} in the queue"
-                                       + ("" if verb == "delete" else f" to {verb}"))
-                return {"ok": True, "ids": ids}
+                if ids or qid == "ALL":
+                    return {"ok": True, "ids": ids}
+                if not self.queue.find(qid):
+                    raise RequestError(f"no message {qid} in the queue")
+                # Held already (hold), or not held (release): as asked, so a
+                # success that says so; postsuper -h/-H pass over it quietly.
+                return {"ok": True, "ids": [], "unchanged": [qid]}
 
             return d.addCallback(done)
         return run
@@ -324,8 +359,19 @@ class NotRunning(Exception):
         self.absent = absent
 
 
-def request(path, req, body=b"", timeout=120):
-    """Send one request; return the decoded answer (a dict)."""
+def start_command(config_file=None):
+    """How to start the server that reads ``config_file`` (None: the embedded
+    default), for the "not running" hint: the bare command would start a
+    server on another configuration, with another control socket."""
+    if config_file is None:
+        return "twistd -n mailsys"
+    return f"twistd -n mailsys --config {shlex.quote(config_file)}"
+
+
+def request(path, req, body=b"", timeout=120, config_file=None):
+    """Send one request; return the decoded answer (a dict).  ``config_file``:
+    the configuration the caller was given, named in the hint when nothing
+    answers."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -333,7 +379,8 @@ def request(path, req, body=b"", timeout=120):
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NotRunning(f"mailsys is not running (nothing answers on {path}: "
-                             f"{e.strerror}); start it with 'twistd -n mailsys'", absent=True)
+                             f"{e.strerror}); start it with: {start_command(config_file)}",
+                             absent=True)
         except PermissionError:
             raise NotRunning(f"permission denied on {path}; run this as the user "
                              f"mailsys runs as (or root)")

@@ -5,7 +5,7 @@ delivery happened, only whether it is done, worth retrying, or hopeless, and
 the reply that says why.  A recipient is recorded as delivered only on
 :class:`Delivered`; anything unexpected is a :class:`TempFail`, never success.
 """
-from mailsys.smtp.reply import Reply
+from mailsys.smtp.reply import PeerReply, Reply
 
 
 class Outcome:
@@ -18,6 +18,13 @@ class Outcome:
     def __init__(self, reply, relay=None):
         self.reply = reply
         self.relay = relay
+
+    @property
+    def from_peer(self):
+        """Whether ``reply`` is what a server said (mailsys.smtp.reply.PeerReply),
+        not one made up here (connection refused, DNS trouble, a destination
+        taken as down, no courier): the report's ``smtp;`` or ``X-Mailsys;``."""
+        return isinstance(self.reply, PeerReply)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.reply})"

@@ -362,7 +362,9 @@ def _recipient_paragraph(st, display, diag):
     who = f"<{display}>"
     if st.action in ("failed", "delayed"):
         if diag:
-            remote = _hostname(st.remote_mta, "")
+            # Only a server's own reply is what a host "said"; an X-Mailsys
+            # diagnostic is ours (a lost connection, say) and names the host itself.
+            remote = _hostname(st.remote_mta, "") if diag[0] == "smtp" else ""
             said = f"host {remote} said: " if remote else ""
             text = f"{who}: {said}{diag[1]} (status {st.status})"
         else:

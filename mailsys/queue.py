@@ -20,6 +20,7 @@ any message from ``<>``.  A message from ``<>`` is never bounced.
 """
 import os
 import random
+import re
 import time
 
 from twisted.application import service
@@ -48,7 +49,7 @@ POSTMASTER_ROLE = "postmaster-notice"   # envelope client role of a double-bounc
 
 class Recipient:
     __slots__ = ("index", "addr", "state", "error", "notify", "orcpt", "when", "status", "mta",
-                 "reported", "action")
+                 "reported", "action", "local")
 
     def __init__(self, index, spec):
         self.index = index
@@ -64,6 +65,9 @@ class Recipient:
         # Once sent: the success notice's Action (mailsys.delivery), or PASSED_ON
         # when the next hop took the NOTIFY request and reports itself.
         self.action = DELIVERED
+        # Its error is one mailsys made up (no server said it): the report's
+        # Diagnostic-Code is "X-Mailsys;", not "smtp;" (_diagnostic_of).
+        self.local = False
 
     @property
     def domain(self):
@@ -184,6 +188,8 @@ class QueueManager(service.Service):
                     rec["mta"] = r.mta
                 if r.action != DELIVERED:
                     rec["a"] = r.action
+                if r.local:
+                    rec["local"] = True
                 out.append(rec)
             if reported:
                 out.append({"id": qid, "reported": reported})
@@ -206,6 +212,7 @@ class QueueManager(service.Service):
             r.status = rec.get("dsn")
             r.mta = rec.get("mta")
             r.action = rec.get("a", DELIVERED)
+            r.local = bool(rec.get("local"))
         if "next" in rec:
             msg.next_attempt = rec["next"]
             msg.attempts = rec.get("attempts", msg.attempts)
@@ -326,7 +333,8 @@ class QueueManager(service.Service):
         for r in due:
             last = r.error or "no delivery attempt succeeded"
             yield self._record(msg, r, "failed", f"{last} (gave up after {int(now - msg.arrival)} s)",
-                               status=EXPIRED_STATUS, relay="none", reply=reply)
+                               status=EXPIRED_STATUS, relay="none", reply=reply,
+                               local=r.local or r.error is None)
         yield self._settle(msg)
 
     def _via(self, msg, rcpts, courier, missing, relay):
@@ -367,16 +375,20 @@ class QueueManager(service.Service):
             # one batch instead of one fdatasync after another.
             waits.append(self._record(msg, r, state, str(outcome.reply),
                                       relay=where or getattr(courier, "name", relay),
-                                      delay=delay, reply=outcome.reply, started=started))
+                                      delay=delay, reply=outcome.reply, started=started,
+                                      local=not outcome.from_peer))
         if len(waits) == 1:
             return waits[0]
         return defer.gatherResults(waits, consumeErrors=True)
 
-    def _record(self, msg, r, state, error, *, relay, reply, status=None, delay=None, started=None):
-        """Journal one recipient's result; the Deferred fires once it is durable."""
+    def _record(self, msg, r, state, error, *, relay, reply, status=None, delay=None, started=None,
+                local=False):
+        """Journal one recipient's result; the Deferred fires once it is durable.
+        ``local``: ``error`` is a reply mailsys made up, not one a server sent."""
         status = status or reply.status or ("2.0.0" if state == "sent" else
                                             "5.0.0" if state == "failed" else "4.0.0")
         r.state, r.error, r.when, r.status = state, error, self.clock.seconds(), status
+        r.local = local and state != "sent"
         shown = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}[state]
         delay = self.clock.seconds() - msg.arrival if delay is None else delay
         log.info(f"{msg.qid}: to=<{r.addr}>, relay={relay}, delay={delay:.2f}, dsn={status}, "
@@ -387,6 +399,8 @@ class QueueManager(service.Service):
             rec["mta"] = r.mta
         if state == "sent" and r.action != DELIVERED:
             rec["a"] = r.action     # a restart must not send (or mislabel) its success notice
+        if r.local:
+            rec["local"] = True     # the report after a restart says X-Mailsys too
         return self.journal.append(rec, durable=state != "deferred")
 
     def _settle(self, msg):
@@ -535,21 +549,35 @@ class QueueManager(service.Service):
     def flush(self, domain=None):
         """Attempt now every message not held (with a recipient due in
         ``domain`` or below it, when given): ``mailsys queue flush``, ETRN.
-        Returns how many messages were scheduled."""
+        Returns how many messages were scheduled.
+
+        The remote courier first forgets that the destinations involved are
+        down (all of them, or those of ``domain``'s mail), or the attempt
+        would be deferred again unseen; Postfix's ``postqueue -f`` does the
+        same."""
         if domain is not None:
             domain = domain.lower().rstrip(".")
-        now = self.clock.seconds()
-        n = 0
+        picked = []
+        domains = None if domain is None else {domain}
         for msg in list(self.messages.values()):
             if msg.held or msg.active:
                 continue
-            if domain is not None and not any(
-                    r.domain == domain or r.domain.endswith("." + domain) for r in msg.due()):
-                continue
+            if domain is not None:
+                mine = {r.domain for r in msg.due()
+                        if r.domain == domain or r.domain.endswith("." + domain)}
+                if not mine:
+                    continue
+                domains |= mine
+            picked.append(msg)
+        forget = getattr(self.remote, "forget_dead", None)    # only the remote courier keeps them
+        if forget is not None:
+            forget(domains)
+        now = self.clock.seconds()
+        for msg in picked:
             msg.next_attempt = now
             if self.running:
                 self._schedule(msg, now)
-            n += 1
+        n = len(picked)
         log.info(f"flush: {n} message(s) scheduled" + (f" for {domain}" if domain else ""),
                  domain=domain, count=n)
         return n
@@ -642,7 +670,7 @@ class QueueManager(service.Service):
             rcpt=r.addr,
             action={"failure": "failed", "delay": "delayed", "success": r.action}[kind],
             status=_status_of(r, kind),
-            diagnostic=r.error if kind != "success" else None,
+            diagnostic=_diagnostic_of(r) if kind != "success" else None,
             remote_mta=r.mta, orcpt=r.orcpt, last_attempt=r.when,
             will_retry_until=msg.arrival + self.config.queue.lifetime if kind == "delay" else None)
             for r in rcpts]
@@ -679,6 +707,22 @@ def _rcpt_options(r):
     if r.notify:
         options["notify"] = list(r.notify)
     return options
+
+
+_MADE_UP_CODE = re.compile(r"\d{3} (?:[245]\.\d{1,3}\.\d{1,3} )?")
+
+
+def _diagnostic_of(r):
+    """The Diagnostic-Code of a recipient's last error (RFC 3464 2.3.6): a
+    server's reply as ``smtp; CODE X.Y.Z text``; one mailsys made up (no
+    server said it: a refused connection, DNS trouble, a destination taken as
+    down) as ``X-Mailsys; text``, without the reply code that only stands in
+    for it (the Status field has the enhanced code), as Postfix writes
+    ``X-Postfix;``."""
+    if not r.error or not r.local:
+        return r.error
+    m = _MADE_UP_CODE.match(r.error)
+    return "X-Mailsys; " + (r.error[m.end():] if m else r.error)
 
 
 def _status_of(r, kind):

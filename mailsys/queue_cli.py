@@ -8,19 +8,31 @@ import datetime
 import json
 import sys
 
-from mailsys.cli import CommandError, load_config
+from mailsys.cli import EXIT_USAGE, CommandError, load_config
 
 
 def _ask(config, request):
     from mailsys import control
+    from mailsys.config import EMBEDDED_SOURCE
 
+    config_file = None if config.source == EMBEDDED_SOURCE else config.source
     try:
-        answer = control.request(control.control_path(config), request)
+        answer = control.request(control.control_path(config), request, config_file=config_file)
     except control.NotRunning as e:
         raise CommandError(str(e))
     if not answer.get("ok"):
         raise CommandError(answer.get("error") or "the server refused the request")
     return answer
+
+
+def _checked(check, *args):
+    """An argument the server would refuse, refused here as bad usage (exit 2)."""
+    from mailsys.control import RequestError
+
+    try:
+        return check(*args)
+    except RequestError as e:
+        raise CommandError(str(e), EXIT_USAGE)
 
 
 def _when(t):
@@ -39,7 +51,8 @@ def format_message(m, out):
         out.write(f"    {r['state']:<8}  <{r['address']}>{error}\n")
 
 
-def cli_list(args, out=sys.stdout):
+def cli_list(args, out=None):
+    out = out or sys.stdout
     config = load_config(args)
     messages = _ask(config, {"cmd": "list"})["messages"]
     if args.json:
@@ -56,9 +69,13 @@ def cli_list(args, out=sys.stdout):
     return 0
 
 
-def cli_show(args, out=sys.stdout):
+def cli_show(args, out=None):
+    from mailsys.control import queue_id
+
+    out = out or sys.stdout
+    qid = _checked(queue_id, args.id, "show")
     config = load_config(args)
-    m = _ask(config, {"cmd": "show", "id": args.id})["message"]
+    m = _ask(config, {"cmd": "show", "id": qid})["message"]
     format_message(m, out)
     out.write(f"attempts: {m['attempts']}\n")
     client = m.get("client") or {}
@@ -77,32 +94,45 @@ def cli_show(args, out=sys.stdout):
     return 0
 
 
-def cli_flush(args, out=sys.stdout):
-    config = load_config(args)
+def cli_flush(args, out=None):
+    from mailsys.control import flush_domain
+
+    out = out or sys.stdout
     request = {"cmd": "flush"}
-    if args.domain:
-        request["domain"] = args.domain
+    domain = None
+    if args.domain is not None:
+        domain = request["domain"] = _checked(flush_domain, args.domain)
+    config = load_config(args)
     n = _ask(config, request)["count"]
     out.write(f"{n} message{'s' if n != 1 else ''} scheduled for delivery now"
-              + (f" (domain {args.domain})" if args.domain else "") + "\n")
+              + (f" (domain {domain})" if domain else "") + "\n")
     return 0
 
 
-def _each(verb, done):
-    def run(args, out=sys.stdout):
+def _each(verb, done, unchanged=None):
+    """``unchanged``: what to say when the message already is as asked (held
+    already, or not held); that is a success, exit 0 (docs/operations.rst)."""
+    def run(args, out=None):
+        from mailsys.control import queue_id
+
+        out = out or sys.stdout
+        qid = _checked(queue_id, args.id, verb)
         config = load_config(args)
-        ids = _ask(config, {"cmd": verb, "id": args.id})["ids"]
+        answer = _ask(config, {"cmd": verb, "id": qid})
+        ids = answer["ids"]
         for qid in ids:
             out.write(f"{qid}: {done}\n")
-        if not ids:
+        for qid in answer.get("unchanged", ()):
+            out.write(f"message {qid} {unchanged}\n")
+        if not ids and not answer.get("unchanged"):
             out.write(f"no message {done}\n")
         return 0
     return run
 
 
 cli_delete = _each("delete", "deleted")
-cli_hold = _each("hold", "placed on hold")
-cli_release = _each("release", "released")
+cli_hold = _each("hold", "placed on hold", "is already on hold")
+cli_release = _each("release", "released", "is not on hold")
 
 
 def add_subcommands(sub, common):
@@ -113,7 +143,8 @@ def add_subcommands(sub, common):
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=cli_show)
     p = sub.add_parser("flush", help="attempt delivery of queued mail now", parents=[common])
-    p.add_argument("--domain", metavar="D", help="only mail with recipients in D (or below it)")
+    p.add_argument("--domain", metavar="D", help="only mail with recipients in D or below it "
+                                                 "(D or @D, as ETRN)")
     p.set_defaults(func=cli_flush)
     for verb, func, what in (("delete", cli_delete, "remove a message without a report"),
                              ("hold", cli_hold, "stop delivery attempts until released"),

@@ -357,6 +357,19 @@ def test_typed_diagnostic_is_kept():
     assert blocks(raw)[1]["Diagnostic-Code"] == "smtp; 550 no"
 
 
+def test_a_diagnostic_of_our_own_is_not_what_a_host_said():
+    """X-Mailsys: mailsys wrote it (a lost connection, say), so the text part
+    does not put it in the mouth of the Remote-MTA; smtp: the host's reply."""
+    raw = report(statuses=[bob_failed(diagnostic="X-Mailsys; lost connection with "
+                                                 "mx.example.org[192.0.2.1]:25 while sending "
+                                                 "end of data", status="4.4.2")])
+    flat = " ".join(list(parse(raw).iter_parts())[0].get_content().split())
+    assert ("<bob@example.org>: lost connection with mx.example.org[192.0.2.1]:25 while sending "
+            "end of data (status 4.4.2)") in flat
+    assert "said" not in flat
+    assert blocks(raw)[1]["Remote-MTA"] == "dns; mx.example.org"
+
+
 def test_message_ids_differ_between_reports():
     assert parse(report())["Message-ID"] != parse(report())["Message-ID"]
 

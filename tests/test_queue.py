@@ -2,6 +2,7 @@
 import email
 import email.policy
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -596,3 +597,50 @@ def test_segments_found_at_start_up_are_closed(q, tmp_path):
     assert seg.exists()
     q.clock.advance(0)
     assert "QL" not in qm2.messages and not seg.exists()
+
+
+def _diagnostics(report):
+    """The Diagnostic-Code fields of a report and the whole report, unfolded."""
+    text = report.decode().replace("\r\n ", " ")
+    return re.findall(r"^Diagnostic-Code: (.*?)\r$", text, re.M), text
+
+
+def test_reports_tell_a_servers_reply_from_one_mailsys_made_up(q):
+    """RFC 3464 2.3.6: "smtp;" only for what a remote server said; a refused
+    connection, DNS trouble or a destination taken as down is "X-Mailsys;"."""
+    from mailsys.smtp.reply import PeerReply
+
+    remote = q.qm.remote = Courier("remote")
+    remote.script = [[
+        PermFail(Reply(550, "5.1.2", "Host or domain name not found. Name service error for "
+                                     "name=nowhere.test type=MX: Host not found")),
+        PermFail(PeerReply(550, "5.1.1", "<bob@mx.test>: User unknown"), "mx.test[127.0.0.9]:25"),
+        TempFail(Reply(451, "4.4.1", "delivery temporarily suspended: connect to "
+                                     "down.test[127.0.0.8]:25: Connection refused")),
+    ]]
+    q.qm.add(Entry("QX", "a@b.org", ["x@nowhere.test", "bob@mx.test", "c@down.test"]))
+    q.clock.advance(0)
+    [(_, _, report)] = q.spool.committed
+    codes, text = _diagnostics(report)
+    assert codes == ["X-Mailsys; Host or domain name not found. Name service error for "
+                     "name=nowhere.test type=MX: Host not found",
+                     "smtp; 550 5.1.1 <bob@mx.test>: User unknown"]
+    assert "<bob@mx.test>: host mx.test said: 550 5.1.1 <bob@mx.test>: User unknown" in text
+    assert "<x@nowhere.test>: Host or domain name not found." in text
+    # The made-up deferral is journaled as such, so that a report after a
+    # restart (here: the expiry) says X-Mailsys too.
+    [rec] = [r for r in q.journal.records if r.get("id") == "QX" and r.get("r") == 2]
+    assert rec["local"] is True and rec["e"].startswith("451 4.4.1 delivery temporarily suspended")
+    assert [r.get("local") for r in q.journal.records if r.get("id") == "QX" and "r" in r] == [
+        True, None, True]
+    qm2 = QueueManager(config=q.qm.config, spool=q.spool, journal=q.journal, clock=q.clock,
+                       remote=None, local_domains=["example.com"], rng=lambda: 0.5)
+    qm2.load([Entry("QX", "a@b.org", ["x@nowhere.test", "bob@mx.test", "c@down.test"])],
+             [r for r in q.journal.records if r.get("id") == "QX"])
+    assert qm2.messages["QX"].rcpts[2].local
+    assert [r.get("local") for r in qm2.snapshot() if r.get("r") is not None] == [True, None, True]
+    qm2.startService()
+    q.clock.advance(LIFETIME)
+    codes, _ = _diagnostics(q.spool.committed[-1][2])
+    assert codes == ["X-Mailsys; delivery temporarily suspended: connect to down.test[127.0.0.8]:25: "
+                     "Connection refused (gave up after 86400 s)"]

@@ -3,6 +3,7 @@ StringTransport and task.Clock: routing, next MX on failure, session reuse,
 per-destination limits, dead-destination memory, smart host credentials."""
 import os
 import random
+from types import SimpleNamespace
 
 from twisted.internet import defer, error, task
 from twisted.internet.testing import StringTransport
@@ -115,6 +116,7 @@ class Courier(unittest.TestCase):
             server_says(proto, tr, b"421 4.3.2 busy\r\n")
         self.assertEqual(out, [[TempFail(Reply(421, "4.3.2", "busy"))]])
         self.assertEqual(out[0][0].relay, "mx2.remote.test[127.0.0.2]:25")
+        self.assertTrue(out[0][0].from_peer)          # the server said it: "smtp;" in a report
 
     def test_all_refused_marks_destination_down(self):
         self.net.refuse.update({"127.0.0.1", "127.0.0.2"})
@@ -122,19 +124,67 @@ class Courier(unittest.TestCase):
         self.assertEqual(out, [[TempFail(Reply(451, "4.4.1", "connect to mx2.remote.test"
                                                              "[127.0.0.2]:25: Connection refused"))]])
         self.assertIsNone(out[0][0].relay)
+        self.assertFalse(out[0][0].from_peer)         # made up here: "X-Mailsys;" in a report
         # Fails fast now, without connecting.
         out = self.deliver()
         self.assertEqual(out[0][0].reply.text, "delivery temporarily suspended: connect to "
                                                "mx2.remote.test[127.0.0.2]:25: Connection refused")
+        self.assertFalse(out[0][0].from_peer)
         self.clock.advance(61)
         self.net.refuse.clear()
         out = self.deliver()
         self.assertEqual(len(self.net.connections), 1)
 
+    def test_forget_dead_by_domain_and_all(self):
+        """flush and ETRN (through the queue) make the next attempt a real one."""
+        self.net.refuse.update({"127.0.0.1", "127.0.0.2", "127.0.0.7"})
+        self.deliver(["a@remote.test", "b@other.test"])
+        self.assertEqual(len(self.net.connections), 0)
+        self.net.refuse.clear()
+        self.assertEqual(self.courier.forget_dead(["remote.test"]), ["mx:remote.test:25"])
+        self.assertEqual(self.courier.forget_dead(["remote.test"]), [])     # nothing left to forget
+        out = self.deliver(["a@remote.test", "b@other.test"])
+        [(hop, proto, tr)] = self.net.connections                          # remote.test only
+        self.assertEqual(hop.host, "mx1.remote.test")
+        self.complete(proto, tr)
+        self.assertIsInstance(out[0][0], Delivered)
+        self.assertEqual(out[0][1].reply.text, "delivery temporarily suspended: connect to "
+                                               "mx.other.test[127.0.0.7]:25: Connection refused")
+        self.assertEqual(self.courier.forget_dead(), ["mx:other.test:25"])
+        self.deliver(["b@other.test"])
+        self.assertEqual([h.host for h, _, _ in self.net.connections],
+                         ["mx1.remote.test", "mx.other.test"])
+
+    def test_flush_within_dead_time_connects_and_delivers(self):
+        """`mailsys queue flush --domain` 10 s after every MX refused: a real
+        connection, delivered, not "delivery temporarily suspended" again."""
+        from mailsys.queue import QueueManager
+        from tests.test_queue import Entry, Journal
+
+        config = SimpleNamespace(queue=SimpleNamespace(retry_min=300, retry_max=3600,
+                                                       lifetime=86400, warn_after=0),
+                                 domains=SimpleNamespace(local=()))
+        qm = QueueManager(config=config, spool=None, journal=Journal(), clock=self.clock,
+                          remote=self.courier, rng=lambda: 0.5)
+        qm.startService()
+        self.net.refuse.update({"127.0.0.1", "127.0.0.2"})
+        qm.add(Entry("QF", "s@example.com", ["a@remote.test"]))
+        self.clock.advance(0)
+        self.assertEqual(qm.messages["QF"].next_attempt, 300)
+        self.clock.advance(10)
+        self.net.refuse.clear()
+        self.assertEqual(qm.flush("remote.test"), 1)
+        self.clock.advance(0)
+        [(hop, proto, tr)] = self.net.connections
+        self.complete(proto, tr)
+        self.assertNotIn("QF", qm.messages)
+        self.assertEqual(qm.journal.records[-2]["s"], "sent")
+
     def test_permanent_dns_failure(self):
         out = self.deliver(["a@nowhere.test"])
         self.assertIsInstance(out[0][0], PermFail)
         self.assertEqual(out[0][0].reply.status, "5.1.2")
+        self.assertFalse(out[0][0].from_peer)
 
     def test_session_reused_with_rset(self):
         out1 = self.deliver()

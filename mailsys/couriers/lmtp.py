@@ -47,7 +47,7 @@ from mailsys.delivery import Delivered, PermFail, TempFail, lmtp_action
 from mailsys.logs import MailLog
 from mailsys.smtp.address import AddressError, parse_path
 from mailsys.smtp.params import QUEUE_ID
-from mailsys.smtp.reply import Reply
+from mailsys.smtp.reply import PeerReply, Reply
 
 log = MailLog("mailsys.courier.lmtp")
 
@@ -236,14 +236,15 @@ def _status_of(code, text):
 
 
 def parse_reply(code, texts):
-    """``(code, [text lines])`` as a :class:`Reply`, the enhanced status code taken
+    """``(code, [text lines])`` as a :class:`PeerReply` (what the peer said, as
+    opposed to a reply of our own making), the enhanced status code taken
     from the first line (and removed from every line that repeats it)."""
     status = _status_of(code, texts[0])
     if status:
         n = len(status)
         texts = [t[n:].lstrip(" ") if t.startswith(status) and t[n:n + 1] in ("", " ") else t
                  for t in texts]
-    return Reply(code, status, *texts)
+    return PeerReply(code, status, *texts)
 
 
 def _clean(text, limit=400):

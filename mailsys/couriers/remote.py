@@ -18,7 +18,9 @@ Sessions are pooled per destination (next hop): a finished session waits up to
 turn.  When no address of a destination accepted a connection, the
 destination is remembered as down for :data:`DEAD_TIME` seconds and mail for it
 is deferred at once ("delivery temporarily suspended") instead of waiting for
-connection timeouts and holding up the queue.
+connection timeouts and holding up the queue.  ``mailsys queue flush`` and
+ETRN make the queue call :meth:`RemoteCourier.forget_dead` first, so the attempt
+they ask for is a real one (as Postfix's ``postqueue -f`` and ETRN do).
 """
 import ipaddress
 from collections import deque
@@ -154,6 +156,30 @@ class RemoteCourier:
                                TLSPolicy(level, self.trust_root), self.auth)
         return Destination(f"mx:{domain}:{self.port}", "smtp", domain, self.port, True,
                            TLSPolicy(self.outbound_tls, self.trust_root))
+
+    def forget_dead(self, domains=None):
+        """Forget that destinations are down: every one (``domains`` None), or
+        those that mail for ``domains`` goes to.  Returns the keys forgotten.
+
+        Why: an administrator flushes the queue, and a site sends ETRN, exactly
+        when a destination has just come back; within :data:`DEAD_TIME` of its
+        last refusal the attempt they ask for would otherwise be deferred again
+        without a connection, and pushed further out by the backoff."""
+        if domains is None:
+            keys = list(self._pools)
+        else:
+            keys = {self.destination(d).key for d in domains}
+        now = self.clock.seconds()
+        forgotten = []
+        for key in keys:
+            pool = self._pools.get(key)
+            if pool is None or pool.dead_until <= now:
+                continue
+            pool.dead_until = 0.0
+            pool.dead_reply = None
+            forgotten.append(key)
+            log.info(f"destination {key}: no longer taken as down (flush)", destination=key)
+        return forgotten
 
     # -- the courier contract -------------------------------------------------------------
 

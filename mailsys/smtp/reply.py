@@ -67,6 +67,19 @@ class Reply:
         return hash((self.code, self.status, self.lines))
 
 
+class PeerReply(Reply):
+    """A reply as a peer sent it, parsed off the wire by our SMTP or LMTP client.
+
+    Why a type of its own: a delivery report must tell a reply some server
+    gave (``Diagnostic-Code: smtp; ...``, RFC 3464 2.3.6) from one mailsys
+    made up itself, for a refused connection, a DNS failure or a destination
+    taken as down (``X-Mailsys; ...``).  Every courier already passes the
+    reply on in its TempFail/PermFail/Delivered; only the parser makes this
+    type, and :meth:`with_text` (new words) gives a plain :class:`Reply`."""
+
+    __slots__ = ()
+
+
 # Replies used in more than one place.  Text follows Postfix where operators know it.
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")

@@ -80,10 +80,16 @@ def test_show_prints_the_envelope_and_the_header(queued):
     assert f"recipient <joe@example.com>: deferred, dsn 4.3.5, last attempt " in out
     assert "\nSubject: first\n" in out
     assert f"by mx.mailsys.test (mailsys) with ESMTP id {first}" in out
+    assert cli(server, "queue", "show", first.lower()).stdout == out     # ids in any case
     p = cli(server, "queue", "show", "ABCDEF0123", status=1)
     assert p.stderr == "mailsys: no message ABCDEF0123 in the queue\n"
-    p = cli(server, "queue", "show", "../etc", status=1)
-    assert p.stderr == "mailsys: '../etc' is not a queue id\n"
+    p = cli(server, "queue", "show", "../etc", status=2)
+    assert p.stderr == "mailsys: '../etc' is not a queue id: use one that 'mailsys queue list' shows\n"
+    # Two messages queued: one id is what show takes, and the server never saw the request.
+    p = cli(server, "queue", "show", "ALL", status=2)
+    assert (p.stdout, p.stderr) == ("", "mailsys: show takes one queue id, not ALL: 'mailsys queue "
+                                        "list' shows every message\n")
+    assert "Traceback" not in server.log_text() and "show failed" not in server.log_text()
 
 
 def test_hold_release_delete_and_their_survival_of_a_restart(queued):
@@ -92,8 +98,9 @@ def test_hold_release_delete_and_their_survival_of_a_restart(queued):
     assert server.wait_for_log(rf"{first}: placed on hold")
     data = json.loads(cli(server, "queue", "list", "--json").stdout)
     assert [(m["id"], m["state"], m["next_attempt"]) for m in data][0] == (first, "held", None)
-    p = cli(server, "queue", "hold", first, status=1)
-    assert p.stderr == f"mailsys: no message {first} in the queue to hold\n"
+    # Already as asked: said so, a success (as postsuper -h passes over it).
+    assert cli(server, "queue", "hold", first).stdout == f"message {first} is already on hold\n"
+    assert cli(server, "queue", "release", second).stdout == f"message {second} is not on hold\n"
 
     assert cli(server, "queue", "delete", second).stdout == f"{second}: deleted\n"
     assert server.wait_for_log(rf"{second}: removed \(deleted by the administrator\)")
@@ -123,8 +130,11 @@ def test_flush_attempts_now_and_by_domain(queued):
     before = server.log_text().count("status=deferred")
     assert cli(server, "queue", "flush", "--domain", "example.org").stdout == \
         "0 messages scheduled for delivery now (domain example.org)\n"
-    assert cli(server, "queue", "flush", "--domain", "example.net").stdout == \
+    assert cli(server, "queue", "flush", "--domain", "@example.net").stdout == \
         "1 message scheduled for delivery now (domain example.net)\n"
+    p = cli(server, "queue", "flush", "--domain", "bad..domain", status=2)
+    assert p.stderr == ("mailsys: 'bad..domain' is not a domain name: give one such as example.com "
+                        "or @example.com (both flush it and its subdomains)\n")
     server.wait_for_log(r"(?s)flush: 1 message\(s\) scheduled for example\.net.*"
                         rf"{second}: to=<bob@example\.net>.*status=deferred")
     assert cli(server, "queue", "flush").stdout == "2 messages scheduled for delivery now\n"
@@ -186,8 +196,9 @@ def test_control_sockets_are_private_and_public_as_documented(server):
 def test_queue_commands_say_when_the_server_is_not_running(make_server):
     server = make_server(start=False)
     p = cli(server, "queue", "list", status=1)
-    assert p.stderr.startswith(f"mailsys: mailsys is not running (nothing answers on "
-                               f"{server.state_dir}/control.sock")
+    assert p.stderr == (f"mailsys: mailsys is not running (nothing answers on "
+                        f"{server.state_dir}/control.sock: No such file or directory); start it "
+                        f"with: twistd -n mailsys --config {server.config_path}\n")
     p = server.mailsys_cli("sendmail", "joe@example.com", input="Subject: x\n\nbody\n")
     assert p.returncode == 1
     assert p.stderr.endswith("the message was not sent\n")
@@ -324,3 +335,48 @@ def test_sendmail_while_the_server_is_down_is_picked_up_at_start(make_server):
                               f"\r\n\tid {m['id']}\r\n\tfor <joe@example.com>; ".encode())
     assert b"\r\nSubject: nightly\r\nFrom: cron@example.com\r\n" in message
     assert message.endswith(b"\r\n\r\nran fine\r\n")
+
+
+def test_flush_and_etrn_attempt_a_destination_that_refused_a_moment_ago(make_server):
+    """The remote courier takes a destination that refused every connection as
+    down for 60 s; ``queue flush`` and ETRN, sent because it is back, must
+    connect (docs/operations.rst), not defer again with "delivery temporarily
+    suspended" and push the retry out."""
+    from unittest import mock
+
+    from tests.integration.harness import free_port, merge
+    from tests.integration.scripted_smtp import ScriptedSMTP
+
+    ports = {"down.test": free_port(), "later.test": free_port()}
+    server = make_server(merge(QUIET, {"relay": {"outbound_tls": "none", "transport": {
+        d: f"smtp:[{LOOPBACK}]:{p}" for d, p in ports.items()}}}))
+    ids = {}
+    for domain, port in ports.items():
+        sender = f"alice@{domain.partition('.')[0]}.example.org"
+        send(server, sender, [f"bob@{domain}"], domain)
+        ids[domain] = server.wait_for_log(
+            rf"([0-9A-F]+): to=<bob@{re.escape(domain)}>, relay=none, .*status=deferred "
+            rf"\(connect to {LOOPBACK}\[{LOOPBACK}\]:{port}: Connection refused\)", timeout=20).group(1)
+    peers = {}
+    try:
+        for domain, port in ports.items():     # both are back within the 60 s
+            with mock.patch("tests.integration.scripted_smtp.free_port", return_value=port):
+                peers[domain] = ScriptedSMTP().start()
+        assert cli(server, "queue", "flush", "--domain", "@down.test").stdout == \
+            "1 message scheduled for delivery now (domain down.test)\n"
+        assert server.wait_for_log(rf"{ids['down.test']}: to=<bob@down\.test>, relay={LOOPBACK}"
+                                   rf"\[{LOOPBACK}\]:{ports['down.test']}, .*status=sent", timeout=20)
+        with socket.create_connection((LOOPBACK, server.port), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"HELO client.example.org\r\nETRN later.test\r\nQUIT\r\n")
+            assert f.readline().startswith(b"250 ")
+            assert f.readline() == b"250 2.0.0 Queuing for node later.test started\r\n"
+        assert server.wait_for_log(rf"{ids['later.test']}: to=<bob@later\.test>, relay={LOOPBACK}"
+                                   rf"\[{LOOPBACK}\]:{ports['later.test']}, .*status=sent", timeout=20)
+    finally:
+        for peer in peers.values():
+            peer.stop()
+    assert "delivery temporarily suspended" not in server.log_text()
+    assert {d: [m[1] for m in p.messages] for d, p in peers.items()} == {
+        "down.test": [["RCPT TO:<bob@down.test>"]], "later.test": [["RCPT TO:<bob@later.test>"]]}
