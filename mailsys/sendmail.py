@@ -2,11 +2,14 @@
 scripts expect, injecting into a running server.
 
 Flags follow Postfix's sendmail(1): ``-f``/``-r`` sender, ``-F`` full name,
-``-t`` recipients from To/Cc/Bcc (added to any on the command line; Bcc lines
-are then removed), ``-i``/``-oi`` (a line of one dot does not end the
+``-t`` recipients from To/Cc/Bcc, or from Resent-To/Resent-Cc/Resent-Bcc when
+the message has any (added to any on the command line; Bcc and Resent-Bcc
+lines are then removed), ``-i``/``-oi`` (a line of one dot does not end the
 message), ``-N``/``-R``/``-V`` DSN requests (NOTIFY, RET, ENVID), and the no-op flags old programs
 pass (``-oXXX``, ``-odb``, ``-v``, ``-m``, ``-bm``, ``-U``).  ``-bp`` lists the
 queue and ``-bi`` (newaliases) does nothing: aliases reload by themselves.
+``-q`` flushes the queue (``-qRSITE``: the mail for SITE), ``-qINTERVAL`` does
+nothing.  Each recipient argument is an address list (``'Joe <joe@x>, ann'``).
 
 The message is read from stdin (at most ``limits.message_size`` bytes), line
 ends made CRLF, the header completed with From, Date and Message-ID when
@@ -15,7 +18,9 @@ missing (RFC 6409 section 8), and handed over on the submit socket
 on disk, fsynced; when the server is down it leaves the message in the maildrop
 for the server to pick up when it starts (mailsys.maildrop), as Postfix's
 postdrop does.  Unqualified addresses get the first local domain (else the
-host name), as Postfix appends ``myorigin``.
+host name), as Postfix appends ``myorigin``: the envelope's, and those in the
+header's address fields (mailsys.addresslist).  Leading mbox ``From `` lines
+are dropped, as Postfix's sendmail does.
 """
 import email.utils
 import os
@@ -25,11 +30,13 @@ import sys
 import time
 import uuid
 
+from mailsys import addresslist
 from mailsys.cli import EXIT_USAGE, CommandError, load_config
 
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:")
-_VALUE_FLAGS = set("fFrNRVBCLhpqX")
-_IGNORED_FLAGS = set("vmnUGdeA")
+_FROM_LINES = re.compile(rb"(?:>*From [^\n]*(?:\n|\Z))*")
+_VALUE_FLAGS = set("fFrNRVBCLhpX")
+_IGNORED_FLAGS = set("vmnUdeA")
 
 
 class Usage(CommandError):
@@ -40,7 +47,8 @@ class Usage(CommandError):
 def parse_argv(argv):
     """Sendmail's own flag syntax (``-fSENDER``, ``-f SENDER``, ``-oi``)."""
     opts = {"sender": None, "fullname": None, "extract": False, "dots": True, "config": None,
-            "mode": "m", "notify": None, "ret": None, "envid": None}
+            "mode": "m", "notify": None, "ret": None, "envid": None, "flush": None,
+            "interval": None, "gateway": False}
     rcpts = []
     i = 0
     while i < len(argv):
@@ -87,14 +95,47 @@ def parse_argv(argv):
             opts["ret"] = value
         elif flag == "V":
             opts["envid"] = value
+        elif flag == "q":
+            queue_flag(opts, value)
+        elif flag == "G":
+            opts["gateway"] = True      # relayed mail: its header is not ours to complete
         elif flag in _IGNORED_FLAGS or flag in _VALUE_FLAGS:
             pass
         else:
             raise Usage(f"unknown option -{flag}")
     out = []
     for r in rcpts:
-        out.extend(x.strip() for x in r.split(",") if x.strip())
+        out.extend(argument_addresses(r))
     return opts, out
+
+
+def queue_flag(opts, value):
+    """``-q`` as Postfix's sendmail reads it: alone it flushes the queue (so it
+    never takes the next argument as its value, which made scripts' bare
+    ``sendmail -q`` a usage error); ``-qRSITE`` flushes the mail for SITE;
+    ``-qINTERVAL`` (sendmail's queue-run period, ``-q15m``) is ignored, the
+    command then doing nothing, as in Postfix."""
+    if not value:
+        opts["mode"], opts["flush"] = "q", ""
+    elif value[0].isdigit():
+        opts["interval"] = value
+    elif value[0] == "R":
+        if not value[1:]:
+            raise Usage("-qR needs a site, as in -qRexample.com")
+        opts["mode"], opts["flush"] = "q", value[1:]
+    else:
+        raise Usage(f"-q{value[0]} is not supported (use -q, -qRSITE or -qINTERVAL)")
+
+
+def argument_addresses(argument):
+    """The addresses of one recipient argument, parsed as an RFC 5322 address
+    list as Postfix's sendmail does (``'a@x, b@y'``, ``'Carol <carol@x>'``).
+    An argument that is no readable list is passed on as it is, for the
+    server to refuse with its reason."""
+    try:
+        return [a.spec for a in addresslist.parse(argument) if a.spec]
+    except addresslist.Unparsed:
+        return [argument.strip()] if argument.strip() else []
 
 
 def read_message(stream, limit, dots):
@@ -103,7 +144,7 @@ def read_message(stream, limit, dots):
     data = stream.read(limit + 1)
     if len(data) > limit:
         raise CommandError(f"message too big: more than limits.message_size ({limit} bytes)")
-    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = skip_from_lines(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
     if dots:
         if data.startswith(b".\n") or data == b".":
             data = b""
@@ -164,6 +205,44 @@ def drop_field(header, name):
     return out
 
 
+def skip_from_lines(data):
+    """``data`` (LF line ends) without its leading mbox ``From `` lines
+    (``>From `` ones included): Postfix's sendmail drops them, so a message
+    saved from an mbox keeps its header instead of becoming all body."""
+    return data[_FROM_LINES.match(data).end():]
+
+
+# The header fields whose bare local parts get @DOMAIN, as Postfix's cleanup
+# does for locally submitted mail (append_at_myorigin).
+ADDRESS_FIELDS = frozenset([b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc",
+                            b"resent-from", b"resent-sender", b"resent-reply-to",
+                            b"resent-to", b"resent-cc", b"resent-bcc"])
+
+
+def qualify_header(header, domain):
+    """Header lines with ``@domain`` after each bare local part in the
+    address fields (``From: root (Cron Daemon)`` becomes ``From:
+    root@example.com (Cron Daemon)``): receiving providers refuse a From
+    without a domain.  Display names, comments and folding stay as written;
+    a field that cannot be parsed, and addresses in a group, are kept."""
+    at = domain.encode("utf-8").decode("latin-1")
+    out = []
+    for line in header:
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1].append(line)
+        else:
+            out.append([line])
+    lines = []
+    for field in out:
+        name, colon, _ = field[0].partition(b":")
+        if colon and name.strip().lower() in ADDRESS_FIELDS:
+            text = b"\r\n".join(field).decode("latin-1")
+            name, _, body = text.partition(":")
+            field = f"{name}:{addresslist.qualify(body, at)}".encode("latin-1").split(b"\r\n")
+        lines.extend(field)
+    return lines
+
+
 def qualify(address, domain):
     address = address.strip()
     if address.startswith("<") and address.endswith(">"):
@@ -184,9 +263,10 @@ def compose(opts, rcpts, message, config, login):
     have = fields(header)
     names = {n for n, _ in have}
     if opts["extract"]:
-        values = [v.decode("utf-8", "replace") for n, v in have if n in (b"to", b"cc", b"bcc")]
-        rcpts = rcpts + [a for _, a in email.utils.getaddresses(values) if a]
-        header = drop_field(header, b"bcc")
+        rcpts = rcpts + extract_recipients(have)
+        header = drop_field(drop_field(header, b"bcc"), b"resent-bcc")
+    if not opts.get("gateway"):
+        header = qualify_header(header, domain)
     rcpts = [qualify(r, domain) for r in rcpts]
     if not rcpts:
         raise Usage("no recipients: name them as arguments or use -t")
@@ -206,13 +286,33 @@ def compose(opts, rcpts, message, config, login):
     return sender, rcpts, head + b"\r\n" + body
 
 
+def extract_recipients(have):
+    """-t: the addresses of To, Cc and Bcc, or, when the message has any
+    Resent-To, Resent-Cc or Resent-Bcc field, of those alone: resent fields
+    describe the latest sending (RFC 5322 section 3.6.6), as Postfix's
+    sendmail -t takes them."""
+    resent = [(n, v) for n, v in have if n in (b"resent-to", b"resent-cc", b"resent-bcc")]
+    out = []
+    for name, value in resent or [(n, v) for n, v in have if n in (b"to", b"cc", b"bcc")]:
+        text = value.decode("utf-8", "replace")
+        try:
+            out.extend(a.spec for a in addresslist.parse(text) if a.spec)
+        except addresslist.Unparsed:
+            raise CommandError(f"the {name.decode('latin-1').title()} field is no readable "
+                               f"address list ({text[:100]!r}); fix it or name the recipients "
+                               f"as arguments; the message was not sent")
+    return out
+
+
 def run(argv, stdin=None, out=None):
     from mailsys import control
 
     opts, rcpts = parse_argv(argv)
     args = type("Args", (), {"config": opts["config"]})()
-    if opts["mode"] in ("i", "d"):
+    if opts["mode"] in ("i", "d") or opts["interval"]:
         return 0        # aliases reload by themselves; the daemon is twistd -n mailsys
+    if opts["mode"] == "q":
+        return flush(opts, rcpts, args)
     if opts["mode"] == "p":
         from mailsys.queue_cli import cli_list
 
@@ -266,3 +366,18 @@ def dsn_request(opts):
             raise Usage("-V takes printable ASCII, at most 100 characters")
         out["envid"] = envid
     return out
+
+
+def flush(opts, rcpts, args):
+    """-q: attempt the queue now through the running server's control socket,
+    as ``mailsys queue flush`` does (silent on success, as Postfix's
+    ``sendmail -q``, since cron mails any output)."""
+    from mailsys.queue_cli import _ask
+
+    if rcpts:
+        raise Usage("-q flushes the queue and takes no recipients")
+    request = {"cmd": "flush"}
+    if opts["flush"]:
+        request["domain"] = opts["flush"]
+    _ask(load_config(args), request)
+    return 0

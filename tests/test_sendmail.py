@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 
 from mailsys.cli import CommandError
-from mailsys.sendmail import compose, dsn_request, parse_argv, read_message, split_header
+from mailsys.sendmail import (compose, dsn_request, extract_recipients, fields, parse_argv,
+                              read_message, split_header)
 
 CONFIG = SimpleNamespace(domains=SimpleNamespace(local=("example.com",)),
                          server=SimpleNamespace(hostname="mx.example.com"))
@@ -23,10 +24,43 @@ def test_flags_as_cron_mailx_and_php_pass_them():
     assert parse_argv(["--config", "/x.toml", "joe"])[0]["config"] == "/x.toml"
 
 
+def test_each_recipient_argument_is_an_address_list():
+    """As Postfix's sendmail: ``'Name <addr>'`` and quoted commas work; what
+    is no address list goes on as written, for the server to refuse."""
+    _, rcpts = parse_argv(["Carol <carol@example.com>", '"Doe, J" <jd@example.org>, ann (Ann)',
+                           "a b@example.com", " "])
+    assert rcpts == ["carol@example.com", "jd@example.org", "ann", "a b@example.com"]
+
+
+@pytest.mark.parametrize("argv, mode, flush, interval", [
+    (["-q"], "q", "", None),
+    (["-q", "--config", "/x.toml"], "q", "", None),
+    (["-qRexample.net"], "q", "example.net", None),
+    (["-q15m"], "m", None, "15m"),
+    (["-q1h", "-t"], "m", None, "1h"),
+])
+def test_q_forms_as_postfix_reads_them(argv, mode, flush, interval):
+    opts, rcpts = parse_argv(argv)
+    assert (opts["mode"], opts["flush"], opts["interval"], rcpts) == (mode, flush, interval, [])
+
+
+def test_q_interval_does_nothing():
+    """``-q15m`` exits 0 at once: no stdin, no configuration, no server."""
+    from mailsys.sendmail import run
+
+    class Unreadable(io.BytesIO):
+        def read(self, *a):
+            raise AssertionError("stdin was read")
+
+    assert run(["-q15m", "-t", "--config", "/nonexistent/mailsys.toml"], stdin=Unreadable()) == 0
+
+
 @pytest.mark.parametrize("argv, error", [
     (["-bs"], "-bs is not supported (use -bm, -bp or -bi)"),
     (["-f"], "option -f needs a value"),
     (["-Z"], "unknown option -Z"),
+    (["-qR"], "-qR needs a site, as in -qRexample.com"),
+    (["-qIABC"], "-qI is not supported (use -q, -qRSITE or -qINTERVAL)"),
 ])
 def test_bad_flags_are_usage_errors(argv, error):
     with pytest.raises(CommandError) as e:
@@ -44,6 +78,20 @@ def test_bad_flags_are_usage_errors(argv, error):
     (b"bare\rcr\n", True, b"bare\r\ncr\r\n"),
 ])
 def test_stdin_line_ends_and_the_dot_line(data, dots, expected):
+    assert read_message(io.BytesIO(data), 1000, dots) == expected
+
+
+@pytest.mark.parametrize("data, dots, expected", [
+    (b"From root  Sat Nov 28 12:00:00 2026\nSubject: s\n\nb\n", True, b"Subject: s\r\n\r\nb\r\n"),
+    (b"From a Sat\r\n>From b Sat\r\nTo: x\r\n\r\nFrom here\r\n", False,
+     b"To: x\r\n\r\nFrom here\r\n"),
+    (b"From root Sat\n.\nSubject: s\n", True, b""),
+    (b"From root", True, b""),
+    (b"From: root\n\nb\n", True, b"From: root\r\n\r\nb\r\n"),
+])
+def test_leading_mbox_from_lines_are_dropped(data, dots, expected):
+    """Postfix's sendmail skips leading ``From `` (and ``>From ``) lines, so
+    a message saved from an mbox keeps its header (and Subject)."""
     assert read_message(io.BytesIO(data), 1000, dots) == expected
 
 
@@ -75,8 +123,62 @@ def test_t_takes_to_cc_bcc_and_removes_bcc():
     assert sender == "me@example.com"
     assert rcpts == ["extra@example.org", "joe@example.com", "ann@example.com", "bob@example.net",
                      "secret@example.org", "other@example.org"]
-    assert out == (b"To: Joe <joe@example.com>, ann\r\nCc: \"B, O\" <bob@example.net>\r\n"
+    assert out == (b"To: Joe <joe@example.com>, ann@example.com\r\nCc: \"B, O\" <bob@example.net>\r\n"
                    b"From: me@example.com\r\nDate: x\r\nMessage-ID: <1@x>\r\nSubject: s\r\n\r\nbody\r\n")
+
+
+def test_bare_addresses_in_the_header_get_the_domain():
+    """Debian cron's message: the header's bare local parts get @DOMAIN (as
+    Postfix's cleanup appends myorigin); names, comments, folding, qualified
+    addresses, groups, unparseable fields and other fields stay as written."""
+    message = (b"From: root (Cron Daemon)\r\nTo: root\r\nCc: \"Ops, night\" <ops>,\r\n"
+               b"\tbob@example.net\r\nReply-To: Team: ann, bob;\r\nSender: Bad Sender x\r\n"
+               b"Resent-From: \xc3\xa9lodie <el>\r\nX-Cron-Env: <HOME=/root>\r\n"
+               b"Subject: root\r\n\r\nTo: root\r\n")
+    sender, rcpts, out = compose({"extract": False, "sender": None, "fullname": "CronDaemon"},
+                                 ["admin@remote.example"], message, CONFIG, "root")
+    assert (sender, rcpts) == ("root@example.com", ["admin@remote.example"])
+    assert out.startswith(
+        b"From: root@example.com (Cron Daemon)\r\nTo: root@example.com\r\n"
+        b"Cc: \"Ops, night\" <ops@example.com>,\r\n\tbob@example.net\r\n"
+        b"Reply-To: Team: ann, bob;\r\nSender: Bad Sender x\r\n"
+        b"Resent-From: \xc3\xa9lodie <el@example.com>\r\nX-Cron-Env: <HOME=/root>\r\n"
+        b"Subject: root\r\nDate: ")
+    assert out.endswith(b"\r\n\r\nTo: root\r\n")
+
+
+def test_gateway_submission_keeps_the_header():
+    """-G (relayed mail), as Postfix with no remote_header_rewrite_domain:
+    the header stays as written; the envelope is still qualified."""
+    opts, rcpts = parse_argv(["-G", "-f", "root", "joe"])
+    _, envelope, out = compose(opts, rcpts, b"From: root\r\nTo: joe\r\n\r\nb\r\n", CONFIG, "x")
+    assert envelope == ["joe@example.com"] and out.startswith(b"From: root\r\nTo: joe\r\nDate: ")
+
+
+def test_t_takes_resent_fields_when_there_are_any():
+    """RFC 5322 3.6.6 and Postfix's sendmail -t: Resent-To/Cc/Bcc name the
+    recipients of a resent message; To/Cc/Bcc are then the original's.
+    Resent-Bcc goes, as Bcc does."""
+    message = (b"From: ann@example.com\r\nTo: orig@example.org\r\nCc: orig2@example.org\r\n"
+               b"Resent-From: me@example.com\r\nResent-To: Joe <joe>\r\n"
+               b"Resent-Cc: cc@example.net\r\nResent-Bcc: hidden@example.net,\r\n hidden2\r\n"
+               b"Date: x\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n")
+    _, rcpts, out = compose({"extract": True, "sender": "me", "fullname": None},
+                            ["extra@example.org"], message, CONFIG, "root")
+    assert rcpts == ["extra@example.org", "joe@example.com", "cc@example.net",
+                     "hidden@example.net", "hidden2@example.com"]
+    assert out == (b"From: ann@example.com\r\nTo: orig@example.org\r\nCc: orig2@example.org\r\n"
+                   b"Resent-From: me@example.com\r\nResent-To: Joe <joe@example.com>\r\n"
+                   b"Resent-Cc: cc@example.net\r\nDate: x\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n")
+
+
+def test_t_refuses_a_field_it_cannot_read():
+    header, _ = split_header(b"To: Joe Smith joe@example.com\r\n\r\nb\r\n")
+    with pytest.raises(CommandError) as e:
+        extract_recipients(fields(header))
+    assert (str(e.value), e.value.status) == (
+        "the To field is no readable address list ('Joe Smith joe@example.com'); fix it or "
+        "name the recipients as arguments; the message was not sent", 1)
 
 
 def test_full_name_and_null_sender():

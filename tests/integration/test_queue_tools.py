@@ -257,6 +257,78 @@ def test_sendmail_refuses_bad_input_with_one_clear_sentence(delivering):
     assert p.returncode == 2 and "-bs is not supported" in p.stderr
 
 
+def maildir(server, address):
+    local, domain = address.split("@")
+    return server.base / "mail" / domain / local / "Maildir"
+
+
+def test_sendmail_as_debian_cron_runs_it_qualifies_the_header(delivering):
+    """cron's exact command line and header: the receiver sees From and To
+    with our domain (as Postfix's cleanup appends myorigin), the comment and
+    every other field as cron wrote them."""
+    server = delivering
+    message = ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> run-parts\n"
+               "MIME-Version: 1.0\nContent-Type: text/plain; charset=UTF-8\n"
+               "X-Cron-Env: <SHELL=/bin/sh>\n\ndone\n")
+    p = server.mailsys_cli("sendmail", "-FCronDaemon", "-i", "-B8BITMIME", "-oem",
+                           "bob@example.net", input=message)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    [data] = wait_for_files(maildir(server, "bob@example.net"), 1, timeout=30).values()
+    head, _, body = data.partition(b"\n\n")
+    assert b"\nFrom: root@example.com (Cron Daemon)\nTo: root@example.com\n" \
+           b"Subject: Cron <root@host> run-parts\nMIME-Version: 1.0\n" \
+           b"Content-Type: text/plain; charset=UTF-8\nX-Cron-Env: <SHELL=/bin/sh>\nDate: " in head
+    assert body == b"done\n"
+
+
+def test_sendmail_mbox_message_to_an_address_list_argument(delivering):
+    """A message saved from an mbox (leading ``From `` line) keeps its header;
+    one argument holding ``Name <addr>, ...`` reaches every address in it."""
+    server = delivering
+    p = server.mailsys_cli("sendmail", '"Joe, J." <joe@example.com>, Bob <bob@example.net>',
+                           input="From root  Sat Nov 28 12:00:00 2026\nSubject: saved\n\nbody\n")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    for address in ("joe@example.com", "bob@example.net"):
+        [data] = wait_for_files(maildir(server, address), 1, timeout=30).values()
+        head, _, body = data.partition(b"\n\n")
+        assert b"\nSubject: saved\n" in head and b"From root " not in data
+        assert body == b"body\n"
+
+
+def test_sendmail_t_sends_to_the_resent_fields(delivering):
+    """-t on a resent message: Resent-To and Resent-Bcc are the recipients
+    (not the original To), and Resent-Bcc is not delivered."""
+    server = delivering
+    message = ("From: ann@example.org\nTo: orig@example.org\nSubject: fwd\n"
+               "Resent-From: root@example.com\nResent-To: Bob <bob@example.net>\n"
+               "Resent-Bcc: joe\n\nbody\n")
+    p = server.mailsys_cli("sendmail", "-t", "-i", "-f", "root@example.com", input=message)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    assert server.wait_for_log(r"([0-9A-F]+): uid=\d+, from=<root@example\.com>, size=\d+, "
+                               r"nrcpt=2 \(queued\)")
+    for address in ("joe@example.com", "bob@example.net"):
+        [data] = wait_for_files(maildir(server, address), 1, timeout=30).values()
+        assert b"\nResent-To: Bob <bob@example.net>\n" in data and b"Resent-Bcc" not in data
+
+
+def test_sendmail_q_flushes_the_queue(queued):
+    server = queued[0]
+    p = server.mailsys_cli("sendmail", "-q")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    assert server.wait_for_log(r"flush: (\d+) message\(s\) scheduled").group(1) == "2"
+    p = server.mailsys_cli("sendmail", "-q", "joe@example.com")
+    assert (p.returncode, p.stderr) == (2, "mailsys sendmail: -q flushes the queue and takes no "
+                                           "recipients\n")
+    server.stop()
+    p = server.mailsys_cli("sendmail", "-q")
+    assert p.returncode == 1
+    assert p.stderr.startswith(f"mailsys sendmail: mailsys is not running (nothing answers on "
+                               f"{server.state_dir}/control.sock: ")
+    assert p.stderr.endswith("; start it with 'twistd -n mailsys'\n")
+    p = server.mailsys_cli("sendmail", "-q15m")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+
+
 def test_any_local_user_may_submit_but_only_the_service_user_may_steer(users_text):
     """A process running as ``nobody`` (forked, so no exec of a Python it may not
     read) reaches public/submit.sock through the 0711 state directory, is named
