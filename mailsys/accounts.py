@@ -292,6 +292,34 @@ def read_users(path: str) -> dict[str, User]:
     return parse_users(text, path)
 
 
+def file_problem(path: str, kind: str) -> tuple[int | None, str] | None:
+    """Why the server would refuse to start on the ``kind`` ("users" or "aliases")
+    file at ``path``: ``(line, problem)``, line None for the file as a whole; or
+    None.  Read as :class:`Accounts` reads it at start (a missing file is empty),
+    for ``mailsys config check``."""
+    parse = parse_users if kind == "users" else parse_aliases
+    if os.path.isdir(path):
+        return None, (f"{path} is a directory; point accounts.{kind} at the {kind} file "
+                      "(it need not exist yet)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return None, (f"cannot read {path}: {e.strerror}; let the server's user read it "
+                      f"or point accounts.{kind} elsewhere")
+    except UnicodeDecodeError as e:
+        return None, f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"
+    try:
+        parse(text, path)
+    except AccountsError as e:
+        # parse_* say "PATH:LINE: problem" with PATH as given.
+        line, _, problem = str(e)[len(path) + 1:].partition(": ")
+        return int(line), problem if ";" in problem else f"{problem}; fix that line"
+    return None
+
+
 def write_text_atomically(path: str, text: str, mode: int = 0o600) -> None:
     """Replace ``path`` with ``text`` atomically (mailsys.files), keeping an existing
     file's owner and group."""

@@ -100,6 +100,37 @@ def _as_invoked(argv):
 
 
 def main(argv=None):
+    """Run one command; its exit status.
+
+    A reader that stops early (``mailsys queue list | head -2``) closes our
+    stdout: the rest of the output has nowhere to go, so the command stops
+    quietly with status 1 (the operation, printing, did not complete) instead
+    of a BrokenPipeError traceback.  Postfix's tools die of SIGPIPE there
+    (status 141 in the shell); a Python program cannot do that without
+    leaving the interpreter mid-statement, and the contract's statuses are
+    0, 1 and 2 (docs/operations.rst)."""
+    try:
+        status = _run(argv)
+        sys.stdout.flush()    # inside the try: buffered output fails here, not at exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_FAILED
+    return status
+
+
+def _stdout_to_devnull():
+    """The interpreter flushes stdout once more at exit: point the descriptor at
+    /dev/null so that flush has somewhere to go."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _run(argv):
     argv = _as_invoked(argv)
     raw = sys.argv[1:] if argv is None else list(argv)
     lead = []
@@ -127,4 +158,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # python3 -m mailsys.cli: run the module's importable copy, so that the
+    # CommandError the subcommands raise is the one main() catches.
+    from mailsys.cli import main as _main
+
+    sys.exit(_main())

@@ -39,6 +39,13 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class ConfigFileError(ConfigError):
+    """The configuration file itself cannot be read: one sentence, no line to point at.
+
+    Kept apart from the ``FILE:LINE`` problems so that every command says it the
+    same way (``mailsys: cannot read the configuration file ...``)."""
+
+
 # --- the frozen result -------------------------------------------------------------
 # Sections are separate classes so that a service can be handed only the part it
 # needs; sequences are tuples so that nothing downstream can change shared settings.
@@ -153,10 +160,12 @@ class _Invalid(Exception):
 
 
 class _Context:
-    """What a check needs besides the value: where relative paths start."""
+    """What a check needs besides the value: where relative paths start, and the
+    values of the sections checked so far (a default may follow another key)."""
 
-    def __init__(self, base_dir):
+    def __init__(self, base_dir, values=None):
         self.base_dir = base_dir
+        self.values = {} if values is None else values
 
 
 def _show(value):
@@ -256,6 +265,11 @@ def _domain_name(text):
     return name
 
 
+def is_hostname(text):
+    """Whether ``text`` is an ASCII host name (``mailsys tls self-signed --hostname``)."""
+    return text.isascii() and _domain_name(text) is not None
+
+
 def _to_a_label(name):
     """IDNA 2008 (UTS 46) when the idna package is there, as twisted[tls] ensures; else IDNA 2003."""
     try:
@@ -279,9 +293,36 @@ def _domain(value, ctx):
     return name
 
 
+_LOOPBACK_NAMES = ("localhost", "localhost6", "ip6-localhost", "ip6-loopback")
+
+
+def machine_hostname():
+    """The name this machine announces when ``server.hostname`` is not set.
+
+    ``socket.getfqdn()`` asks the resolver for the canonical name of
+    ``gethostname()``; where /etc/hosts lists the host's name on a loopback line
+    after ``localhost`` it answers ``localhost``, and a real host would greet
+    with ``220 localhost ESMTP``.  Postfix's ``myhostname`` default takes
+    ``gethostname()`` and, when that has no dot, appends ``mydomain`` (itself
+    ``localdomain`` by default).  Here: the FQDN when it is a dotted name other
+    than a loopback alias, else ``gethostname()`` when dotted, else
+    ``gethostname()`` + ``.localdomain`` as Postfix does (docs/configuration.rst).
+    """
+    def usable(name):
+        return "." in name and name.split(".")[0].lower() not in _LOOPBACK_NAMES
+
+    fqdn = socket.getfqdn().rstrip(".")
+    if usable(fqdn):
+        return fqdn
+    host = socket.gethostname().rstrip(".")
+    if usable(host):
+        return host
+    return f"{host}.localdomain" if host and "." not in host else host or fqdn
+
+
 def _hostname(value, ctx):
     if value is None:  # not in the file: the machine's own name, as the contract promises
-        machine = socket.getfqdn()
+        machine = machine_hostname()
         if _domain_name(machine) is None:
             raise _Invalid(f"this machine's name {_show(machine)} is not a valid hostname; "
                            "set server.hostname")
@@ -401,9 +442,9 @@ def _nameserver(value, ctx):
     return text
 
 
-def _is_ip(text, version):
+def _is_ip(text, version=None):
     try:
-        return ipaddress.ip_address(text).version == version
+        return ipaddress.ip_address(text).version in ((version,) if version else (4, 6))
     except ValueError:
         return False
 
@@ -466,31 +507,62 @@ def _endpoint(value, ctx):
         reason = str(e) or type(e).__name__
         raise _Invalid(f"{_show(value)} is not a Twisted server endpoint ({reason}); "
                        "e.g. 'tcp:25' or 'unix:/path/to.sock'")
+    args = _split_endpoint(text)
     if kind in ("tcp", "tcp6"):
-        args = _split_endpoint(text)
         ports = [a[0] for a in args[1:2] if len(a) == 1] + [a[1] for a in args[1:] if a[0] == "port"]
         if any(not 0 <= int(p) <= 65535 for p in ports):
             raise _Invalid(f"{_show(value)}: the port must be between 0 and 65535")
+        # Decided only at bind time otherwise, as a traceback from twistd: the
+        # interface is an address (Twisted resolves no names for a listener).
+        interfaces = ([a[0] for a in args[2:3] if len(a) == 1]
+                      + [a[1] for a in args[1:] if len(a) == 2 and a[0] == "interface"])
+        for interface in filter(None, interfaces):
+            if not _is_ip(interface, version=6 if kind == "tcp6" else None):
+                family = "an IPv6 address" if kind == "tcp6" else "an IP address"
+                raise _Invalid(f"{_show(value)}: the interface {interface!r} is not {family}; "
+                               "use e.g. interface=127.0.0.1 (IPv6: interface=\\:\\:1)")
+    elif kind == "unix":
+        path = next(a[-1] for a in args[1:] if len(a) == 1 or a[0] == "address")
+        size = len(os.fsencode(path))
+        if size > _UNIX_PATH_MAX:
+            raise _Invalid(f"{_show(value)}: the socket path is {size} bytes, longer than the "
+                           f"{_UNIX_PATH_MAX} a unix socket can have; choose a shorter path")
     return text
+
+
+# sun_path holds 108 bytes on Linux, the terminating NUL included.
+_UNIX_PATH_MAX = 107
 
 
 # --- the one table of keys, defaults and checks (CONTRACT section 2) ----------------
 # A default of None for server.hostname stands for "this machine's FQDN", looked up at
-# load time so that a config loaded on another machine is right for that machine.
+# load time so that a config loaded on another machine is right for that machine; for
+# listen.lmtp it stands for the socket inside server.state_dir.
 
 _ENDPOINTS = _list_of(_endpoint, "endpoint strings")
+DEFAULT_STATE_DIR = "/var/lib/mailsys"
+
+
+def _lmtp_endpoints(value, ctx):
+    """``listen.lmtp``; when not in the file, ``unix:STATE_DIR/lmtp.sock``: the
+    state directory holds the runtime sockets (CONTRACT section 2), so two
+    instances with their own state_dir never compete for one socket."""
+    if value is None:
+        state = ctx.values.get("server", {}).get("state_dir", DEFAULT_STATE_DIR)
+        value = ["unix:" + _escape(os.path.join(state, "lmtp.sock"))]
+    return _ENDPOINTS(value, ctx)
 
 _SCHEMA = {
     "server": (ServerConfig, {
         "hostname": (None, _hostname),
-        "state_dir": ("/var/lib/mailsys", _path),
+        "state_dir": (DEFAULT_STATE_DIR, _path),
         "workers": (0, _integer(0)),
     }),
     "listen": (ListenConfig, {
         "mta": (["tcp:25"], _ENDPOINTS),
         "submission": (["tcp:587"], _ENDPOINTS),
         "submissions": (["tcp:465"], _ENDPOINTS),
-        "lmtp": (["unix:/var/lib/mailsys/lmtp.sock"], _ENDPOINTS),
+        "lmtp": (None, _lmtp_endpoints),
         "pop3": (["tcp:110"], _ENDPOINTS),
         "pop3s": (["tcp:995"], _ENDPOINTS),
     }),
@@ -645,35 +717,43 @@ class _Lines:
 
 # --- loading -----------------------------------------------------------------------
 
-def load(path):
+def load(path, check_files=False):
     """Read, validate and freeze the configuration at ``path`` (None: the embedded default).
 
     Raises ConfigError naming every problem, so nothing starts on a half-valid file.
+    With ``check_files`` the files the server reads at start (accounts, TLS pair,
+    smart host credentials) are read too, exactly as the server will: ``mailsys
+    config check`` and twistd then refuse the same setups, each problem with its
+    line, instead of the check passing and the server dying at start.
     """
     if path is None:
-        return embedded_default(os.getcwd())
+        return embedded_default(os.getcwd(), check_files)
     source = os.path.abspath(os.fspath(path))
     try:
         with open(source, "rb") as f:
             data = f.read()
         text = data.decode("utf-8")
     except OSError as e:
-        raise ConfigError([f"{source}:0: (file): cannot read: {e.strerror or e}"])
+        raise _unreadable(source, e.strerror or str(e))
     except UnicodeDecodeError as e:
-        raise ConfigError([f"{source}:0: (file): cannot read: not UTF-8 text ({e.reason} "
-                           f"at byte {e.start})"])
-    return _load_text(text, source, os.path.dirname(source))
+        raise _unreadable(source, f"not UTF-8 text ({e.reason} at byte {e.start})")
+    return _load_text(text, source, os.path.dirname(source), check_files)
 
 
-def embedded_default(base_dir):
+def _unreadable(source, reason):
+    return ConfigFileError([f"cannot read the configuration file {source}: {reason}; "
+                            "check --config or $MAILSYS_CONFIG"])
+
+
+def embedded_default(base_dir, check_files=False):
     """The development host of CONTRACT section 4, rooted at ``base_dir``."""
-    return _load_text(_EMBEDDED_TOML, EMBEDDED_SOURCE, os.path.abspath(base_dir))
+    return _load_text(_EMBEDDED_TOML, EMBEDDED_SOURCE, os.path.abspath(base_dir), check_files)
 
 
 _AT_RE = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
 
 
-def _load_text(text, source, base_dir):
+def _load_text(text, source, base_dir, check_files=False):
     lines = _Lines(text)
     try:
         raw = tomllib.loads(text)
@@ -688,23 +768,28 @@ def _load_text(text, source, base_dir):
             line = lines.duplicate or lines.count
         name = lines.names.get(line, "(syntax)")
         raise ConfigError([f"{source}:{line}: {name}: TOML syntax error: {reason}"])
-    return _build(raw, source, base_dir, lines)
+    return _build(raw, source, base_dir, lines, check_files)
 
 
-def _build(raw, source, base_dir, lines):
-    ctx = _Context(base_dir)
+def _build(raw, source, base_dir, lines, check_files=False):
+    values = {}
+    ctx = _Context(base_dir, values)
     problems = []  # (line, order, text): sorted by line so they read like the file
 
-    def report(section, key, message, where=None):
+    def report(section, key, message, where=None, at=None):
+        """``at``: another file's ``FILE:LINE`` (a users file line, say) to name
+        instead of the key's own; the problem still sorts at the key's line."""
         line = lines.find(*where) if where and lines.find(*where) else lines.find(section, key)
+        # A key the file does not write (a default) has no line of its own: its
+        # section's header, else the first line, so that the place is a real one.
+        line = line or 1
         name = f"{section}.{key}" if key else section
-        problems.append((line, len(problems), f"{source}:{line}: {name}: {message}"))
+        problems.append((line, len(problems), f"{at or f'{source}:{line}'}: {name}: {message}"))
 
     for name in raw:
         if name not in _SCHEMA:
             report(name, None, "unknown section" + _suggest(name, _SCHEMA))
 
-    values = {}
     for section, (_, keys) in _SCHEMA.items():
         table = raw.get(section, {})
         if not isinstance(table, dict):
@@ -722,6 +807,8 @@ def _build(raw, source, base_dir, lines):
                     report(section, key, message, where)
 
     _cross_checks(values, raw, report)
+    if check_files:
+        _file_checks(values, source, report)
 
     if problems:
         raise ConfigError([text for _, _, text in sorted(problems)])
@@ -753,6 +840,15 @@ def _cross_checks(values, raw, report):
         report("queue", key, f"retry_max ({queue['retry_max']}) must be at least "
                f"retry_min ({queue['retry_min']})")
 
+    state = values["server"].get("state_dir")
+    # The longest socket the server makes there (mailsys.control); the bind would
+    # fail at start with a traceback.
+    deepest = os.path.join(state or "", "public", "submit.sock")
+    if state and len(os.fsencode(deepest)) > _UNIX_PATH_MAX:
+        report("server", "state_dir", f"{deepest} would be {len(os.fsencode(deepest))} bytes, "
+               f"longer than the {_UNIX_PATH_MAX} a unix socket can have; choose a shorter "
+               "state_dir")
+
     seen = {}
     for role, endpoints in values["listen"].items():
         for endpoint in endpoints:
@@ -761,6 +857,51 @@ def _cross_checks(values, raw, report):
                        "an endpoint serves one role")
             else:
                 seen[endpoint] = role
+
+
+def _file_checks(values, source, report):
+    """Read what the server reads at start, the way it reads it, so that a file it
+    would refuse is reported here with the key that names it.  Each check runs
+    only when the keys it needs are themselves valid."""
+    from mailsys.accounts import file_problem
+
+    accounts = values["accounts"]
+    for key in ("users", "aliases"):
+        if key in accounts:
+            found = file_problem(accounts[key], key)
+            if found:
+                line, problem = found
+                report("accounts", key, problem,
+                       at=f"{accounts[key]}:{line}" if line else None)
+
+    auth = values["relay"].get("smarthost_auth")
+    if auth:
+        problem = smarthost_auth_problem(auth)
+        if problem:
+            report("relay", "smarthost_auth", problem)
+
+    tls, listen = values["tls"], values["listen"]
+    if "certificate" not in tls or "key" not in tls:
+        return
+    certificate, key = tls["certificate"], tls["key"]
+    if os.path.exists(certificate) and os.path.exists(key):
+        from mailsys.tls import TLSError, load_context
+
+        try:
+            load_context(certificate, key)
+        except TLSError as e:
+            report("tls", e.which, f"{e}; run 'mailsys tls self-signed --force' or point "
+                   "[tls] at a matching certificate and key")
+        return
+    if source == EMBEDDED_SOURCE and not os.path.exists(certificate):
+        return   # the development host writes a self-signed pair on its first start
+    for role in ("submissions", "pop3s"):
+        if listen.get(role):
+            missing = [p for p in (certificate, key) if not os.path.exists(p)]
+            report("listen", role, f"implicit TLS needs a certificate and key, but "
+                   f"{' and '.join(missing)} {'does' if len(missing) == 1 else 'do'} not "
+                   f"exist; run 'mailsys tls self-signed', point [tls] at your "
+                   f"certificate, or set {role} = []")
 
 
 def _check_schema_matches_classes():
@@ -779,44 +920,46 @@ def smarthost_auth_problem(path):
     """Why the ``relay.smarthost_auth`` file cannot be used, or None.
 
     It holds a password: it must be a regular file readable by its owner only
-    (no group or other permission bits), holding ``username:password``."""
+    (no group or other permission bits), holding ``username:password``.  The
+    answer names no key: the config check puts it after ``FILE:LINE: key:``."""
     import stat as _stat
 
     try:
         st = os.stat(path)
     except OSError as e:
-        return f"relay.smarthost_auth: cannot read {path}: {e.strerror}"
+        return (f"cannot read {path}: {e.strerror}; create it holding one line "
+                "\"username:password\" (mode 0600), or set smarthost_auth = \"\"")
     if not _stat.S_ISREG(st.st_mode):
-        return f"relay.smarthost_auth: {path} is not a regular file"
+        return f"{path} is not a regular file; point smarthost_auth at a \"username:password\" file"
     if st.st_mode & 0o077:
-        return (f"relay.smarthost_auth: {path} has mode {_stat.S_IMODE(st.st_mode):04o}; it holds a "
+        return (f"{path} has mode {_stat.S_IMODE(st.st_mode):04o}; it holds a "
                 f"password, so only its owner may read it: run 'chmod 600 {path}'")
     try:
         with open(path, encoding="utf-8") as f:
             line = f.readline().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as e:
-        return f"relay.smarthost_auth: cannot read {path}: {e}"
+        return f"cannot read {path}: {e}; make it one line of UTF-8 \"username:password\""
     user, sep, password = line.partition(":")
     if not sep or not user or not password:
-        return f"relay.smarthost_auth: {path} must hold one line \"username:password\""
+        return f"{path} must hold one line \"username:password\""
     return None
 
 
 def cli_check(args):
-    """``mailsys config check``: exit 2 with every problem, or 0 with what the host will do."""
-    from mailsys.cli import EXIT_OK, EXIT_USAGE, config_path
+    """``mailsys config check``: exit 2 with every problem, or 0 with what the host will do.
+
+    The files the server reads at start are read too (``load(check_files=True)``,
+    as twistd does), so "config ok" means the server starts on it."""
+    from mailsys.cli import EXIT_OK, EXIT_USAGE, CommandError, config_path
 
     try:
-        config = load(config_path(args))
+        config = load(config_path(args), check_files=True)
+    except ConfigFileError as e:
+        raise CommandError(str(e), EXIT_USAGE)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
-    if config.relay.smarthost_auth:
-        problem = smarthost_auth_problem(config.relay.smarthost_auth)
-        if problem:
-            print(f"{config.source}: {problem}", file=sys.stderr)
-            return EXIT_USAGE
     for line in summary(config):
         print(line)
     return EXIT_OK
@@ -830,6 +973,26 @@ def default_workers():
 
 def workers(config):
     return config.server.workers or default_workers()
+
+
+def outbound(relay):
+    """How mail leaves, as the remote courier will send it: with smart host AUTH
+    the session to the smart host is always encrypted (mailsys.couriers.remote),
+    whatever outbound_tls says, so that the password never crosses in clear;
+    transport entries keep outbound_tls."""
+    if not relay.smarthost:
+        text = f"by MX, tls {relay.outbound_tls}"
+        if relay.smarthost_auth:
+            text += " (smarthost_auth unused: no smarthost)"
+    elif relay.smarthost_auth:
+        text = f"smart host {relay.smarthost} with AUTH, tls encrypt (AUTH requires it)"
+    else:
+        text = f"smart host {relay.smarthost}, tls {relay.outbound_tls}"
+    if relay.transport:
+        text += f", {len(relay.transport)} transport entries"
+        if relay.smarthost and relay.smarthost_auth:
+            text += f" (tls {relay.outbound_tls})"
+    return text
 
 
 def summary(config):
@@ -858,9 +1021,7 @@ def summary(config):
         ("mailboxes", f"{config.mailbox.default_store} under {config.mailbox.root}, quota "
          + (f"{config.mailbox.quota} bytes" if config.mailbox.quota else "unlimited")),
         ("mynetworks", joined(relay.mynetworks, "(none)")),
-        ("outbound", (f"smart host {relay.smarthost}" if relay.smarthost else "by MX")
-         + (" with AUTH" if relay.smarthost_auth else "") + f", tls {relay.outbound_tls}"
-         + (f", {len(relay.transport)} transport entries" if relay.transport else "")),
+        ("outbound", outbound(relay)),
         ("queue", f"retry {queue.retry_min}-{queue.retry_max} s, bounce after {queue.lifetime} s, "
          "warn after " + (f"{queue.warn_after} s" if queue.warn_after else "never")),
         ("limits", f"message_size {limits.message_size}, recipients {limits.recipients}, "

@@ -2,6 +2,7 @@
 (users file, certificates, the queue journal's compaction), and the small
 helpers every writer of files shares."""
 import contextlib
+import errno
 import os
 import tempfile
 
@@ -37,6 +38,18 @@ def write_atomically(path, data, mode=0o600, keep_owner=False):
     With ``keep_owner`` an existing file's owner and group are kept (a file the
     server reads stays readable after root edits it)."""
     path = os.path.abspath(path)
+    tmp = _write_temporary(path, data, mode, keep_owner)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
+def _write_temporary(path, data, mode, keep_owner=False):
+    """A fsynced temporary file next to ``path`` holding ``data``; its name."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -54,9 +67,46 @@ def write_atomically(path, data, mode=0o600, keep_owner=False):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    return tmp
+
+
+def write_together(files, dir_mode=0o700):
+    """Write every ``(path, data, mode)`` of ``files``, or none of them.
+
+    For files that only work as a set (a certificate and its key): the
+    directories are made and every temporary file written and fsynced before
+    the first rename, so a directory that cannot be made or a full disk leaves
+    the old files (and no new directory) behind.  Only a failing rename, after
+    all the writing, could still leave a mix.  OSError says what failed."""
+    made, temporaries = [], []
+    try:
+        for path, data, mode in files:
+            path = os.path.abspath(path)
+            if os.path.isdir(path):   # found now, not at the rename after another file's
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            directory = os.path.dirname(path)
+            missing = []
+            parent = directory
+            while not os.path.isdir(parent) and parent != os.path.dirname(parent):
+                missing.append(parent)
+                parent = os.path.dirname(parent)
+            for d in reversed(missing):
+                os.mkdir(d, dir_mode)
+                made.append(d)
+            temporaries.append((_write_temporary(path, data, mode), path))
+        for tmp, path in temporaries:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+    for directory in dict.fromkeys(os.path.dirname(path) for _, path in temporaries):
+        fsync_dir(directory)

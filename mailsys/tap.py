@@ -20,7 +20,7 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailsys.config import ConfigError, load, workers as worker_count
+from mailsys.config import ConfigError, ConfigFileError, load, workers as worker_count
 
 log = Logger(namespace="mailsys")
 
@@ -36,11 +36,16 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        """Load the configuration and the files it names as ``mailsys config
+        check`` does.  Every refusal is a UsageError raised here: twistd turns one
+        from parseOptions into its message and exit status 1, but lets one from
+        makeService out as a traceback."""
         self.path = self["config"] or os.environ.get("MAILSYS_CONFIG") or None
         try:
-            self.config = load(self.path)
+            self.config = load(self.path, check_files=True)
+        except ConfigFileError as e:
+            raise usage.UsageError(str(e))
         except ConfigError as e:
-            # usage.UsageError makes twistd print this and exit non-zero.
             raise usage.UsageError("configuration problems:\n" + str(e))
 
 
@@ -477,14 +482,16 @@ def build(config, reactor=None, *, worker=0, nworkers=None, config_path=None):
 
 
 def makeService(options):
-    from mailsys.config import smarthost_auth_problem
+    """The mail host; Options.postOptions has already refused what it can.
 
-    if options.config.relay.smarthost_auth:
-        # A password file others can read, or none at all: refuse to start.
-        problem = smarthost_auth_problem(options.config.relay.smarthost_auth)
-        if problem:
-            raise usage.UsageError(problem)
+    A file that changed since (or a problem only building finds) still ends
+    in one sentence: twistd would print a UsageError raised here as a
+    traceback, so the message goes to stderr and the process exits 1, as
+    twistd does for its own usage errors."""
+    from mailsys.accounts import AccountsError
+    from mailsys.tls import TLSError
+
     try:
         return build(options.config, config_path=options.path)
-    except TLSNeeded as e:
-        raise usage.UsageError(str(e))
+    except (TLSNeeded, AccountsError, TLSError) as e:
+        raise SystemExit(f"mailsys: cannot start: {e}")

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsys.files import write_atomically
+from mailsys.files import write_together
 
 log = Logger(namespace="mailsys.tls")
 
@@ -26,7 +26,12 @@ CIPHERS = ("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
 
 
 class TLSError(Exception):
-    pass
+    """The certificate or key cannot be used; ``which`` says which file is at fault
+    ("certificate" or "key", the [tls] key to point at)."""
+
+    def __init__(self, message, which="certificate"):
+        super().__init__(message)
+        self.which = which
 
 
 def _stamp(path):
@@ -41,19 +46,28 @@ def load_context(certificate, key):
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from OpenSSL import SSL
 
+    pems = {}
+    for which, path in (("certificate", certificate), ("key", key)):
+        try:
+            with open(path, "rb") as f:
+                pems[which] = f.read()
+        except OSError as e:
+            raise TLSError(f"cannot read {path}: {e.strerror}", which)
     try:
-        with open(certificate, "rb") as f:
-            chain_pem = f.read()
-        with open(key, "rb") as f:
-            key_pem = f.read()
-    except OSError as e:
-        raise TLSError(f"cannot read {e.filename}: {e.strerror}")
-    try:
-        chain = x509.load_pem_x509_certificates(chain_pem)
+        chain = x509.load_pem_x509_certificates(pems["certificate"])
     except ValueError:
-        raise TLSError(f"{certificate}: no certificate found")
+        raise TLSError(f"{certificate} holds no PEM certificate")
     try:
-        private = load_pem_private_key(key_pem, password=None)
+        private = load_pem_private_key(pems["key"], password=None)
+    except (ValueError, TypeError):
+        raise TLSError(f"{key} holds no unencrypted PEM private key", "key")
+    try:
+        matches = chain[0].public_key() == private.public_key()
+    except Exception:   # a key cryptography cannot compare: OpenSSL's check below decides
+        matches = True
+    if not matches:
+        raise TLSError(f"{key} is not the private key of the certificate in {certificate}", "key")
+    try:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
@@ -144,23 +158,29 @@ def write_self_signed(hostname, certificate, key, days=825):
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    _write_atomically(key, key_pem, 0o600)
-    _write_atomically(certificate, cert_pem, 0o644)
-
-
-def _write_atomically(path, data, mode):
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    write_atomically(path, data, mode)
+    # Both or neither: a new key next to the old certificate (or the reverse)
+    # is a pair the server refuses.
+    write_together([(key, key_pem, 0o600), (certificate, cert_pem, 0o644)])
 
 
 def cli_self_signed(args):
     """``mailsys tls self-signed [--hostname H]``."""
-    from mailsys.cli import CommandError, load_config
+    from mailsys.cli import EXIT_USAGE, CommandError, load_config
+    from mailsys.config import is_hostname
 
     config = load_config(args)
-    hostname = args.hostname or config.server.hostname
+    hostname = config.server.hostname if args.hostname is None else args.hostname
+    if not is_hostname(hostname):
+        raise CommandError(f"{hostname!r} is not a host name; pass --hostname a name such as "
+                           "mail.example.com (letters, digits, hyphens and dots)", EXIT_USAGE)
     if os.path.exists(config.tls.certificate) and not args.force:
         raise CommandError(f"{config.tls.certificate} exists; pass --force to replace it")
-    write_self_signed(hostname, config.tls.certificate, config.tls.key)
+    try:
+        write_self_signed(hostname, config.tls.certificate, config.tls.key)
+    except OSError as e:
+        where = e.filename or os.path.dirname(config.tls.certificate)
+        raise CommandError(f"cannot write {where} ({e.strerror}), so neither the certificate "
+                           "nor the key was written; create that directory or point [tls] "
+                           "somewhere writable") from None
     print(f"wrote {config.tls.certificate} and {config.tls.key} for {hostname}")
     return 0

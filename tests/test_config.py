@@ -33,7 +33,7 @@ def problems(path):
 def test_empty_file_gives_the_contract_defaults(tmp_path):
     c = load(write(tmp_path, ""))
     assert c.source == str(tmp_path / "mailsys.toml")
-    assert c.server == cfg.ServerConfig(hostname=socket.getfqdn(), state_dir="/var/lib/mailsys",
+    assert c.server == cfg.ServerConfig(hostname=cfg.machine_hostname(), state_dir="/var/lib/mailsys",
                                         workers=0)
     assert c.listen == cfg.ListenConfig(
         mta=("tcp:25",), submission=("tcp:587",), submissions=("tcp:465",),
@@ -369,18 +369,21 @@ def test_duplicate_key_is_a_syntax_error_on_its_line(tmp_path):
 
 def test_missing_file(tmp_path):
     path = str(tmp_path / "nope.toml")
-    assert problems(path) == [f"{path}:0: (file): cannot read: No such file or directory"]
+    assert problems(path) == [f"cannot read the configuration file {path}: No such file or "
+                              "directory; check --config or $MAILSYS_CONFIG"]
 
 
 def test_directory_as_path(tmp_path):
-    assert problems(str(tmp_path)) == [f"{tmp_path}:0: (file): cannot read: Is a directory"]
+    assert problems(str(tmp_path)) == [f"cannot read the configuration file {tmp_path}: Is a "
+                                       "directory; check --config or $MAILSYS_CONFIG"]
 
 
 def test_not_utf8(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes(b'[server]\nhostname = "caf\xe9"\n')
-    assert problems(str(path)) == [f"{path}:0: (file): cannot read: not UTF-8 text "
-                                   "(invalid continuation byte at byte 24)"]
+    assert problems(str(path)) == [f"cannot read the configuration file {path}: not UTF-8 text "
+                                   "(invalid continuation byte at byte 24); check --config or "
+                                   "$MAILSYS_CONFIG"]
 
 
 def test_all_problems_reported_together_in_file_order(tmp_path):
@@ -433,11 +436,12 @@ fake = 1
 
 
 def test_embedded_problems_name_the_embedded_source(monkeypatch, tmp_path):
-    monkeypatch.setattr(socket, "getfqdn", lambda: "not a name")
+    monkeypatch.setattr(socket, "getfqdn", lambda: "not a.name")
+    monkeypatch.setattr(socket, "gethostname", lambda: "not a.name")
     with pytest.raises(ConfigError) as info:
         embedded_default(str(tmp_path))
     assert info.value.problems == ["<embedded default>:1: server.hostname: this machine's name "
-                                   "'not a name' is not a valid hostname; set server.hostname"]
+                                   "'not a.name' is not a valid hostname; set server.hostname"]
 
 
 # --- the shipped etc/mailsys.toml stays honest --------------------------------------
@@ -488,10 +492,21 @@ def check(path):
     return cfg.cli_check(argparse.Namespace(config=path))
 
 
+# Keys that make a file pass `config check` on any machine: no implicit-TLS role
+# needing a certificate, accounts files of the test's own.
+NO_TLS = '[listen]\nsubmissions = []\npop3s = []\n'
+
+
+def startable(tmp_path, text=""):
+    return (text + NO_TLS + f'[accounts]\nusers = "{tmp_path}/users"\n'
+            f'aliases = "{tmp_path}/aliases"\n')
+
+
 def test_cli_check_ok(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MAILSYS_CONFIG", raising=False)
-    path = write(tmp_path, '[domains]\nlocal = ["example.org"]\nrelay = ["backup.example"]\n'
-                           '[listen]\npop3 = []\n')
+    path = write(tmp_path, startable(tmp_path, '[domains]\nlocal = ["example.org"]\n'
+                                     'relay = ["backup.example"]\n').replace(
+                                         "[listen]\n", "[listen]\npop3 = []\n"))
     assert check(path) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
@@ -507,7 +522,7 @@ def test_cli_check_ok(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_check_problems(tmp_path, capsys):
-    path = write(tmp_path, '[limits]\nmessage_size = "big"\nfoo = 1\n')
+    path = write(tmp_path, startable(tmp_path, '[limits]\nmessage_size = "big"\nfoo = 1\n'))
     assert check(path) == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -522,7 +537,7 @@ def test_cli_check_embedded_default_and_environment(tmp_path, capsys, monkeypatc
     monkeypatch.delenv("MAILSYS_CONFIG", raising=False)
     assert check(None) == 0
     assert capsys.readouterr().out.splitlines()[0] == "config ok: <embedded default>"
-    path = write(tmp_path, "[bogus]\n")
+    path = write(tmp_path, startable(tmp_path, "[bogus]\n"))
     monkeypatch.setenv("MAILSYS_CONFIG", path)
     assert check(None) == 2
     assert capsys.readouterr().err.startswith(f"{path}:1: bogus: unknown section")
@@ -531,11 +546,203 @@ def test_cli_check_embedded_default_and_environment(tmp_path, capsys, monkeypatc
 def test_mailsys_config_check_command(tmp_path, capsys):
     from mailsys.cli import main
 
-    good = write(tmp_path, "")
+    good = write(tmp_path, startable(tmp_path))
     assert main(["config", "check", "--config", good]) == 0
     assert capsys.readouterr().out.startswith(f"config ok: {good}\n")
-    bad = write(tmp_path, "[queue]\nlifetime = -1\n", "bad.toml")
+    bad = write(tmp_path, startable(tmp_path, "[queue]\nlifetime = -1\n"), "bad.toml")
     assert main(["config", "check", "--config", bad]) == 2
     assert capsys.readouterr().err == f"{bad}:2: queue.lifetime: must be at least 0, got -1\n"
     # --config also works before the subcommand
     assert main(["--config", bad, "config", "check"]) == 2
+
+
+# --- config check reads what the server reads at start -----------------------------
+
+ARGON = "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+
+
+def check_lines(path, capsys):
+    """``mailsys config check`` on ``path``: (status, stderr lines); stdout must be
+    empty when it fails."""
+    status = check(path)
+    out, err = capsys.readouterr()
+    if status:
+        assert out == ""
+    return status, err.splitlines()
+
+
+def test_check_reports_bad_accounts_files_at_their_own_lines(tmp_path, capsys):
+    (tmp_path / "users").write_text(f"# accounts\nok@example.com:{ARGON}\n"
+                                    "p1@example.com:{PLAIN}x\n")
+    (tmp_path / "aliases").write_text("postmaster: ok@example.com\nno colon here\n")
+    path = write(tmp_path, startable(tmp_path))
+    load(path)   # other commands (user add, ...) still load it: they fix these files
+    assert check_lines(path, capsys) == (2, [
+        f"{tmp_path}/users:3: accounts.users: unsupported password scheme {{PLAIN}}: only "
+        "{ARGON2ID} and {BLF-CRYPT} are accepted; set a new password with `mailsys user passwd`",
+        f"{tmp_path}/aliases:2: accounts.aliases: expected 'name: target, target, ...'; "
+        "fix that line",
+    ])
+
+
+def test_check_refuses_a_directory_as_users_file(tmp_path, capsys):
+    path = write(tmp_path, NO_TLS + '[accounts]\nusers = "/etc"\n'
+                 f'aliases = "{tmp_path}/aliases"\n')
+    assert check_lines(path, capsys) == (2, [
+        f"{path}:5: accounts.users: /etc is a directory; point accounts.users at the users "
+        "file (it need not exist yet)"])
+
+
+def test_check_needs_a_certificate_for_implicit_tls(tmp_path, capsys):
+    path = write(tmp_path, startable(tmp_path).replace(NO_TLS, "[listen]\npop3s = []\n")
+                 + f'[tls]\ncertificate = "{tmp_path}/cert.pem"\nkey = "{tmp_path}/key.pem"\n')
+    assert check_lines(path, capsys) == (2, [
+        f"{path}:1: listen.submissions: implicit TLS needs a certificate and key, but "
+        f"{tmp_path}/cert.pem and {tmp_path}/key.pem do not exist; run 'mailsys tls "
+        "self-signed', point [tls] at your certificate, or set submissions = []"])
+    # Without an implicit-TLS role the server starts without STARTTLS, and so does the check.
+    path = write(tmp_path, startable(tmp_path)
+                 + f'[tls]\ncertificate = "{tmp_path}/cert.pem"\nkey = "{tmp_path}/key.pem"\n')
+    status, _ = check_lines(path, capsys)
+    assert status == 0
+
+
+def tls_config(tmp_path, certificate, key):
+    return write(tmp_path, startable(tmp_path) + f'[tls]\ncertificate = "{certificate}"\n'
+                 f'key = "{key}"\n')
+
+
+def test_check_loads_the_tls_pair(tmp_path, capsys):
+    from mailsys.tls import write_self_signed
+
+    write_self_signed("a.example", str(tmp_path / "a.pem"), str(tmp_path / "a.key"))
+    write_self_signed("b.example", str(tmp_path / "b.pem"), str(tmp_path / "b.key"))
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    fix = "; run 'mailsys tls self-signed --force' or point [tls] at a matching certificate and key"
+
+    assert check_lines(tls_config(tmp_path, tmp_path / "a.pem", tmp_path / "a.key"), capsys)[0] == 0
+    path = tls_config(tmp_path, tmp_path / "a.pem", tmp_path / "b.key")
+    assert check_lines(path, capsys) == (2, [
+        f"{path}:9: tls.key: {tmp_path}/b.key is not the private key of the certificate in "
+        f"{tmp_path}/a.pem" + fix])
+    path = tls_config(tmp_path, tmp_path / "garbage.pem", tmp_path / "a.key")
+    assert check_lines(path, capsys) == (2, [
+        f"{path}:8: tls.certificate: {tmp_path}/garbage.pem holds no PEM certificate" + fix])
+    path = tls_config(tmp_path, tmp_path / "a.pem", tmp_path / "garbage.pem")
+    assert check_lines(path, capsys) == (2, [
+        f"{path}:9: tls.key: {tmp_path}/garbage.pem holds no unencrypted PEM private key" + fix])
+    (tmp_path / "a.pem").chmod(0)
+    if os.geteuid() != 0:   # root reads it anyway
+        path = tls_config(tmp_path, tmp_path / "a.pem", tmp_path / "a.key")
+        assert check_lines(path, capsys) == (2, [
+            f"{path}:8: tls.certificate: cannot read {tmp_path}/a.pem: Permission denied" + fix])
+
+
+def test_check_embedded_default_without_a_certificate_yet(tmp_path, capsys, monkeypatch):
+    """The development host writes its self-signed pair on first start."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MAILSYS_CONFIG", raising=False)
+    assert check(None) == 0
+    assert not (tmp_path / "var").exists()   # checking writes nothing
+
+
+def test_check_reports_smarthost_auth_with_its_line_and_the_other_problems(tmp_path, capsys):
+    auth = tmp_path / "auth"
+    auth.write_text("user:secret\n")
+    auth.chmod(0o644)
+    path = write(tmp_path, startable(tmp_path, '[relay]\nsmarthost = "[192.0.2.1]:587"\n'
+                                     f'smarthost_auth = "{auth}"\n[limits]\nrecipients = 0\n'))
+    assert check_lines(path, capsys) == (2, [
+        f"{path}:3: relay.smarthost_auth: {auth} has mode 0644; it holds a password, so only "
+        f"its owner may read it: run 'chmod 600 {auth}'",
+        f"{path}:5: limits.recipients: must be at least 1, got 0",
+    ])
+    auth.unlink()
+    assert check_lines(path, capsys)[1][0] == (
+        f"{path}:3: relay.smarthost_auth: cannot read {auth}: No such file or directory; create "
+        "it holding one line \"username:password\" (mode 0600), or set smarthost_auth = \"\"")
+    auth.write_text("no colon\n")
+    auth.chmod(0o600)
+    assert check_lines(path, capsys)[1][0] == (
+        f"{path}:3: relay.smarthost_auth: {auth} must hold one line \"username:password\"")
+
+
+def test_summary_tells_that_smarthost_auth_encrypts(tmp_path, capsys):
+    auth = tmp_path / "auth"
+    auth.write_text("user:secret\n")
+    auth.chmod(0o600)
+    path = write(tmp_path, startable(tmp_path, '[relay]\nsmarthost = "[192.0.2.1]:587"\n'
+                                     f'smarthost_auth = "{auth}"\n'
+                                     'transport = { "corp.example" = "smtp:[192.0.2.9]" }\n'))
+    assert check(path) == 0
+    assert ("outbound:           smart host [192.0.2.1]:587 with AUTH, tls encrypt (AUTH "
+            "requires it), 1 transport entries (tls may)") in capsys.readouterr().out.splitlines()
+    path = write(tmp_path, startable(tmp_path, f'[relay]\nsmarthost_auth = "{auth}"\n'))
+    assert check(path) == 0
+    assert ("outbound:           by MX, tls may (smarthost_auth unused: no smarthost)"
+            in capsys.readouterr().out.splitlines())
+
+
+def test_endpoints_that_could_never_bind(tmp_path):
+    long_dir = "/tmp/" + "d" * (107 - len("/tmp//lmtp.sock"))
+    assert len(f"{long_dir}/lmtp.sock") == 107
+    load(write(tmp_path, f'[listen]\nlmtp = ["unix:{long_dir}/lmtp.sock"]\n'))   # just fits
+    path = write(tmp_path, '[listen]\nmta = ["tcp:2525:interface=999.1.1.1"]\n'
+                           'submission = ["tcp6:2587:interface=127.0.0.1"]\n'
+                           'pop3 = ["tcp:2110:mail.example.com"]\n'
+                           f'lmtp = ["unix:{long_dir}x/lmtp.sock"]\n')
+    assert problems(path) == [
+        f"{path}:2: listen.mta: 'tcp:2525:interface=999.1.1.1': the interface '999.1.1.1' is not "
+        "an IP address; use e.g. interface=127.0.0.1 (IPv6: interface=\\:\\:1)",
+        f"{path}:3: listen.submission: 'tcp6:2587:interface=127.0.0.1': the interface "
+        "'127.0.0.1' is not an IPv6 address; use e.g. interface=127.0.0.1 (IPv6: "
+        "interface=\\:\\:1)",
+        f"{path}:4: listen.pop3: 'tcp:2110:mail.example.com': the interface 'mail.example.com' "
+        "is not an IP address; use e.g. interface=127.0.0.1 (IPv6: interface=\\:\\:1)",
+        f"{path}:5: listen.lmtp: 'unix:{long_dir}x/lmtp.sock': the socket path is 108 bytes, "
+        "longer than the 107 a unix socket can have; choose a shorter path",
+    ]
+
+
+def test_lmtp_socket_follows_state_dir(tmp_path):
+    assert load(write(tmp_path, "")).listen.lmtp == ("unix:/var/lib/mailsys/lmtp.sock",)
+    c = load(write(tmp_path, '[server]\nstate_dir = "run:1"\n'))
+    assert c.server.state_dir == f"{tmp_path}/run:1"
+    assert c.listen.lmtp == (f"unix:{tmp_path}/run\\:1/lmtp.sock",)
+    c = load(write(tmp_path, '[server]\nstate_dir = "st"\n[listen]\nlmtp = ["tcp:24"]\n'))
+    assert c.listen.lmtp == ("tcp:24",)
+
+
+@pytest.mark.parametrize("fqdn, hostname, expected", [
+    ("mail.example.com", "mail", "mail.example.com"),          # getfqdn knows better
+    ("localhost", "mx1.example.org", "mx1.example.org"),       # /etc/hosts: 127.0.1.1 localhost mx1
+    ("localhost.localdomain", "mx1.example.org", "mx1.example.org"),
+    ("localhost", "vm", "vm.localdomain"),                     # Postfix: myhostname + mydomain
+    ("vm", "vm", "vm.localdomain"),
+    ("localhost", "localhost", "localhost.localdomain"),
+])
+def test_default_hostname_avoids_localhost(tmp_path, monkeypatch, fqdn, hostname, expected):
+    monkeypatch.setattr(socket, "getfqdn", lambda: fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    assert load(write(tmp_path, "")).server.hostname == expected
+
+
+@pytest.mark.parametrize("argv", [["config", "check"], ["user", "list"],
+                                  ["tls", "self-signed"], ["queue", "list"]])
+def test_missing_configuration_file_is_one_sentence(tmp_path, capsys, argv):
+    from mailsys.cli import main
+
+    path = tmp_path / "nonexistent.toml"
+    assert main(argv + ["--config", str(path)]) == 2
+    assert capsys.readouterr() == ("", f"mailsys: cannot read the configuration file {path}: "
+                                   "No such file or directory; check --config or "
+                                   "$MAILSYS_CONFIG\n")
+
+
+def test_state_dir_too_long_for_its_sockets(tmp_path):
+    fits = "/tmp/" + "s" * (107 - len("/tmp//public/submit.sock"))
+    load(write(tmp_path, f'[server]\nstate_dir = "{fits}"\n'))
+    path = write(tmp_path, f'[server]\nstate_dir = "{fits}s"\n')
+    assert problems(path) == [
+        f"{path}:2: server.state_dir: {fits}s/public/submit.sock would be 108 bytes, longer "
+        "than the 107 a unix socket can have; choose a shorter state_dir"]

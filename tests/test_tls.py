@@ -423,3 +423,47 @@ def test_cli_self_signed_refuses_to_overwrite_without_force(tmp_path, capsys):
     cert = read_cert(tmp_path / "tls" / "fullchain.pem")
     assert cert.serial_number != serial
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "other.example"
+
+
+def test_cli_self_signed_writes_both_files_or_neither(tmp_path, capsys):
+    """A certificate directory that cannot be made must not leave a new key next
+    to the old certificate (or a traceback)."""
+    config = write_config(tmp_path)
+    assert cli.main(["tls", "self-signed", "--config", str(config)]) == 0
+    key_path = tmp_path / "tls" / "privkey.pem"
+    old_key = key_path.read_bytes()
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(f'[server]\nhostname = "mail.cli.test"\n[tls]\n'
+                         f'certificate = "/proc/x/cert.pem"\nkey = "{key_path}"\n')
+    assert cli.main(["tls", "self-signed", "--config", str(elsewhere), "--force"]) == 1
+    assert capsys.readouterr() == ("", "mailsys: cannot write /proc/x (No such file or "
+                                   "directory), so neither the certificate nor the key was "
+                                   "written; create that directory or point [tls] somewhere "
+                                   "writable\n")
+    assert key_path.read_bytes() == old_key
+    assert sorted(os.listdir(tmp_path / "tls")) == ["fullchain.pem", "privkey.pem"]
+
+    # A key directory to make next to a certificate path that is a directory:
+    # refused before anything is made.
+    (tmp_path / "certdir").mkdir()
+    blocked = tmp_path / "blocked.toml"
+    blocked.write_text(f'[server]\nhostname = "mail.cli.test"\n[tls]\n'
+                       f'certificate = "{tmp_path}/certdir"\nkey = "{tmp_path}/new/key.pem"\n')
+    assert cli.main(["tls", "self-signed", "--config", str(blocked), "--force"]) == 1
+    assert capsys.readouterr().err == (f"mailsys: cannot write {tmp_path}/certdir (Is a "
+                                       "directory), so neither the certificate nor the key was "
+                                       "written; create that directory or point [tls] somewhere "
+                                       "writable\n")
+    assert not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path / "certdir") == []
+
+
+@pytest.mark.parametrize("hostname", ["bad host!", "x-.example", "a..b", ""])
+def test_cli_self_signed_refuses_a_bad_hostname(tmp_path, capsys, hostname):
+    config = write_config(tmp_path)
+    assert cli.main(["tls", "self-signed", "--config", str(config), "--hostname", hostname]) == 2
+    assert capsys.readouterr() == ("", f"mailsys: {hostname!r} is not a host name; pass "
+                                   "--hostname a name such as mail.example.com (letters, "
+                                   "digits, hyphens and dots)\n")
+    assert not (tmp_path / "tls").exists()

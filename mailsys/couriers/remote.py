@@ -56,7 +56,7 @@ def read_credentials(path):
 
     problem = smarthost_auth_problem(path)
     if problem:
-        raise CredentialsError(problem)
+        raise CredentialsError(f"relay.smarthost_auth: {problem}")
     with open(path, encoding="utf-8") as f:
         line = f.readline().rstrip("\r\n")
     user, _, password = line.partition(":")
