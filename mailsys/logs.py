@@ -47,6 +47,16 @@ class MailLog:
     def failure(self, text, failure=None, **keys):
         self._logger.failure(_FORMAT, failure, text=text, **keys)
 
+    def queued(self, qid, sender, size, nrcpt):
+        """The line that says a message is in the queue, for every way in (SMTP,
+        sendmail, reports, alias copies): ``QID: from=<...>, size=N, nrcpt=N
+        (queued)``, CONTRACT section 6 to the letter.  Who sent it (``client=``,
+        ``uid=``) is a line of its own before it, as Postfix's smtpd or pickup
+        logs it before its queue manager's ``from=`` line, so that a pattern
+        written from the contract (``QID: from=<``) matches."""
+        self._emit(LogLevel.info, f"{qid}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queued)",
+                   {"qid": qid, "sender": sender, "size": size, "nrcpt": nrcpt})
+
 
 _relayed = {}
 

@@ -694,6 +694,7 @@ class QueueManager(service.Service):
         def queued(entry):
             log.info(f"{msg.qid}: {who} {kind} notification: {entry.queue_id}",
                      qid=msg.qid, dsn_id=entry.queue_id, kind=kind)
+            log.queued(entry.queue_id, "", entry.message_size, 1)
             return True
 
         return d.addCallback(queued)

@@ -317,10 +317,9 @@ class ReceiveHandler:
         d = self.service.spool.commit(writer, envelope)
 
         def queued(entry):
-            log.info(f"{txn.queue_id}: client={self.client}, from=<{envelope['sender']}>, "
-                     f"size={entry.message_size}, nrcpt={len(txn.recipients)} (queued)",
-                     qid=txn.queue_id, client=self.client.label, sender=envelope["sender"],
-                     size=entry.message_size, nrcpt=len(txn.recipients))
+            log.info(f"{txn.queue_id}: client={self.client}", qid=txn.queue_id,
+                     client=self.client.label)
+            log.queued(txn.queue_id, envelope["sender"], entry.message_size, len(txn.recipients))
             return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
 
         def failed(f):

@@ -251,10 +251,8 @@ class MailHost(service.MultiService):
         def queued(entry):
             from mailsys.receive import log as receive_log
 
-            receive_log.info(f"{qid}: uid={uid}, from=<{sender}>, size={entry.message_size}, "
-                             f"nrcpt={len(recipients)} (queued)",
-                             qid=qid, uid=uid, sender=sender, size=entry.message_size,
-                             nrcpt=len(recipients))
+            receive_log.info(f"{qid}: uid={uid}", qid=qid, uid=uid)
+            receive_log.queued(qid, sender, entry.message_size, len(recipients))
             return {"ok": True, "id": qid}
 
         def failed(f):

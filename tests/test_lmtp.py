@@ -255,8 +255,9 @@ def test_alias_remote_targets_are_queued_not_dropped(tmp_path):
             return w
 
         def commit(self, w, envelope):
-            committed.append((envelope, b"".join(w.data)))
-            return defer.succeed(SimpleNamespace(queue_id="R1"))
+            data = b"".join(w.data)
+            committed.append((envelope, data))
+            return defer.succeed(SimpleNamespace(queue_id="R1", message_size=len(data)))
 
     config = SimpleNamespace(mailbox=SimpleNamespace(root=str(tmp_path), default_store="maildir", quota=0),
                              domains=SimpleNamespace(local=("example.com",)))

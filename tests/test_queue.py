@@ -85,8 +85,9 @@ def q():
         return w
 
     def commit(w, envelope):
-        spool.committed.append((w.queue_id, envelope, b"".join(w.data)))
-        return defer.succeed(SimpleNamespace(queue_id=w.queue_id))
+        data = b"".join(w.data)
+        spool.committed.append((w.queue_id, envelope, data))
+        return defer.succeed(SimpleNamespace(queue_id=w.queue_id, message_size=len(data)))
 
     spool.new_message, spool.commit = new_message, commit
     config = SimpleNamespace(queue=SimpleNamespace(retry_min=RETRY_MIN, retry_max=RETRY_MAX,

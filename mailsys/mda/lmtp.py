@@ -163,7 +163,12 @@ class MDA:
                                    for r, orig in pairs],
                     "client": {"ip": "", "name": "localhost", "helo": "", "proto": "LMTP",
                                "role": "alias", "auth": None}}
-        return self.spool.commit(writer, envelope)
+
+        def queued(entry):
+            log.queued(entry.queue_id, sender, entry.message_size, len(pairs))
+            return entry
+
+        return self.spool.commit(writer, envelope).addCallback(queued)
 
 
 class LMTPHandler:

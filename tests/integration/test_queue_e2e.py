@@ -124,7 +124,9 @@ def test_permanent_failure_bounces_to_the_senders_mailbox(host):
     returned = parts[2].get_content()
     assert returned["Message-ID"] == "<lost@example.com>"
     log = host.log_text()
-    assert "sender failure notification" in log
+    # The report is queued like any message, and says so in the contract's words.
+    report_id = re.search(r": sender failure notification: ([0-9A-F]+)$", log, re.M).group(1)
+    assert re.search(rf"\] {report_id}: from=<>, size=\d+, nrcpt=1 \(queued\)$", log, re.M), log
 
 
 def test_success_notice_for_an_alias_of_several_says_expanded(host):
@@ -312,7 +314,8 @@ def test_sigusr1_rotates_the_log_of_a_running_server(two_workers):
     server.wait_for_log(rf"{second}: removed$", timeout=30)
     old, new = rotated.read_text(), log.read_text()
     for text, qid, other in ((old, first, second), (new, second, first)):
-        assert re.search(rf"\] {qid}: client=localhost\[127\.0\.0\.1\], from=<sender@example\.org>", text)
+        assert re.search(rf"\] {qid}: client=localhost\[127\.0\.0\.1\]\n.*\] {qid}: from=<sender@example\.org>, "
+                         rf"size=\d+, nrcpt=1 \(queued\)\n", text)
         assert re.search(rf"\] {qid}: to=<joe@example\.com>, relay=lmtp, .*status=sent", text)   # worker 0's queue
         assert re.search(rf"\] {qid}: removed\n", text)
         assert other not in text

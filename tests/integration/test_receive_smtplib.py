@@ -262,17 +262,21 @@ def test_log_lines(server):
     finally:
         client.close()
     size = len(server.spool()[0].read_message())
+    # CONTRACT section 6 to the letter: "QUEUEID: from=<...>, size=N, nrcpt=N (queued)",
+    # the client on a line of its own before it, as Postfix's smtpd logs it.
     queued = server.wait_for_log(
-        rf"^\S+ \[mailsys\.smtpd#info\] {qid}: client=localhost\[127\.0\.0\.1\], "
-        rf"from=<alice@example\.org>, size={size}, nrcpt=1 \(queued\)$")
+        rf"^\S+ \[mailsys\.smtpd#info\] {qid}: from=<alice@example\.org>, size={size}, "
+        rf"nrcpt=1 \(queued\)$")
     server.wait_for_log(r"disconnect from localhost\[127\.0\.0\.1\] ehlo=1 mail=1 rcpt=1 data=1 quit=1$")
     lines = server.log_text().splitlines()
     smtpd = [line.split("] ", 1)[1] for line in lines if "[mailsys.smtpd#" in line]
     at = smtpd.index(queued.group(0).split("] ", 1)[1])
-    # Around our queue id: the connect of our session before it, its disconnect after it.
-    assert smtpd[at - 1] == "connect from localhost[127.0.0.1]"
+    # Around our queue id: the connect of our session and its client line before it,
+    # its disconnect after it.
+    assert smtpd[at - 2] == "connect from localhost[127.0.0.1]"
+    assert smtpd[at - 1] == f"{qid}: client=localhost[127.0.0.1]"
     assert smtpd[at + 1] == "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1 data=1 quit=1"
-    assert sum(qid in line for line in lines if "[mailsys.smtpd#" in line) == 1
+    assert sum(qid in line for line in lines if "[mailsys.smtpd#" in line) == 2
     # ... and the queue took it over at once (no LMTP listener in this test set-up).
     server.wait_for_log(rf"\[mailsys\.queue#info\] {qid}: to=<joe@example\.com>, relay=lmtp, "
                         rf"delay=[0-9.]+, dsn=4\.3\.5, status=deferred \(No LMTP listener")

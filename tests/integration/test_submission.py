@@ -673,7 +673,7 @@ def test_embedded_default_msmtp_through_587_and_465_styles(tmp_path):
         deadline = time.monotonic() + 10
         while True:
             log = log_path.read_text(errors="replace")
-            if all(re.search(rf"{qid}: client=localhost\[127\.0\.0\.1\], from=<you@localhost>, "
+            if all(re.search(rf"{qid}: client=localhost\[127\.0\.0\.1\]\n.*{qid}: from=<you@localhost>, "
                              rf"size=\d+, nrcpt=1 \(queued\)", log) for qid in ids):
                 break
             assert time.monotonic() < deadline, log[-3000:]
