@@ -151,7 +151,9 @@ class ReceiveHandler:
     def disconnected(self, proto):
         if self.admitted:
             self.service.limiter.release(self.client.ip)
-            stats = str(proto.stats)
+            # A session with no command at all says so as Postfix does, rather
+            # than ending its line in a space.
+            stats = str(proto.stats) or "commands=0/0"
             log.info(f"disconnect from {self.client} {stats}", client=self.client.label, stats=stats)
 
     def helo(self, proto, name, esmtp):

@@ -337,3 +337,73 @@ def test_protocol_keyword_from_a_live_session():
     assert protocol_keyword(proto) == "ESMTP"
     svc, proto, t = start(helo=b"HELO c.example\r\n")
     assert protocol_keyword(proto) == "SMTP"
+
+
+# -- how a session ended, in Postfix's words ------------------------------------------
+
+@pytest.fixture
+def smtpd_lines(monkeypatch):
+    """The text of every line the SMTP server and its handler log."""
+    from mailsys.smtp import server
+
+    events = []
+    monkeypatch.setattr(receive.log._logger, "observer", events.append)
+    monkeypatch.setattr(server.log._logger, "observer", events.append)
+    return lambda: [e["text"] for e in events if "text" in e]
+
+
+def ending(lines):
+    """The lines after the connect line (the client name is the same throughout)."""
+    return [line for line in lines if not line.startswith("connect from ")]
+
+
+def test_a_connection_lost_in_data_says_after_what_and_counts_data_failed(smtpd_lines):
+    svc, proto, t = start()
+    say(proto, t, b"RCPT TO:<alice@example.com>\r\nDATA\r\nSubject: x\r\n\r\nabc\r\n")
+    t.loseConnection()
+    assert ending(smtpd_lines()) == [
+        "lost connection after DATA (19 bytes) from client.example.net[203.0.113.9]",
+        "disconnect from client.example.net[203.0.113.9] ehlo=1 mail=1 rcpt=1 data=0/1"]
+
+
+def test_a_connection_lost_between_commands_names_the_last_one(smtpd_lines):
+    svc, proto, t = start()
+    say(proto, t, b"RCPT TO:<alice@example.com>\r\n")
+    t.loseConnection()
+    assert ending(smtpd_lines()) == [
+        "lost connection after RCPT from client.example.net[203.0.113.9]",
+        "disconnect from client.example.net[203.0.113.9] ehlo=1 mail=1 rcpt=1"]
+
+
+def test_a_session_without_commands_ends_its_line_with_commands_0(smtpd_lines):
+    svc, proto, t = connect()
+    t.loseConnection()
+    assert ending(smtpd_lines()) == [
+        "lost connection after CONNECT from client.example.net[203.0.113.9]",
+        "disconnect from client.example.net[203.0.113.9] commands=0/0"]
+
+
+def test_quit_is_no_lost_connection(smtpd_lines):
+    svc, proto, t = start()
+    assert say(proto, t, b"QUIT\r\n").startswith(b"221 ")
+    t.loseConnection()
+    assert ending(smtpd_lines()) == ["disconnect from client.example.net[203.0.113.9] ehlo=1 mail=1 quit=1"]
+
+
+def test_a_timeout_in_data_says_how_far_it_got(smtpd_lines):
+    svc, proto, t = start()
+    say(proto, t, b"RCPT TO:<alice@example.com>\r\nDATA\r\nSubject: x\r\n")
+    svc.clock.advance(svc.config.limits.data_timeout + 1)
+    assert take(t) == b"421 4.4.2 mx.example.com Error: timeout exceeded\r\n"
+    assert ending(smtpd_lines()) == [
+        "timeout after DATA (12 bytes) from client.example.net[203.0.113.9]",
+        "disconnect from client.example.net[203.0.113.9] ehlo=1 mail=1 rcpt=1 data=0/1"]
+
+
+def test_too_many_errors_names_the_last_command(smtpd_lines):
+    svc, proto, t = connect()
+    for _ in range(20):
+        if t.disconnecting:
+            break
+        proto.dataReceived(b"BOGUS\r\n")
+    assert ending(smtpd_lines())[0] == "too many errors after UNKNOWN from client.example.net[203.0.113.9]"

@@ -110,6 +110,9 @@ class SMTPServerProtocol(Protocol):
         self.errors = 0
         self._sasl = None
         self.stats = Stats()
+        # The last command read, for "lost connection after RCPT", "timeout after
+        # DATA (N bytes)", "too many errors after ..." as Postfix words them.
+        self._verb = "CONNECT"
         self._buf = b""
         self._reader = None
         self._data_size = 0
@@ -157,12 +160,35 @@ class SMTPServerProtocol(Protocol):
         self._out.append(f"220 {self.hostname} {kind}\r\n".encode("ascii"))
 
     def connectionLost(self, reason):
+        if not self._closing and not self.lmtp:
+            # The client went without QUIT (we had not closed): say after what,
+            # and count a command it left unanswered as failed (data=0/1).
+            self._count_unfinished()
+            client = self.handler.client_name(self)
+            where = self._where()
+            log.info(f"lost connection after {where} from {client}", client=client, after=where)
         self._closing = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self._abort_transaction()
         self.handler.disconnected(self)
+
+    def _where(self):
+        """The last command, with the bytes of a message in progress."""
+        if self._reader is not None or self._chunk_left:
+            return f"{self._verb} ({self._data_received} bytes)"
+        return self._verb
+
+    def _count_unfinished(self):
+        """A message or an AUTH exchange in progress got no reply: count its
+        command as failed for the disconnect line (``data=0/1``, ``auth=0/1``).
+        A command whose reply the handler still owes (a commit) is left alone:
+        that reply may yet be counted."""
+        if self._reader is not None or self._chunk_left:
+            self.stats.count(self._verb, False)
+        elif self._sasl is not None:
+            self.stats.count("auth", False)
 
     # -- timeouts: a deadline moved by complete commands only -----------------
 
@@ -203,9 +229,10 @@ class SMTPServerProtocol(Protocol):
         if left > 0:
             self._timer = self.clock.callLater(left, self._check_timeout)
             return
-        phase = "DATA" if self._reader or self._chunk_left else "command"
+        self._count_unfinished()
+        where = self._where()
         client = self.handler.client_name(self)
-        log.info(f"timeout after {phase} from {client}", phase=phase, client=client)
+        log.info(f"timeout after {where} from {client}", after=where, client=client)
         self._send(R.TIMEOUT.with_text(f"{self.hostname} {R.TIMEOUT.text}"))
         self._flush()
         self._close()
@@ -276,8 +303,10 @@ class SMTPServerProtocol(Protocol):
         method = self._commands.get(verb)
         if method is None or (self.lmtp and verb in ("EHLO", "HELO")) or (
                 not self.lmtp and verb == "LHLO") or (verb == "BDAT" and not self.chunking):
+            self._verb = "UNKNOWN"
             self._error(R.UNKNOWN_COMMAND, "unknown")
             return
+        self._verb = verb
         if verb not in ("MAIL", "RCPT") and not line.isascii():
             self._error(R.BAD_BYTES, verb)
             return
@@ -320,7 +349,8 @@ class SMTPServerProtocol(Protocol):
         self.errors += 1
         if self.errors >= MAX_ERRORS and not self._closing:
             client = self.handler.client_name(self)
-            log.info(f"too many errors after {self.stats} from {client}", client=client)
+            log.info(f"too many errors after {self._verb} from {client}", after=self._verb,
+                     client=client)
             self._send(R.TOO_MANY_ERRORS.with_text(f"{self.hostname} {R.TOO_MANY_ERRORS.text}"))
             self._close()
 
