@@ -211,13 +211,19 @@ def _parse_user_line(line: str) -> tuple[User | None, str | None]:
         return None, problem
     # Neither scheme's hash contains ":", so a second ":" can only start the options.
     fields = rest.split(":")
-    if len(fields) > 2:
-        return None, ("too many ':'-separated fields (expected ADDRESS:{SCHEME}HASH[:OPTIONS]; "
-                      "cut Dovecot passwd-file lines to their first two fields)")
     pw_hash, problem = _check_hash(fields[0].strip())
     if problem:
         return None, problem
     options: dict = {}
+    if len(fields) > 2:
+        if not all(f.strip() == "" or f.strip().isdigit() for f in fields[1:3]):
+            return None, ("too many ':'-separated fields (expected ADDRESS:{SCHEME}HASH[:OPTIONS], "
+                          "or a Dovecot passwd-file line, whose uid and gid are numbers or empty)")
+        # A line of a Dovecot passwd-file as it is (CONTRACT section 3: they can be
+        # imported): user:password:uid:gid:gecos:home:shell:extra_fields.  Only the
+        # password means anything here; the mailbox is under [mailbox] root, so
+        # uid, gid, home, shell and Dovecot's extra fields are left aside.
+        return User(f"{local}@{domain}", pw_hash, None, None), None
     if len(fields) == 2:
         options, problem = _parse_options(fields[1])
         if problem:

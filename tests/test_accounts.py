@@ -139,7 +139,7 @@ BCRYPT_BODY = "$2y$05$" + "a" * 53
      "malformed {ARGON2ID} hash (expected $argon2id$v=19$m=...,t=...,p=...$SALT$HASH)"),
     ("a@example.com:{BLF-CRYPT}$2y$05$short", "malformed {BLF-CRYPT} hash (expected $2y$NN$ and 53 characters)"),
     ("a@example.com:{BLF-CRYPT}" + BCRYPT_BODY + ":store=mbox:x",
-     "too many ':'-separated fields (expected ADDRESS:{SCHEME}HASH[:OPTIONS]; cut Dovecot passwd-file lines to their first two fields)"),
+     "too many ':'-separated fields (expected ADDRESS:{SCHEME}HASH[:OPTIONS], or a Dovecot passwd-file line, whose uid and gid are numbers or empty)"),
     ("a@example.com:{BLF-CRYPT}" + BCRYPT_BODY + ":store=imap", "store='imap': expected maildir or mbox"),
     ("a@example.com:{BLF-CRYPT}" + BCRYPT_BODY + ":quota=-1", "quota='-1': expected a number of bytes (0 = unlimited)"),
     ("a@example.com:{BLF-CRYPT}" + BCRYPT_BODY + ":quota=10M", "quota='10M': expected a number of bytes (0 = unlimited)"),
@@ -713,3 +713,18 @@ def test_parsers_fail_only_with_accounts_error(text):
             parse(text, "f")
         except AccountsError as e:
             assert str(e).startswith("f:")
+
+
+@pytest.mark.parametrize("tail", [
+    "::::::",                                                  # every field empty
+    ":1000:1000::/home/alice::",                               # uid, gid, home
+    ":1000:1000:Alice A.:/home/alice:/bin/false:userdb_mail=maildir:~/Maildir",  # extra fields
+    ":::",
+])
+def test_a_dovecot_passwd_file_line_is_taken_as_it_is(tail):
+    """CONTRACT section 3: Dovecot passwd-files can be imported.  Only the
+    password is used; uid, gid, gecos, home, shell and extra fields are left
+    aside (the mailbox is under [mailbox] root)."""
+    bcrypt = "{BLF-CRYPT}" + BCRYPT_BODY
+    users = accounts.parse_users(f"alice@example.com:{bcrypt}{tail}\n", "/etc/mailsys/users")
+    assert list(users.values()) == [accounts.User("alice@example.com", bcrypt, None, None)]
