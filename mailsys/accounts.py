@@ -694,6 +694,7 @@ class Accounts:
         self._snapshot = _Snapshot(self._users.data, self._aliases.data, self.local_domains)
         self._last_check = self._clock.seconds()
         self._warn_postmaster()
+        self._warn_foreign()
 
     @property
     def users_path(self) -> str:
@@ -770,6 +771,7 @@ class Accounts:
                 self._snapshot = _Snapshot(self._users.data, self._aliases.data,
                                            self.local_domains)
                 self._warn_postmaster()
+                self._warn_foreign()
 
     def _current(self) -> _Snapshot:
         self.refresh()
@@ -788,6 +790,27 @@ class Accounts:
                 log.warn("postmaster@{domain} is accepted (RFC 5321 4.5.1) but is no user or "
                          "alias, so its mail bounces; add a postmaster alias to {path}",
                          domain=domain, path=self._aliases.path)
+
+    def _warn_foreign(self):
+        """Entries at a domain that is not in [domains] local are never looked at
+        (mail for such a domain is relayed or refused before any account or
+        alias is asked): say so once per load, rather than let an administrator
+        wonder why ``sales@other.example`` gets "Relay access denied"."""
+        snap = self._snapshot
+        for user in snap.users.values():
+            domain = user.address.rpartition("@")[2]
+            if domain not in self.local_domains:
+                log.warn("{path}: account {address} is at {domain}, which is not in [domains] "
+                         "local: no mail reaches it until that domain is added there",
+                         path=self._users.path, address=user.address, domain=domain)
+        aliases = snap.aliases
+        for key, alias in list(aliases.exact.items()) + [(f"@{d}", a) for d, a in
+                                                         aliases.catchall.items()]:
+            domain = key.rpartition("@")[2]
+            if domain not in self.local_domains:
+                log.warn("{path}:{line}: alias {name} is at {domain}, which is not in [domains] "
+                         "local: it is never used", path=self._aliases.path, line=alias.line,
+                         name=alias.name, domain=domain)
 
     # -- lookups
 

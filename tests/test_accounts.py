@@ -728,3 +728,23 @@ def test_a_dovecot_passwd_file_line_is_taken_as_it_is(tail):
     bcrypt = "{BLF-CRYPT}" + BCRYPT_BODY
     users = accounts.parse_users(f"alice@example.com:{bcrypt}{tail}\n", "/etc/mailsys/users")
     assert list(users.values()) == [accounts.User("alice@example.com", bcrypt, None, None)]
+
+
+def test_entries_at_a_domain_that_is_not_local_are_named_in_the_log(tmp_path, monkeypatch):
+    """They are never looked at (the mail is relayed or refused first): the log
+    says so at load instead of leaving "Relay access denied" to explain it."""
+    events = []
+    monkeypatch.setattr(accounts.log, "observer", events.append)
+    make(tmp_path, users_text("alice@example.com", "p@elsewhere.example"),
+         "postmaster: alice\nfoo@alias-only.example: alice@example.com\n"
+         "@catch.example: alice@example.com\nbar@example.com: alice\n")
+    warned = sorted(e["log_format"].format(**e) for e in events
+                    if e["log_level"].name == "warn")
+    up, ap = tmp_path / "users", tmp_path / "aliases"
+    assert warned == sorted([
+        f"{up}: account p@elsewhere.example is at elsewhere.example, which is not in [domains] "
+        "local: no mail reaches it until that domain is added there",
+        f"{ap}:2: alias foo@alias-only.example is at alias-only.example, which is not in "
+        "[domains] local: it is never used",
+        f"{ap}:3: alias @catch.example is at catch.example, which is not in [domains] local: "
+        "it is never used"])
