@@ -131,7 +131,12 @@ class TurnBufferedFile:
         self._buf = []
         self._size = 0
         self._scheduled = False
-        self._lock = threading.Lock()
+        # Re-entrant: Python runs a signal handler in the main thread between two
+        # bytecodes, wherever that thread is, and Twisted's SIGTERM handler logs
+        # ("Received SIGTERM, shutting down.").  Landing inside flush_now, whose
+        # lock is held around the file write, its line came back to write() and
+        # waited for that lock forever: twistd hung on SIGTERM (seen in CI).
+        self._lock = threading.RLock()
 
     def write(self, data):
         with self._lock:
@@ -150,11 +155,13 @@ class TurnBufferedFile:
     def flush_now(self):
         with self._lock:
             self._scheduled = False
-            if not self._buf:
-                return
-            data = self._buf[0][:0].join(self._buf)
-            self._buf = []
+            # Take the lines first: one a signal handler adds from here on goes
+            # to the new list and out with the next flush, never lost.
+            buf, self._buf = self._buf, []
             self._size = 0
+            if not buf:
+                return
+            data = buf[0][:0].join(buf)
             self._f.write(data)
             self._f.flush()
 

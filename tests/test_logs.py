@@ -196,3 +196,39 @@ def test_lines_go_at_once_without_a_running_reactor_or_from_another_thread_or_wh
     before = out.writes
     log.info("x" * (observer._outFile.limit + 1))
     assert out.writes == before + 1
+
+
+def test_a_signal_handler_that_logs_during_a_flush_does_not_hang_it():
+    """Python runs a signal handler in the main thread between two bytecodes,
+    wherever it is; Twisted's SIGTERM handler logs a line.  Landing inside
+    TurnBufferedFile.flush_now (the file write), that line came back to write()
+    and waited forever for the lock flush_now held: twistd ignored SIGTERM.
+    Here the file's write plays the handler, and the flush runs in a thread so
+    that a deadlock fails the test instead of hanging it."""
+    import threading
+    from types import SimpleNamespace
+
+    from mailsys.logs import TurnBufferedFile
+
+    out = []
+
+    class File:
+        def write(self, data):
+            out.append(data)
+            if len(out) == 1:       # the "signal" lands inside the first write
+                buffered.write("Received SIGTERM, shutting down.\n")
+                buffered.flush()
+
+        def flush(self):
+            pass
+
+    clock = Clock()
+    reactor = SimpleNamespace(running=True, callLater=clock.callLater)
+    buffered = TurnBufferedFile(File(), reactor)
+    buffered.write("first\n")
+    flushing = threading.Thread(target=buffered.flush_now, daemon=True)
+    flushing.start()
+    flushing.join(10)
+    assert not flushing.is_alive(), "flush_now deadlocked on a line logged from inside it"
+    buffered.flush_now()
+    assert out == ["first\n", "Received SIGTERM, shutting down.\n"]
