@@ -213,11 +213,13 @@ class ReceiveHandler:
             if txn.sender is None:
                 return NULL_SENDER_REFUSED
             if not self.service.accounts.owns(proto.auth_user, str(txn.sender)):
-                log.info(f"NOQUEUE: reject: MAIL from {self.client.label}: 553 5.7.1 "
-                         f"<{txn.sender}>: not owned by user {proto.auth_user}",
+                refusal = Reply(553, "5.7.1", f"<{txn.sender}>: Sender address rejected: "
+                                              f"not owned by user {proto.auth_user}")
+                # The reply as sent, then what Postfix adds to a MAIL reject line.
+                log.info(f"NOQUEUE: reject: MAIL from {self.client}: {refusal}; "
+                         f"from=<{txn.sender}> proto=ESMTP helo=<{proto.helo}>",
                          client=self.client.label, sender=str(txn.sender), user=proto.auth_user)
-                return Reply(553, "5.7.1", f"<{txn.sender}>: Sender address rejected: "
-                                           f"not owned by user {proto.auth_user}")
+                return refusal
         txn.queue_id = self.service.spool.ids.next()
         return None
 

@@ -400,10 +400,14 @@ def you(msa):
     client.close()
 
 
-def test_sender_not_owned_is_553(you):
+def test_sender_not_owned_is_553(msa, you):
     code, text = you.docmd("MAIL", "FROM:<bob@example.net>")
     assert (code, text) == (553, b"5.7.1 <bob@example.net>: Sender address rejected: not owned by "
                                  b"user you@example.com")
+    # The log says what the wire said, with Postfix's from=/proto=/helo= as RCPT rejects have.
+    assert msa.wait_for_log(r"NOQUEUE: reject: MAIL from \S+\[127\.0\.0\.1\]: 553 5\.7\.1 "
+                            r"<bob@example\.net>: Sender address rejected: not owned by user "
+                            r"you@example\.com; from=<bob@example\.net> proto=ESMTP helo=<\S+>$")
     assert you.docmd("MAIL", "FROM:<joe@example.com>")[0] == 553
     assert you.docmd("MAIL", "FROM:<you@example.org>")[0] == 553
     assert you.docmd("RCPT", f"TO:<{JOE}>") == (503, b"5.5.1 Error: need MAIL command")
