@@ -359,6 +359,14 @@ class NotRunning(Exception):
         self.absent = absent
 
 
+def config_file_of(config):
+    """The file ``config`` was read from, None for the embedded default: what the
+    "not running" hint names (:func:`start_command`)."""
+    from mailsys.config import EMBEDDED_SOURCE
+
+    return None if config.source == EMBEDDED_SOURCE else config.source
+
+
 def start_command(config_file=None):
     """How to start the server that reads ``config_file`` (None: the embedded
     default), for the "not running" hint: the bare command would start a

@@ -13,11 +13,10 @@ from mailsys.cli import EXIT_USAGE, CommandError, load_config
 
 def _ask(config, request):
     from mailsys import control
-    from mailsys.config import EMBEDDED_SOURCE
 
-    config_file = None if config.source == EMBEDDED_SOURCE else config.source
     try:
-        answer = control.request(control.control_path(config), request, config_file=config_file)
+        answer = control.request(control.control_path(config), request,
+                                 config_file=control.config_file_of(config))
     except control.NotRunning as e:
         raise CommandError(str(e))
     if not answer.get("ok"):

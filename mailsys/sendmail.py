@@ -252,6 +252,18 @@ def qualify(address, domain):
     return address
 
 
+def sender_address(value):
+    """``-f``'s value as Postfix's sendmail reads it: the address of its first
+    mailbox (``-f 'Cron <root@x>'`` is ``root@x``; ``-f '<>'`` and ``-f ''`` the
+    null sender).  A value that is no readable address is passed on as it is,
+    for the server to refuse with its reason."""
+    try:
+        found = addresslist.parse(value)
+    except addresslist.Unparsed:
+        return value
+    return found[0].spec if found else value
+
+
 def default_domain(config):
     return config.domains.local[0] if config.domains.local else config.server.hostname
 
@@ -270,7 +282,8 @@ def compose(opts, rcpts, message, config, login):
     rcpts = [qualify(r, domain) for r in rcpts]
     if not rcpts:
         raise Usage("no recipients: name them as arguments or use -t")
-    sender = qualify(opts["sender"], domain) if opts["sender"] is not None else f"{login}@{domain}"
+    sender = (qualify(sender_address(opts["sender"]), domain) if opts["sender"] is not None
+              else f"{login}@{domain}")
     extra = []
     if b"from" not in names:
         name = opts["fullname"]
@@ -327,7 +340,8 @@ def run(argv, stdin=None, out=None):
                **dsn_request(opts)}
     path = control.submit_path(config)
     try:
-        answer = control.request(path, request, message)
+        answer = control.request(path, request, message,
+                                 config_file=control.config_file_of(config))
     except control.NotRunning as e:
         if not e.absent:
             raise CommandError(f"{e}; the message was not sent")

@@ -188,6 +188,19 @@ def test_full_name_and_null_sender():
     assert b"\r\nFrom: Cron Daemon <MAILER-DAEMON@example.com>\r\n" in out
 
 
+@pytest.mark.parametrize("value,sender", [
+    ("Cron Daemon <cron@example.org>", "cron@example.org"),   # Postfix takes the mailbox's address
+    ('"Joe" <joe@example.org>, ann@example.org', "joe@example.org"),
+    ("root", "root@example.com"),
+    ("<>", ""),
+    ("a b@example.org", "a b@example.org"),          # unreadable: passed on for the server to refuse
+])
+def test_f_takes_the_address_of_its_first_mailbox(value, sender):
+    got, _, _ = compose({"extract": False, "sender": value, "fullname": None},
+                        ["joe"], b"Subject: s\r\n\r\nb\r\n", CONFIG, "root")
+    assert got == sender
+
+
 def test_dsn_flags():
     assert dsn_request({"notify": "success,delay", "ret": "hdrs", "envid": "Q1"}) == {
         "notify": ["SUCCESS", "DELAY"], "ret": "HDRS", "envid": "Q1"}
@@ -206,3 +219,21 @@ def test_newaliases_and_daemon_mode_do_nothing(flag):
             raise AssertionError("stdin was read")
 
     assert run([flag, "--config", "/nonexistent/mailsys.toml"], stdin=Unreadable()) == 0
+
+
+def test_with_the_server_down_and_no_maildrop_the_hint_names_the_configuration(tmp_path):
+    """The server never ran with this configuration (no control socket, no
+    maildrop): the error says how to start the server that reads it."""
+    import io
+
+    from mailsys.sendmail import run
+    from tests.helpers import write_host_config
+
+    path = write_host_config(tmp_path)
+    with pytest.raises(CommandError) as e:
+        run(["--config", str(path), "joe"], stdin=io.BytesIO(b"Subject: s\n\nb\n"))
+    text = str(e.value)
+    assert text.startswith(f"mailsys is not running (nothing answers on {tmp_path}/state/public/"
+                           f"submit.sock: No such file or directory); start it with: "
+                           f"twistd -n mailsys --config {path}, and the maildrop "), text
+    assert text.endswith("is not usable (No such file or directory); the message was not sent")
