@@ -353,9 +353,11 @@ def update_users(path: str, change: Callable[[dict[str, User]], None]) -> dict[s
 
     ``change`` mutates a dict (normalised address -> User); removed keys lose their line,
     changed users get their line rewritten in place, new users are appended.  The file is
-    written atomically with mode 0600.  Returns the new dict.  Raises AccountsError if the
-    current file is malformed (nothing is written then)."""
-    path = os.path.abspath(path)
+    written atomically, mode 0600, or the old file's mode without its bits for others
+    (0640 for a server that reads it through its group).  A symbolic link is followed: the
+    file it names is replaced and the link stays.  Returns the new dict.  Raises
+    AccountsError if the current file is malformed (nothing is written then)."""
+    path = os.path.realpath(path)
     with _directory_lock(os.path.dirname(path)):
         try:
             with open(path, encoding="utf-8") as f:
@@ -380,8 +382,19 @@ def update_users(path: str, change: Callable[[dict[str, User]], None]) -> dict[s
             else:
                 out.append(raw if raw.endswith("\n") else raw + "\n")
         out.extend(format_user(u) + "\n" for k, u in new.items() if k not in old)
-        write_text_atomically(path, "".join(out))
+        write_text_atomically(path, "".join(out), _kept_mode(path))
         return new
+
+
+def _kept_mode(path: str) -> int:
+    """The mode for a rewritten users file: the old file's, less anything for others
+    (the hashes are nobody else's business), so a server that reads it through its
+    group keeps reading it; 0600 for a new file."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o600
+    return mode & 0o770
 
 
 # --------------------------------------------------------------------------- passwords

@@ -198,11 +198,40 @@ def test_update_users_keeps_comments_and_order(tmp_path):
         users["c@example.com"] = User("c@example.com", new_hash)
         del users["b@example.com"]
 
+    os.chmod(path, 0o644)
     accounts.update_users(str(path), change)
     assert path.read_text() == (f"# my comment\n\n# about c\nc@example.com:{new_hash}\n"
                                 f"a@example.com:{h}\n")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640     # nothing for others
     assert sorted(os.listdir(tmp_path)) == ["users"]
+
+
+@pytest.mark.parametrize("before,after", [(0o640, 0o640), (0o600, 0o600), (0o604, 0o600),
+                                          (0o660, 0o660), (0o666, 0o660)])
+def test_update_users_keeps_the_mode_but_for_others(tmp_path, before, after):
+    """A server that reads the users file through its group (root:mail 0640) kept
+    reading it after `mailsys user add`: forcing 0600 cut it off, and it went on
+    with the old accounts, logging that it could not read the file."""
+    path = tmp_path / "users"
+    path.write_text("")
+    os.chmod(path, before)
+    accounts.update_users(str(path), lambda users: users.update(
+        {"a@example.com": User("a@example.com", a_hash())}))
+    assert stat.S_IMODE(os.stat(path).st_mode) == after
+
+
+def test_update_users_through_a_symbolic_link_replaces_the_file_it_names(tmp_path):
+    real = tmp_path / "managed" / "users"
+    real.parent.mkdir()
+    real.write_text("")
+    os.chmod(real, 0o600)
+    link = tmp_path / "users"
+    link.symlink_to(real)
+    accounts.update_users(str(link), lambda users: users.update(
+        {"a@example.com": User("a@example.com", a_hash())}))
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert list(accounts.read_users(str(real))) == ["a@example.com"]
+    assert sorted(os.listdir(real.parent)) == ["users"]
 
 
 def test_update_users_refuses_malformed_file(tmp_path):
