@@ -57,6 +57,23 @@ class StateLocked(Exception):
     pass
 
 
+def _refuse_listener(failure, role, endpoint):
+    """A listener that cannot be opened (the port is taken, no permission for a
+    port below 1024, an address this host does not have) stops the start in one
+    sentence, as a bad configuration does, instead of twistd's traceback.  It is
+    decided only at bind time, so ``mailsys config check`` cannot see it."""
+    from twisted.internet.error import CannotListenError
+
+    err = failure.value
+    if not isinstance(err, CannotListenError):
+        failure.raiseException()
+    reason = getattr(err.socketError, "strerror", None) or str(err.socketError)
+    where = f"{err.interface or '*'}:{err.port}" if err.port is not None else err.interface
+    name = {QUEUE_LMTP: "the queue's LMTP socket"}.get(role, f"listen.{role}")
+    raise SystemExit(f"mailsys: cannot start: {name} {endpoint}: cannot listen on {where}: "
+                     f"{reason}; stop what uses it or change {name}")
+
+
 class MailHost(service.MultiService):
     """Owns the shared state (spool, accounts, limits) of the listeners of one process."""
 
@@ -151,7 +168,10 @@ class MailHost(service.MultiService):
         state = self.config.server.state_dir
         os.makedirs(state, mode=0o700, exist_ok=True)
         if self.adopt is None:
-            self._lock_state(state)
+            try:
+                self._lock_state(state)
+            except StateLocked as e:
+                raise SystemExit(f"mailsys: cannot start: {e}")
             for role, endpoint, _ in self.listeners:
                 if role in ("lmtp", QUEUE_LMTP):
                     _remove_stale_unix_socket(endpoint)
@@ -168,7 +188,7 @@ class MailHost(service.MultiService):
                 failure = []
                 d.addCallbacks(self.ports.append, failure.append)
                 if failure:
-                    failure[0].raiseException()
+                    _refuse_listener(failure[0], role, endpoint)
         else:
             for (role, endpoint, fd, family), (_, _, factory) in zip(self.adopt, self.listeners):
                 self.ports.append(adopt_port(self.reactor, fd, family, factory))

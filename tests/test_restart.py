@@ -78,3 +78,54 @@ def test_finished_segments_are_removed_and_the_journal_compacted(sync, tmp_path)
         assert replay(jnl) == [{"id": "L1", "r": 0, "s": "deferred", "e": "451 4.4.1 later"}]
     finally:
         close_host(host)
+
+
+def test_a_state_directory_in_use_stops_the_start_in_one_sentence(sync, tmp_path, monkeypatch):
+    """Another instance holds STATE_DIR/mailsys.lock: twistd says so and exits 1,
+    instead of printing a traceback (SystemExit carries the sentence)."""
+    import fcntl
+
+    from mailsys import tap
+
+    monkeypatch.setattr(tap, "LOCK_WAIT", 0.0)
+    cfg = config(tmp_path)
+    state = cfg.server.state_dir
+    os.makedirs(state, exist_ok=True)
+    other = os.open(os.path.join(state, "mailsys.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    host = build(cfg, nworkers=1)
+    try:
+        with pytest.raises(SystemExit) as e:
+            host.privilegedStartService()
+        assert str(e.value) == (f"mailsys: cannot start: another mailsys is running on {state} "
+                                f"(it holds {state}/mailsys.lock); stop it first")
+    finally:
+        os.close(other)
+        close_host(host)
+
+
+def test_a_listener_that_cannot_be_opened_stops_the_start_in_one_sentence(sync, tmp_path):
+    """The port is taken: decided only at bind time, so config check cannot see
+    it; the start stops with the role, the endpoint and the reason."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    from tests.helpers import write_host_config
+
+    cfg = load(write_host_config(tmp_path, mta=[f"tcp:{port}:interface=127.0.0.1"]))
+    host = build(cfg, nworkers=1)
+    try:
+        with pytest.raises(SystemExit) as e:
+            host.privilegedStartService()
+        assert str(e.value) == (
+            f"mailsys: cannot start: listen.mta tcp:{port}:interface=127.0.0.1: cannot listen "
+            f"on 127.0.0.1:{port}: Address already in use; stop what uses it or change "
+            f"listen.mta")
+    finally:
+        taken.close()
+        for p in host.ports + host.control_ports:
+            p.stopListening()
+        close_host(host)

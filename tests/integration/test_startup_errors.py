@@ -62,3 +62,28 @@ def test_twistd_refuses_in_one_sentence_like_config_check(tmp_path, case):
     assert "Traceback" not in done.stdout + done.stderr
     assert done.stdout.endswith(f": configuration problems:\n{expected}\n")
     assert not server.state_dir.exists()   # refused before anything was made
+
+
+def test_twistd_on_a_port_in_use_stops_in_one_sentence(tmp_path):
+    """Decided only at bind time (config check cannot know), and still one
+    sentence with status 1, not twistd's traceback."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        server = MailsysServer(tmp_path / "m", {"listen": {"mta": [f"tcp:{port}:interface=127.0.0.1"]}})
+        done = subprocess.run(TWISTD + ["-n", "--pidfile=", f"--logfile={server.log_path}",
+                                        "mailsys", "--config", str(server.config_path)],
+                              cwd=server.base, env=child_env(), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    log = server.log_path.read_text()
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr + log
+    assert log.endswith(f"mailsys: cannot start: listen.mta tcp:{port}:interface=127.0.0.1: "
+                        f"cannot listen on 127.0.0.1:{port}: Address already in use; stop what "
+                        f"uses it or change listen.mta\n"), log[-2000:]
