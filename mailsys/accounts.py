@@ -73,7 +73,23 @@ _MAX_ALIAS_DEPTH = 32
 
 
 class AccountsError(Exception):
-    """A malformed users or aliases file; the message is ``FILE:LINE: problem``."""
+    """A malformed users or aliases file; the message is ``FILE:LINE: problem`` for
+    its first bad line.  ``problems`` holds ``(line, problem)`` for every bad line
+    the parser found (line 0: the file as a whole), so that ``mailsys config check``
+    can name them all in one run instead of one per fix."""
+
+    def __init__(self, message, problems=()):
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+
+def _refuse(source, problems):
+    """Raise the AccountsError for ``problems`` (``(line, problem)``, in file order)."""
+    line, problem = problems[0]
+    more = len(problems) - 1
+    tail = (f" (and {more} more bad line{'s' if more > 1 else ''}; `mailsys config check` "
+            "lists them)") if more else ""
+    raise AccountsError(f"{source}:{line}: {problem}{tail}", problems)
 
 
 # --------------------------------------------------------------------------- addresses
@@ -242,6 +258,7 @@ def parse_users(text: str, source: str) -> dict[str, User]:
     """Parse a users file; keys are :func:`normalise`\\ d addresses, in file order."""
     users: dict[str, User] = {}
     where: dict[str, int] = {}
+    problems = []
     for lineno, _raw, content in _iter_user_lines(text):
         if content is None:
             continue
@@ -249,9 +266,12 @@ def parse_users(text: str, source: str) -> dict[str, User]:
         if problem is None and user.key in users:
             problem = f"duplicate account {user.address} (first at line {where[user.key]})"
         if problem:
-            raise AccountsError(f"{source}:{lineno}: {problem}")
+            problems.append((lineno, problem))
+            continue
         users[user.key] = user
         where[user.key] = lineno
+    if problems:
+        _refuse(source, problems)
     return users
 
 
@@ -298,32 +318,43 @@ def read_users(path: str) -> dict[str, User]:
     return parse_users(text, path)
 
 
-def file_problem(path: str, kind: str) -> tuple[int | None, str] | None:
+#: ``mailsys config check`` names at most this many bad lines of one file.
+SHOWN_PROBLEMS = 20
+
+
+def file_problems(path: str, kind: str) -> list[tuple[int | None, str]]:
     """Why the server would refuse to start on the ``kind`` ("users" or "aliases")
-    file at ``path``: ``(line, problem)``, line None for the file as a whole; or
-    None.  Read as :class:`Accounts` reads it at start (a missing file is empty),
-    for ``mailsys config check``."""
+    file at ``path``: ``(line, problem)`` for each bad line, line None for the file
+    as a whole; empty when it would start.  Read as :class:`Accounts` reads it at
+    start (a missing file is empty), for ``mailsys config check``.  Past
+    :data:`SHOWN_PROBLEMS` lines, the last entry counts the rest (a binary file
+    named by mistake would otherwise fill the screen)."""
     parse = parse_users if kind == "users" else parse_aliases
     if os.path.isdir(path):
-        return None, (f"{path} is a directory; point accounts.{kind} at the {kind} file "
-                      "(it need not exist yet)")
+        return [(None, f"{path} is a directory; point accounts.{kind} at the {kind} file "
+                       "(it need not exist yet)")]
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        return None
+        return []
     except OSError as e:
-        return None, (f"cannot read {path}: {e.strerror}; let the server's user read it "
-                      f"or point accounts.{kind} elsewhere")
+        return [(None, f"cannot read {path}: {e.strerror}; let the server's user read it "
+                       f"or point accounts.{kind} elsewhere")]
     except UnicodeDecodeError as e:
-        return None, f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"
+        return [(None, f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it "
+                       "as UTF-8")]
     try:
         parse(text, path)
     except AccountsError as e:
-        # parse_* say "PATH:LINE: problem" with PATH as given.
-        line, _, problem = str(e)[len(path) + 1:].partition(": ")
-        return int(line), problem if ";" in problem else f"{problem}; fix that line"
-    return None
+        found = [(line, problem if ";" in problem else f"{problem}; fix that line")
+                 for line, problem in e.problems[:SHOWN_PROBLEMS]]
+        rest = len(e.problems) - SHOWN_PROBLEMS
+        if rest > 0:
+            found.append((None, f"{rest} more bad line{'s' if rest > 1 else ''} not shown; "
+                                "fix the ones above and check again"))
+        return found
+    return []
 
 
 def write_text_atomically(path: str, text: str, mode: int = 0o600) -> None:
@@ -505,7 +536,9 @@ def _parse_alias_target(target: str) -> tuple[str | None, str | None]:
 
 
 def parse_aliases(text: str, source: str) -> Aliases:
-    """Parse an aliases file; AccountsError ``FILE:LINE: problem`` on the first error."""
+    """Parse an aliases file; AccountsError ``FILE:LINE: problem`` naming its first
+    bad line, with every bad line in ``problems``."""
+    problems = []
     entries: list[tuple[int, str]] = []   # (first line number, logical line)
     for lineno, raw in enumerate(text.splitlines(), 1):
         if not raw.strip() or raw.lstrip().startswith("#"):
@@ -513,8 +546,9 @@ def parse_aliases(text: str, source: str) -> Aliases:
         content = _strip_comment(raw).rstrip()
         if raw[0] in " \t":
             if not entries:
-                raise AccountsError(f"{source}:{lineno}: continuation line (starts with white "
-                                    "space) before any alias; remove the leading white space")
+                problems.append((lineno, "continuation line (starts with white space) before "
+                                 "any alias; remove the leading white space"))
+                continue
             first, logical = entries[-1]
             entries[-1] = (first, logical + " " + content.strip())
         else:
@@ -525,27 +559,37 @@ def parse_aliases(text: str, source: str) -> Aliases:
     catchall: dict[str, Alias] = {}
     tables = {"exact": exact, "bare": bare, "catchall": catchall}
     for lineno, logical in entries:
-        name, colon, rest = logical.partition(":")
-        name = name.strip()
-        if not colon:
-            raise AccountsError(f"{source}:{lineno}: expected 'name: target, target, ...'")
-        kind, key, problem = _parse_alias_name(name)
+        problem = _parse_alias_entry(logical, lineno, tables)
         if problem:
-            raise AccountsError(f"{source}:{lineno}: {problem}")
-        table = tables[kind]
-        if key in table:
-            raise AccountsError(f"{source}:{lineno}: duplicate alias {name!r} "
-                                f"(first at line {table[key].line})")
-        if not rest.strip():
-            raise AccountsError(f"{source}:{lineno}: alias {name!r} has no targets")
-        targets = []
-        for item in rest.split(","):
-            target, problem = _parse_alias_target(item.strip())
-            if problem:
-                raise AccountsError(f"{source}:{lineno}: {problem}")
-            targets.append(target)
-        table[key] = Alias(name, tuple(targets), lineno)
+            problems.append((lineno, problem))
+    if problems:
+        problems.sort(key=lambda found: found[0])
+        _refuse(source, problems)
     return Aliases(exact, bare, catchall)
+
+
+def _parse_alias_entry(logical, lineno, tables):
+    """Enter one logical line into its table; the problem with it, or None."""
+    name, colon, rest = logical.partition(":")
+    name = name.strip()
+    if not colon:
+        return "expected 'name: target, target, ...'"
+    kind, key, problem = _parse_alias_name(name)
+    if problem:
+        return problem
+    table = tables[kind]
+    if key in table:
+        return f"duplicate alias {name!r} (first at line {table[key].line})"
+    if not rest.strip():
+        return f"alias {name!r} has no targets"
+    targets = []
+    for item in rest.split(","):
+        target, problem = _parse_alias_target(item.strip())
+        if problem:
+            return problem
+        targets.append(target)
+    table[key] = Alias(name, tuple(targets), lineno)
+    return None
 
 
 # --------------------------------------------------------------------------- Accounts

@@ -863,14 +863,12 @@ def _file_checks(values, source, report):
     """Read what the server reads at start, the way it reads it, so that a file it
     would refuse is reported here with the key that names it.  Each check runs
     only when the keys it needs are themselves valid."""
-    from mailsys.accounts import file_problem
+    from mailsys.accounts import file_problems
 
     accounts = values["accounts"]
     for key in ("users", "aliases"):
         if key in accounts:
-            found = file_problem(accounts[key], key)
-            if found:
-                line, problem = found
+            for line, problem in file_problems(accounts[key], key):
                 report("accounts", key, problem,
                        at=f"{accounts[key]}:{line}" if line else None)
 

@@ -360,6 +360,29 @@ def test_alias_error_line_counts_comments():
     assert str(e.value) == "a:4: expected 'name: target, target, ...'"
 
 
+def test_every_bad_line_is_in_the_error():
+    """The message names the first bad line and counts the others; ``problems``
+    lists all of them, for ``mailsys config check``."""
+    with pytest.raises(AccountsError) as e:
+        accounts.parse_aliases(" lead\nok: a\nbad line\nok: b\nx:\n", "a")
+    assert str(e.value) == ("a:1: continuation line (starts with white space) before any "
+                            "alias; remove the leading white space (and 3 more bad lines; "
+                            "`mailsys config check` lists them)")
+    assert e.value.problems == (
+        (1, "continuation line (starts with white space) before any alias; remove the "
+            "leading white space"),
+        (3, "expected 'name: target, target, ...'"),
+        (4, "duplicate alias 'ok' (first at line 2)"),
+        (5, "alias 'x' has no targets"))
+    text = users_text("alice@example.com") + "nobody\n" + users_text("alice@example.com")
+    with pytest.raises(AccountsError) as e:
+        accounts.parse_users(text, "u")
+    assert str(e.value).startswith("u:2: ") and str(e.value).endswith(
+        " (and 1 more bad line; `mailsys config check` lists them)")
+    assert [line for line, _ in e.value.problems] == [2, 3]
+    assert e.value.problems[1] == (3, "duplicate account alice@example.com (first at line 1)")
+
+
 # --------------------------------------------------------------------------- lookups
 
 ALIASES = """\

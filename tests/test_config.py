@@ -585,6 +585,40 @@ def test_check_reports_bad_accounts_files_at_their_own_lines(tmp_path, capsys):
     ])
 
 
+def test_check_reports_every_bad_line_of_an_accounts_file(tmp_path, capsys):
+    """One run names every bad line, in file order, not one per fix-and-rerun."""
+    (tmp_path / "users").write_text(f"p1@example.com:{{PLAIN}}x\nok@example.com:{ARGON}\n"
+                                    f"ok@example.com:{ARGON}\nnobody-at-all:{ARGON}\n")
+    (tmp_path / "aliases").write_text("  stray continuation\npostmaster: ok@example.com\n"
+                                      "postmaster: ok@example.com\nempty:\n")
+    path = write(tmp_path, startable(tmp_path))
+    status, lines = check_lines(path, capsys)
+    assert (status, lines) == (2, [
+        f"{tmp_path}/users:1: accounts.users: unsupported password scheme {{PLAIN}}: only "
+        "{ARGON2ID} and {BLF-CRYPT} are accepted; set a new password with `mailsys user passwd`",
+        f"{tmp_path}/users:3: accounts.users: duplicate account ok@example.com (first at line "
+        "2); fix that line",
+        f"{tmp_path}/users:4: accounts.users: " + lines[2].split(": accounts.users: ", 1)[1],
+        f"{tmp_path}/aliases:1: accounts.aliases: continuation line (starts with white space) "
+        "before any alias; remove the leading white space",
+        f"{tmp_path}/aliases:3: accounts.aliases: duplicate alias 'postmaster' (first at line "
+        "2); fix that line",
+        f"{tmp_path}/aliases:4: accounts.aliases: alias 'empty' has no targets; fix that line",
+    ])
+    assert "nobody-at-all" in lines[2]
+
+
+def test_check_names_at_most_twenty_bad_lines_of_a_file(tmp_path, capsys):
+    (tmp_path / "aliases").write_text("".join(f"bad line {i}\n" for i in range(1, 26)))
+    path = write(tmp_path, startable(tmp_path))
+    status, lines = check_lines(path, capsys)
+    assert status == 2 and len(lines) == 21
+    assert lines[19] == (f"{tmp_path}/aliases:20: accounts.aliases: expected 'name: target, "
+                         "target, ...'; fix that line")
+    assert lines[20].endswith(": accounts.aliases: 5 more bad lines not shown; fix the ones "
+                              "above and check again")
+
+
 def test_check_refuses_a_directory_as_users_file(tmp_path, capsys):
     path = write(tmp_path, NO_TLS + '[accounts]\nusers = "/etc"\n'
                  f'aliases = "{tmp_path}/aliases"\n')
