@@ -213,10 +213,15 @@ def skip_from_lines(data):
 
 
 # The header fields whose bare local parts get @DOMAIN, as Postfix's cleanup
-# does for locally submitted mail (append_at_myorigin).
+# does for locally submitted mail (append_at_myorigin): the RFC 5322 address
+# fields, and the older ones that still carry addresses a reply or a report
+# goes to (Errors-To, Return-Receipt-To, Apparently-To, and RFC 8098's
+# Disposition-Notification-To): a bare "root" there sends the notice nowhere.
 ADDRESS_FIELDS = frozenset([b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc",
                             b"resent-from", b"resent-sender", b"resent-reply-to",
-                            b"resent-to", b"resent-cc", b"resent-bcc"])
+                            b"resent-to", b"resent-cc", b"resent-bcc",
+                            b"errors-to", b"return-receipt-to", b"apparently-to",
+                            b"disposition-notification-to"])
 
 
 def qualify_header(header, domain):

@@ -147,6 +147,20 @@ def test_bare_addresses_in_the_header_get_the_domain():
     assert out.endswith(b"\r\n\r\nTo: root\r\n")
 
 
+def test_bare_addresses_in_notice_fields_get_the_domain():
+    """Fields a reply or a report goes to are qualified too; others that only
+    look like addresses (Message-ID, In-Reply-To) are not."""
+    message = (b"From: root\r\nErrors-To: root\r\nReturn-Receipt-To: ops\r\n"
+               b"Apparently-To: joe\r\nDisposition-Notification-To: Ann <ann>\r\n"
+               b"In-Reply-To: <x>\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nb\r\n")
+    _, _, out = compose({"extract": False, "sender": None, "fullname": None}, ["joe"],
+                        message, CONFIG, "root")
+    assert out == (b"From: root@example.com\r\nErrors-To: root@example.com\r\n"
+                   b"Return-Receipt-To: ops@example.com\r\nApparently-To: joe@example.com\r\n"
+                   b"Disposition-Notification-To: Ann <ann@example.com>\r\n"
+                   b"In-Reply-To: <x>\r\nMessage-ID: <1@x>\r\nDate: x\r\n\r\nb\r\n")
+
+
 def test_gateway_submission_keeps_the_header():
     """-G (relayed mail), as Postfix with no remote_header_rewrite_domain:
     the header stays as written; the envelope is still qualified."""
