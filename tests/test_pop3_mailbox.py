@@ -208,6 +208,23 @@ def test_mbox_commit_rewrites_without_deleted_and_keeps_later_appends(mbox):
     assert uids[:2] == [e0.uid, e2.uid]
 
 
+def test_mbox_login_removes_copies_that_killed_rewrites_left(mbox):
+    """A rewrite killed before its rename leaves its copy beside the mbox; the
+    next login removes it (and only it: another file's copies stay)."""
+    home = os.path.dirname(mbox)
+    with open(os.path.join(home, ".mbox.pop3.k1ll3d.tmp"), "wb") as f:
+        f.write(open(mbox, "rb").read()[:100])
+    open(os.path.join(home, ".mbox.pop3.empty.tmp"), "wb").close()
+    for other in (".mbox2.pop3.x.tmp", ".mbox.pop3.x.kept", "mbox.pop3.x.tmp"):
+        open(os.path.join(home, other), "wb").close()
+    box = MboxBox(mbox)
+    assert len(box.load()) == 3
+    box.close()
+    assert sorted(os.listdir(home)) == [".mbox.pop3.x.kept", ".mbox2.pop3.x.tmp", "mbox",
+                                        "mbox.pop3.x.tmp"]
+    assert MboxStore().messages(mbox) == [stored(0), stored(1), stored(2)]
+
+
 def test_mbox_commit_refuses_when_another_program_replaced_the_file(mbox):
     box = MboxBox(mbox)
     e0, _, _ = box.load()

@@ -308,6 +308,7 @@ class MboxBox:
             note = read_append_note(stale[0]) if stale else None
             if note is not None:
                 self._cut_noted_append(note)
+            self._remove_torn_rewrites()
             self._fcntl_lock(fd, fcntl.LOCK_SH)
             st = os.fstat(fd)
             entries = self._scan(fd, st.st_size)
@@ -402,7 +403,8 @@ class MboxBox:
                 at = bounds[start]
             ranges.append((at, st.st_size))   # includes anything appended since the scan
             directory = os.path.dirname(self.path)
-            tfd, tmp = tempfile.mkstemp(dir=directory, prefix=".mbox.pop3.", suffix=".tmp")
+            tfd, tmp = tempfile.mkstemp(dir=directory, prefix=self._rewrite_prefix(),
+                                        suffix=".tmp")
             try:
                 os.fchmod(tfd, st.st_mode & 0o7777)
                 if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
@@ -427,6 +429,27 @@ class MboxBox:
             if fd is not None:
                 os.close(fd)
             _unlink(dotlock)
+
+    def _rewrite_prefix(self):
+        return "." + os.path.basename(self.path) + ".pop3."
+
+    def _remove_torn_rewrites(self):
+        """Remove the copies that rewrites killed before their rename left
+        beside the mbox (a crash, ``kill -9``): each can be as big as the
+        mailbox, and nothing else would ever remove them.  Only called with
+        this mailbox's POP3 lock and dotlock held, so no rewrite of this mbox
+        is running; the mbox itself was never touched by them."""
+        directory = os.path.dirname(self.path) or "."
+        prefix = self._rewrite_prefix()
+        try:
+            names = [n for n in os.listdir(directory)
+                     if n.startswith(prefix) and n.endswith(".tmp")]
+        except OSError:
+            return
+        for name in names:
+            _unlink(os.path.join(directory, name))
+            log.info("mbox {path}: removed {name}, left by a rewrite that a crash interrupted",
+                     path=self.path, name=name)
 
     def _record_bounds(self):
         """record start -> the start of the next record (or the scanned end)."""
