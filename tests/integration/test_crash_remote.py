@@ -1,0 +1,113 @@
+"""kill -9 of a real ``twistd -n mailsys`` while its queue relays mail to a real
+Postfix found by MX lookup on a loopback DNS server.
+
+Every message the sender acknowledged with 250 must reach Postfix's mailbox after
+the restarts, and a message may arrive twice only if a kill fell between the
+peer's 250 and the journal record of it (the window every MTA has; RFC 5321
+section 6.1 prefers a duplicate to a loss): at most one extra copy per message a
+session had in flight at a kill, so at most :data:`MAX_SESSIONS` copies a kill.
+"""
+import collections
+import os
+import random
+import re
+import smtplib
+import time
+
+import pytest
+
+from mailsys.couriers.remote import MAX_SESSIONS
+from tests.integration.dnsserver import DNSServer, zone
+from tests.integration.harness import LOOPBACK, PostfixMXPeer, maildir_files
+from tests.integration.test_crash_delivery import queue_drained
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = 600
+KILLS = 3
+RCPT = "rcpt@remote.test"
+TAG = re.compile(rb"(?m)^Subject: relay-(\d+)$")
+
+
+def test_kill9_while_relaying_delivers_every_acknowledged_message(tmp_path, make_server):
+    peer = PostfixMXPeer(tmp_path / "postfixmx", ["remote.test"], [RCPT])
+    dns = DNSServer(tmp_path / "dns", zone(["remote.test. IN MX 10 mx.remote.test.",
+                                            "mx.remote.test. IN A 127.0.0.1"])).start()
+    try:
+        server = make_server({
+            "dns": {"nameservers": [dns.nameserver], "timeout": 2},
+            "relay": {"transport": {"remote.test": f"smtp:remote.test:{peer.port}"}},
+            "queue": {"retry_min": 1, "retry_max": 2},
+            "server": {"workers": 2}})
+        # The sender takes everything while the peer is down (the mta port relays
+        # for 127.0.0.1, relay.mynetworks' default), so that the relaying, which
+        # would otherwise keep pace with the submissions, is all ahead of the kills.
+        with smtplib.SMTP(LOOPBACK, server.port, local_hostname="client.test", timeout=60) as c:
+            for n in range(1, MESSAGES + 1):
+                message = (f"From: <sender@client.test>\r\nTo: <{RCPT}>\r\nSubject: relay-{n}\r\n"
+                           f"Message-ID: <relay-{n}@client.test>\r\n\r\n"
+                           + f"line {n} of a relayed message\r\n" * 40).encode()
+                assert c.sendmail("sender@client.test", [RCPT], message) == {}
+        peer.start()
+        flushed = server.mailsys_cli("queue", "flush")
+        assert flushed.returncode == 0, flushed.stderr
+        maildir = peer.maildir(RCPT)
+        rng = random.Random()
+        seed = rng.randrange(1 << 30)
+        rng.seed(seed)
+        kills = []
+        for k in range(KILLS):
+            # Kill at a random point while the peer is still receiving.
+            target = (k + 1) * MESSAGES // (KILLS + 2) + rng.randrange(MESSAGES // 10)
+            deadline = time.monotonic() + 120
+            while count(maildir) < target:
+                assert time.monotonic() < deadline, (
+                    f"seed {seed}: only {count(maildir)} of {MESSAGES} at the peer after 120 s")
+                time.sleep(0.002)
+            time.sleep(rng.random() * 0.02)
+            server.kill9()
+            kills.append(count(maildir))
+            time.sleep(rng.random() * 0.5)
+            server.start()
+        deadline = time.monotonic() + 180
+        while not queue_drained(server):
+            assert time.monotonic() < deadline, f"seed {seed}: the queue did not drain in 180 s"
+            time.sleep(0.25)
+        server.stop()
+        # Postfix may still be writing the last ones into the mailbox.
+        deadline = time.monotonic() + 60
+        copies = tally(maildir)
+        while set(copies) != set(range(1, MESSAGES + 1)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            copies = tally(maildir)
+    finally:
+        dns.stop()
+        peer.stop()
+    missing = sorted(set(range(1, MESSAGES + 1)) - set(copies))
+    extra = sum(c - 1 for c in copies.values())
+    print(f"seed {seed}: kills with {kills} messages at the peer; {extra} duplicates")
+    assert not missing, f"seed {seed}: acknowledged messages never delivered: {missing[:20]}"
+    assert set(copies) == set(range(1, MESSAGES + 1)), f"seed {seed}: stray messages"
+    assert extra <= KILLS * MAX_SESSIONS, f"seed {seed}: {extra} duplicates after {KILLS} kills"
+    log = server.log_text()
+    assert "Traceback" not in log
+    assert len(re.findall(r"to=<rcpt@remote\.test>, relay=mx\.remote\.test\[127\.0\.0\.1\]:"
+                          rf"{peer.port}, delay=[\d.]+, dsn=2\.0\.0, status=sent", log)) \
+        >= MESSAGES
+    assert "status=bounced" not in log
+
+
+def count(maildir):
+    try:
+        return len(os.listdir(maildir / "new"))
+    except FileNotFoundError:
+        return 0
+
+
+def tally(maildir):
+    copies = collections.Counter()
+    for data in maildir_files(maildir, "new").values():
+        m = TAG.search(data)
+        assert m, data[:300]
+        copies[int(m.group(1))] += 1
+    return copies
