@@ -111,3 +111,71 @@ def tally(maildir):
         assert m, data[:300]
         copies[int(m.group(1))] += 1
     return copies
+
+
+BOUNCES = 300
+
+
+def test_kill9_while_bouncing_returns_every_report(tmp_path, make_server):
+    """Mail the peer refuses for good (Postfix: 550 5.1.1, no such mailbox) comes
+    back to the local sender as an RFC 3464 report, spooled like any message and
+    journaled as reported (mailsys.queue).  Killed three times while the reports
+    go out: every refused message is reported, and a report is sent twice only
+    when a kill fell between its spooling and that journal record, which holds
+    at most the queue's active messages (100)."""
+    from tests.integration.test_remote_delivery import sender_host
+
+    peer = PostfixMXPeer(tmp_path / "postfixmx", ["remote.test"], [RCPT])
+    dns = DNSServer(tmp_path / "dns", zone(["remote.test. IN MX 10 mx.remote.test.",
+                                            "mx.remote.test. IN A 127.0.0.1"])).start()
+    try:
+        server = sender_host(make_server, dns, {"remote.test": f"smtp:remote.test:{peer.port}"},
+                             server={"workers": 2})
+        server.start()
+        with smtplib.SMTP(LOOPBACK, server.port, local_hostname="client.test", timeout=60) as c:
+            for n in range(1, BOUNCES + 1):
+                message = (f"From: <joe@example.com>\r\nTo: <nobody@remote.test>\r\n"
+                           f"Subject: relay-{n}\r\nMessage-ID: <relay-{n}@example.com>\r\n\r\n"
+                           + f"line {n} of a message nobody takes\r\n" * 40).encode()
+                assert c.sendmail("joe@example.com", ["nobody@remote.test"], message) == {}
+        peer.start()
+        flushed = server.mailsys_cli("queue", "flush")
+        assert flushed.returncode == 0, flushed.stderr
+        maildir = server.mail_root / "example.com" / "joe" / "Maildir"
+        rng = random.Random()
+        seed = rng.randrange(1 << 30)
+        rng.seed(seed)
+        kills = []
+        for k in range(KILLS):
+            target = (k + 1) * BOUNCES // (KILLS + 2) + rng.randrange(BOUNCES // 10)
+            deadline = time.monotonic() + 120
+            while count(maildir) < target:
+                assert time.monotonic() < deadline, (
+                    f"seed {seed}: only {count(maildir)} of {BOUNCES} reports after 120 s")
+                time.sleep(0.002)
+            time.sleep(rng.random() * 0.02)
+            server.kill9()
+            kills.append(count(maildir))
+            time.sleep(rng.random() * 0.5)
+            server.start()
+        deadline = time.monotonic() + 180
+        while not queue_drained(server):
+            assert time.monotonic() < deadline, f"seed {seed}: the queue did not drain in 180 s"
+            time.sleep(0.25)
+        server.stop()
+    finally:
+        dns.stop()
+        peer.stop()
+    copies = tally(maildir)
+    missing = sorted(set(range(1, BOUNCES + 1)) - set(copies))
+    extra = sum(c - 1 for c in copies.values())
+    print(f"seed {seed}: kills with {kills} reports delivered; {extra} duplicates")
+    assert not missing, f"seed {seed}: refused messages never reported: {missing[:20]}"
+    assert set(copies) == set(range(1, BOUNCES + 1)), f"seed {seed}: stray messages"
+    assert max(copies.values()) <= 1 + KILLS and extra <= KILLS * 100, (
+        f"seed {seed}: {extra} duplicated reports after {KILLS} kills")
+    for data in maildir_files(maildir, "new").values():
+        assert b"Content-Type: multipart/report; report-type=delivery-status;" in data
+        assert b"Final-Recipient: rfc822; nobody@remote.test" in data
+        assert b"Status: 5.1.1" in data
+    assert "Traceback" not in server.log_text()
