@@ -39,41 +39,9 @@ def test_kill9_while_relaying_delivers_every_acknowledged_message(tmp_path, make
             "relay": {"transport": {"remote.test": f"smtp:remote.test:{peer.port}"}},
             "queue": {"retry_min": 1, "retry_max": 2},
             "server": {"workers": 2}})
-        # The sender takes everything while the peer is down (the mta port relays
-        # for 127.0.0.1, relay.mynetworks' default), so that the relaying, which
-        # would otherwise keep pace with the submissions, is all ahead of the kills.
-        with smtplib.SMTP(LOOPBACK, server.port, local_hostname="client.test", timeout=60) as c:
-            for n in range(1, MESSAGES + 1):
-                message = (f"From: <sender@client.test>\r\nTo: <{RCPT}>\r\nSubject: relay-{n}\r\n"
-                           f"Message-ID: <relay-{n}@client.test>\r\n\r\n"
-                           + f"line {n} of a relayed message\r\n" * 40).encode()
-                assert c.sendmail("sender@client.test", [RCPT], message) == {}
-        peer.start()
-        flushed = server.mailsys_cli("queue", "flush")
-        assert flushed.returncode == 0, flushed.stderr
+        load_then_release(server, peer, "sender@client.test", RCPT, MESSAGES, "a relayed message")
         maildir = peer.maildir(RCPT)
-        rng = random.Random()
-        seed = rng.randrange(1 << 30)
-        rng.seed(seed)
-        kills = []
-        for k in range(KILLS):
-            # Kill at a random point while the peer is still receiving.
-            target = (k + 1) * MESSAGES // (KILLS + 2) + rng.randrange(MESSAGES // 10)
-            deadline = time.monotonic() + 120
-            while count(maildir) < target:
-                assert time.monotonic() < deadline, (
-                    f"seed {seed}: only {count(maildir)} of {MESSAGES} at the peer after 120 s")
-                time.sleep(0.002)
-            time.sleep(rng.random() * 0.02)
-            server.kill9()
-            kills.append(count(maildir))
-            time.sleep(rng.random() * 0.5)
-            server.start()
-        deadline = time.monotonic() + 180
-        while not queue_drained(server):
-            assert time.monotonic() < deadline, f"seed {seed}: the queue did not drain in 180 s"
-            time.sleep(0.25)
-        server.stop()
+        seed, kills = kill_while_arriving(server, maildir, MESSAGES, "at the peer")
         # Postfix may still be writing the last ones into the mailbox.
         deadline = time.monotonic() + 60
         copies = tally(maildir)
@@ -95,6 +63,50 @@ def test_kill9_while_relaying_delivers_every_acknowledged_message(tmp_path, make
                           rf"{peer.port}, delay=[\d.]+, dsn=2\.0\.0, status=sent", log)) \
         >= MESSAGES
     assert "status=bounced" not in log
+
+
+def load_then_release(server, peer, sender, rcpt, n, text):
+    """Give the sender ``n`` messages while the peer is down (the mta port relays
+    for 127.0.0.1, relay.mynetworks' default), then start the peer and flush: the
+    relaying, which would otherwise keep pace with the submissions, all comes
+    after, where the kills land."""
+    with smtplib.SMTP(LOOPBACK, server.port, local_hostname="client.test", timeout=60) as c:
+        for i in range(1, n + 1):
+            message = (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: relay-{i}\r\n"
+                       f"Message-ID: <relay-{i}@client.test>\r\n\r\n"
+                       + f"line {i} of {text}\r\n" * 40).encode()
+            assert c.sendmail(sender, [rcpt], message) == {}
+    peer.start()
+    flushed = server.mailsys_cli("queue", "flush")
+    assert flushed.returncode == 0, flushed.stderr
+
+
+def kill_while_arriving(server, maildir, total, what):
+    """kill -9 and restart the sender :data:`KILLS` times at random points while
+    ``maildir`` fills up, then wait until its queue is empty and stop it.
+    Returns the seed and how many files were there at each kill."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    kills = []
+    for k in range(KILLS):
+        target = (k + 1) * total // (KILLS + 2) + rng.randrange(total // 10)
+        deadline = time.monotonic() + 120
+        while count(maildir) < target:
+            assert time.monotonic() < deadline, (
+                f"seed {seed}: only {count(maildir)} of {total} {what} after 120 s")
+            time.sleep(0.002)
+        time.sleep(rng.random() * 0.02)
+        server.kill9()
+        kills.append(count(maildir))
+        time.sleep(rng.random() * 0.5)
+        server.start()
+    deadline = time.monotonic() + 180
+    while not queue_drained(server):
+        assert time.monotonic() < deadline, f"seed {seed}: the queue did not drain in 180 s"
+        time.sleep(0.25)
+    server.stop()
+    return seed, kills
 
 
 def count(maildir):
@@ -132,37 +144,10 @@ def test_kill9_while_bouncing_returns_every_report(tmp_path, make_server):
         server = sender_host(make_server, dns, {"remote.test": f"smtp:remote.test:{peer.port}"},
                              server={"workers": 2})
         server.start()
-        with smtplib.SMTP(LOOPBACK, server.port, local_hostname="client.test", timeout=60) as c:
-            for n in range(1, BOUNCES + 1):
-                message = (f"From: <joe@example.com>\r\nTo: <nobody@remote.test>\r\n"
-                           f"Subject: relay-{n}\r\nMessage-ID: <relay-{n}@example.com>\r\n\r\n"
-                           + f"line {n} of a message nobody takes\r\n" * 40).encode()
-                assert c.sendmail("joe@example.com", ["nobody@remote.test"], message) == {}
-        peer.start()
-        flushed = server.mailsys_cli("queue", "flush")
-        assert flushed.returncode == 0, flushed.stderr
+        load_then_release(server, peer, "joe@example.com", "nobody@remote.test", BOUNCES,
+                          "a message nobody takes")
         maildir = server.mail_root / "example.com" / "joe" / "Maildir"
-        rng = random.Random()
-        seed = rng.randrange(1 << 30)
-        rng.seed(seed)
-        kills = []
-        for k in range(KILLS):
-            target = (k + 1) * BOUNCES // (KILLS + 2) + rng.randrange(BOUNCES // 10)
-            deadline = time.monotonic() + 120
-            while count(maildir) < target:
-                assert time.monotonic() < deadline, (
-                    f"seed {seed}: only {count(maildir)} of {BOUNCES} reports after 120 s")
-                time.sleep(0.002)
-            time.sleep(rng.random() * 0.02)
-            server.kill9()
-            kills.append(count(maildir))
-            time.sleep(rng.random() * 0.5)
-            server.start()
-        deadline = time.monotonic() + 180
-        while not queue_drained(server):
-            assert time.monotonic() < deadline, f"seed {seed}: the queue did not drain in 180 s"
-            time.sleep(0.25)
-        server.stop()
+        seed, kills = kill_while_arriving(server, maildir, BOUNCES, "reports")
     finally:
         dns.stop()
         peer.stop()
