@@ -651,12 +651,33 @@ class QueueManager(service.Service):
                      f"({len(rcpts)} recipient(s) failed)", qid=msg.qid)
             if msg.envelope.get("client", {}).get("role") == POSTMASTER_ROLE:
                 return defer.succeed(False)
+            if self._on_the_way_to_postmaster(rcpts):
+                # The notice would take the path that just failed (a postmaster
+                # alias leading to an address that refuses mail): one more
+                # notice, one more failure, for ever.  The log says it instead.
+                log.warn(f"{msg.qid}: postmaster notification not sent: the message failed "
+                         f"on its way to <{self.postmaster}>; check the postmaster alias",
+                         qid=msg.qid)
+                return defer.succeed(False)
             return self._queue_report(msg, kind, rcpts, to=self.postmaster, role=POSTMASTER_ROLE)
         specs = msg.envelope.get("recipients", [])
         wanted = [r for r in rcpts if dsn.wants(specs[r.index], kind)]
         if not wanted:
             return defer.succeed(False)
         return self._queue_report(msg, kind, wanted)
+
+    def _on_the_way_to_postmaster(self, rcpts):
+        """Whether a failed recipient is the postmaster's address, or a copy our
+        MDA made for it (an alias target, ORCPT naming the address): a copy of
+        a postmaster notice whose alias leads elsewhere loses the notice's
+        role on the way, so the role alone cannot stop that loop."""
+        postmaster = self.postmaster.lower()
+        for r in rcpts:
+            if r.addr.lower() == postmaster:
+                return True
+            if r.orcpt and r.orcpt[0].lower() == "rfc822" and r.orcpt[1].lower() == postmaster:
+                return True
+        return False
 
     @property
     def postmaster(self):

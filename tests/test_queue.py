@@ -197,6 +197,35 @@ def test_a_failed_postmaster_notice_causes_nothing_more(q):
     assert q.journal.records[-1] == {"id": "Q5b", "done": True}
 
 
+@pytest.mark.parametrize("rcpt", [
+    # A copy our MDA spooled for the postmaster alias's target (ORCPT names it).
+    {"rcpt": "joe@example.com", "state": "queued", "orcpt": ["rfc822", "Postmaster@example.com"]},
+    # Mail from <> to the postmaster itself.
+    {"rcpt": "postmaster@example.com", "state": "queued"},
+])
+def test_mail_from_null_failing_on_its_way_to_the_postmaster_notifies_nobody(q, rcpt):
+    """The notice would fail the same way and come back as one more message from
+    <> without the notice's role (an alias copy has its own): a loop of notices.
+    The log says it instead."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "User unknown"))]]
+        entry = Entry("Q5c", "", [rcpt])
+        entry.envelope["client"] = {"role": "alias"}
+        q.qm.add(entry)
+        q.clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert q.spool.committed == []
+    assert q.journal.records[-1] == {"id": "Q5c", "done": True}
+    lines = [e["text"] for e in events if e.get("log_namespace") == "mailsys.queue"]
+    assert "Q5c: postmaster notification not sent: the message failed on its way to " \
+           "<postmaster@example.com>; check the postmaster alias" in lines
+
+
 def test_notify_never_and_success(q):
     q.lmtp.script = [[PermFail(Reply(550, "5.1.1", "x"))], [Delivered()]]
     q.qm.add(Entry("Q6", "a@b.org", [{"rcpt": "ghost@example.com", "state": "queued", "notify": ["NEVER"]}]))

@@ -192,6 +192,30 @@ def test_permanent_refusal_bounces_to_sender(make_server, dns_server):
         assert peer.messages == []
 
 
+def test_postmaster_alias_to_a_refusing_address_does_not_loop(make_server, dns_server):
+    """A bounce from elsewhere (mail from <>) that fails goes to the postmaster,
+    once.  Here the postmaster alias leads to an address that refuses mail too:
+    the notice's copy for it fails, and must not cause another notice (it did,
+    about a hundred a second, for as long as the alias stayed so)."""
+    with ScriptedSMTP({"RCPT": "550 5.1.1 User unknown"}) as peer:
+        dns = dns_server(["refuse.test. IN MX 10 mx.refuse.test.",
+                          "mx.refuse.test. IN A 127.0.0.1"])
+        server = sender_host(make_server, dns, {"refuse.test": f"smtp:refuse.test:{peer.port}"})
+        server.aliases_path.write_text("postmaster@example.com: pm@refuse.test\n")
+        server.start()
+        with smtplib.SMTP(LOOPBACK, server.port, local_hostname="client.test", timeout=30) as c:
+            assert c.sendmail("", ["user@refuse.test"], b"Subject: a bounce\r\n\r\nx\r\n") == {}
+        server.wait_for_log(r"(\w+): postmaster notification not sent: the message failed on "
+                            r"its way to <postmaster@example\.com>; check the postmaster alias",
+                            timeout=60)
+        time.sleep(2)       # what a loop would have sent meanwhile: about 200 more
+        rcpts = [c.split()[1] for c in peer.commands if c.startswith("RCPT")]
+        assert rcpts == ["TO:<user@refuse.test>", "TO:<pm@refuse.test>"], rcpts
+        log = server.log_text()
+        assert len(re.findall(r"postmaster failure notification", log)) == 1
+        assert len(re.findall(r"postmaster notification not sent", log)) == 1
+
+
 def test_dns_failures(make_server, dns_server):
     dns = dns_server(["null.test. IN MX 0 .",
                       "servfail.test. IN A 127.0.0.1"])
