@@ -363,10 +363,15 @@ class QueueManager(service.Service):
         delay = self.clock.seconds() - msg.arrival
         waits = []
         for r, outcome in zip(rcpts, outcomes):
+            status = None
             if outcome.permanent and (outcome.reply.status or "").endswith(".2.2"):
-                # Mailbox full: RFC 3463 calls x.2.2 a persistent *transient* failure;
-                # the owner may make room, so retry until queue.lifetime.
-                outcome = TempFail(outcome.reply)
+                # Mailbox full: RFC 3463 calls x.2.2 a persistent *transient* failure,
+                # and RFC 5321 4.5.3.1.10 asks clients to take a 552 as temporary;
+                # the owner may make room, so retry until queue.lifetime.  The log
+                # and the report's Status say 4.2.2, as for any deferral (Postfix
+                # does the same); the server's own reply stays as it said it.
+                outcome = TempFail(outcome.reply, outcome.relay)
+                status = "4" + outcome.reply.status[1:]
             state = "sent" if outcome.delivered else ("failed" if outcome.permanent else "deferred")
             where = getattr(outcome, "relay", None)
             r.mta = where.partition("[")[0] if where else None
@@ -376,7 +381,7 @@ class QueueManager(service.Service):
             waits.append(self._record(msg, r, state, str(outcome.reply),
                                       relay=where or getattr(courier, "name", relay),
                                       delay=delay, reply=outcome.reply, started=started,
-                                      local=not outcome.from_peer))
+                                      local=not outcome.from_peer, status=status))
         if len(waits) == 1:
             return waits[0]
         return defer.gatherResults(waits, consumeErrors=True)

@@ -331,6 +331,20 @@ def test_mailbox_full_is_retried_not_bounced(q):
     q.clock.advance(2 * RETRY_MIN)
     assert states(q, "QF") == [(0, "deferred"), (0, "deferred"), (0, "sent")]
     assert q.spool.committed == []
+    # Logged and reported as the deferral it is: 4.2.2, the server's words kept.
+    deferrals = [r for r in q.journal.records if r.get("s") == "deferred"]
+    assert [(r["dsn"], r["e"]) for r in deferrals] == [
+        ("4.2.2", "552 5.2.2 <joe@example.com>: Mailbox full: over quota")] * 2
+
+
+def test_mailbox_full_at_a_remote_host_keeps_the_host(q):
+    """The host that said 552 stays named (the log's relay=, Remote-MTA)."""
+    full = PermFail(Reply(552, "5.2.2", "mailbox full"), relay="mx.remote.test[127.0.0.9]:25")
+    q.lmtp.script = [[full]]
+    q.qm.add(Entry("QG", "a@b.org", ["joe@example.com"]))
+    q.clock.advance(0)
+    rcpt = q.qm.messages["QG"].rcpts[0]
+    assert (rcpt.state, rcpt.status, rcpt.mta) == ("deferred", "4.2.2", "mx.remote.test")
 
 
 def test_only_deferrals_skip_the_fdatasync(q):

@@ -84,7 +84,7 @@ def test_smtp_to_maildir(host):
 def test_over_quota_is_retried_then_delivered_when_room_is_made(host):
     big = b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n"
     send(host, "sender@example.org", ["ann@example.com"], big)
-    host.wait_for_log(r"to=<ann@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=5\.2\.2, status=deferred",
+    host.wait_for_log(r"to=<ann@example\.com>, relay=lmtp, delay=[0-9.]+, dsn=4\.2\.2, status=deferred",
                       timeout=30)
     assert count(host, "ann@example.com") == 0
     # The administrator raises the quota: the next retry delivers.
@@ -225,7 +225,7 @@ def test_a_finished_segment_is_removed_while_the_server_runs(host):
     big = b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n"
     send(host, "sender@example.org", ["ann@example.com"], big)
     deferred = host.wait_for_log(r"(\w+): to=<ann@example\.com>, relay=lmtp, delay=[0-9.]+, "
-                                 r"dsn=5\.2\.2, status=deferred", timeout=30)
+                                 r"dsn=4\.2\.2, status=deferred", timeout=30)
     qid = deferred.group(1)
     before = _segment_names(host)
     [(segment, _)] = [(e.segment, e) for e in host.spool() if e.queue_id == qid]
@@ -259,7 +259,7 @@ def test_a_straggler_is_copied_forward_and_survives_kill9(host):
     big = b"Subject: big\r\nMessage-ID: <straggler@example.org>\r\n\r\n" + b"x" * 3000 + b"\r\n"
     send(host, "sender@example.org", ["ann@example.com"], big)
     deferred = host.wait_for_log(r"(\w+): to=<ann@example\.com>, relay=lmtp, delay=[0-9.]+, "
-                                 r"dsn=5\.2\.2, status=deferred", timeout=30)
+                                 r"dsn=4\.2\.2, status=deferred", timeout=30)
     qid = deferred.group(1)
     wait_for(lambda: count(host, "joe@example.com") == 8, what="joe's eight")
     [segment] = {os.path.basename(e.segment) for e in host.spool() if e.queue_id == qid}
