@@ -146,6 +146,9 @@ class NextHop:
         if literal is not None:
             hops = [Hop(literal, literal, port)]
             return self._without_self(domain, [(0, domain, hops)], explicit=True)
+        if domain.startswith("["):
+            return Route(error=Reply(550, "5.1.3", f"Bad address literal {domain[:100]}: not an "
+                                                   "IPv4 or IPv6 address"))
         if not mx:
             hops, error = self._addresses(domain, port, 0)
             if error is not None and not hops:
@@ -218,6 +221,12 @@ class NextHop:
 
 
 def _ip_literal(text):
+    """The address an address literal names (RFC 5321 4.1.3: the domain of
+    ``u@[192.0.2.1]`` or ``u@[IPv6:2001:db8::1]``, mail for that host and no DNS
+    lookup), or a transport's ``[host]`` already without its brackets; None for
+    a name."""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     if text.startswith("ipv6:"):
         text = text[5:]
     try:

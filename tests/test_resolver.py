@@ -151,6 +151,18 @@ class Rules(unittest.TestCase):
         r = route(nexthop(ZONE), "::1", 2525, mx=False)
         self.assertEqual(r.hops, [Hop("::1", "::1", 2525, 0)])
 
+    def test_address_literal_domains_go_to_that_address(self):
+        """RFC 5321 4.1.3: mail for u@[192.0.2.1] goes to that host, with no DNS
+        lookup (it was looked up as a name, "[192.0.2.1]", and bounced 5.1.2)."""
+        def no_dns(name, rdtype):
+            raise AssertionError(f"looked up {name} {rdtype}")
+        nh = NextHop(no_dns, run=lambda f, *a: f(*a))
+        self.assertEqual(route(nh, "[192.0.2.7]").hops, [Hop("192.0.2.7", "192.0.2.7", 25, 0)])
+        self.assertEqual(route(nh, "[IPv6:2001:DB8::7]").hops,
+                         [Hop("2001:db8::7", "2001:db8::7", 25, 0)])
+        self.assertEqual(route(nh, "[not-an-address]").error, Reply(
+            550, "5.1.3", "Bad address literal [not-an-address]: not an IPv4 or IPv6 address"))
+
     def test_lookup_exception_is_tempfail(self):
         def boom(name, rdtype):
             raise RuntimeError("resolver broke")
