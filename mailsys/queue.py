@@ -45,6 +45,7 @@ EXPIRED_STATUS = "4.4.7"
 # rest of the file can go (see _copy_forward).
 COPY_FORWARD_SHARE = 0.25
 POSTMASTER_ROLE = "postmaster-notice"   # envelope client role of a double-bounce notice
+TOO_MANY_RECIPIENTS = "4.5.3"           # RFC 3463: too many recipients (in this transaction)
 
 
 class Recipient:
@@ -76,7 +77,7 @@ class Recipient:
 
 class Message:
     __slots__ = ("qid", "entry", "envelope", "rcpts", "arrival", "attempts", "next_attempt",
-                 "warned", "active", "timer", "redelivery", "held")
+                 "warned", "active", "timer", "redelivery", "held", "finals")
 
     def __init__(self, entry):
         self.qid = entry.queue_id
@@ -93,6 +94,7 @@ class Message:
         # crash without our record of it; the courier asks the MDA to check.
         self.redelivery = False
         self.held = False        # `mailsys queue hold`: no attempt until released
+        self.finals = 0          # recipients done before the current attempt
 
     @property
     def sender(self):
@@ -309,6 +311,7 @@ class QueueManager(service.Service):
 
     def _deliver(self, msg):
         due = msg.due()
+        msg.finals = len(msg.rcpts) - len(due)
         cfg = self.config.queue
         if due and cfg.lifetime and self.clock.seconds() - msg.arrival >= cfg.lifetime:
             return self._expire(msg, due)
@@ -428,11 +431,19 @@ class QueueManager(service.Service):
             for r in failed:
                 r.reported = True
             yield self.journal.append({"id": msg.qid, "reported": [r.index for r in failed]})
-        msg.attempts += 1
         cfg = self.config.queue
-        backoff = min(cfg.retry_min * 2 ** (msg.attempts - 1), cfg.retry_max)
-        backoff *= 0.9 + 0.2 * self.rng()            # jitter: spread retries of a burst
-        nxt = now + backoff
+        if (len(msg.rcpts) - len(due) > msg.finals
+                and any(r.status == TOO_MANY_RECIPIENTS for r in due)):
+            # The server took some recipients and said "452 4.5.3 too many
+            # recipients" to the rest: RFC 5321 4.5.3.1.10 has the client send
+            # them in another transaction, at once (as Postfix does), not after
+            # a backoff.  Each such attempt settles some recipients, so this ends.
+            nxt = now
+        else:
+            msg.attempts += 1
+            backoff = min(cfg.retry_min * 2 ** (msg.attempts - 1), cfg.retry_max)
+            backoff *= 0.9 + 0.2 * self.rng()            # jitter: spread retries of a burst
+            nxt = now + backoff
         if cfg.lifetime:
             nxt = min(nxt, msg.arrival + cfg.lifetime)
         msg.next_attempt = nxt

@@ -347,6 +347,33 @@ def test_mailbox_full_at_a_remote_host_keeps_the_host(q):
     assert (rcpt.state, rcpt.status, rcpt.mta) == ("deferred", "4.2.2", "mx.remote.test")
 
 
+def test_too_many_recipients_sends_the_rest_at_once(q):
+    """452 4.5.3 to the recipients past a server's limit: the rest go in the
+    next transaction at once, not after queue.retry_min (RFC 5321 4.5.3.1.10)."""
+    many = TempFail(Reply(452, "4.5.3", "Error: too many recipients"))
+    rcpts = [f"u{i}@example.com" for i in range(5)]
+    q.lmtp.script = [[Delivered(), Delivered(), many, many, many], [Delivered(), many, many],
+                     [Delivered(), Delivered()]]
+    q.qm.add(Entry("QT", "a@b.org", rcpts))
+    q.clock.advance(0)
+    q.clock.advance(0)
+    q.clock.advance(0)
+    assert [c[1] for c in q.lmtp.calls] == [rcpts, rcpts[2:], rcpts[3:]]
+    assert "QT" not in q.qm.messages
+    assert q.clock.seconds() == 0
+
+
+def test_too_many_recipients_without_progress_backs_off(q):
+    many = TempFail(Reply(452, "4.5.3", "Error: too many recipients"))
+    q.lmtp.script = [[many, many], [Delivered(), Delivered()]]
+    q.qm.add(Entry("QU", "a@b.org", ["u1@example.com", "u2@example.com"]))
+    q.clock.advance(0)
+    q.clock.advance(0)
+    assert len(q.lmtp.calls) == 1
+    q.clock.advance(RETRY_MIN)
+    assert len(q.lmtp.calls) == 2 and "QU" not in q.qm.messages
+
+
 def test_only_deferrals_skip_the_fdatasync(q):
     q.lmtp.script = [[TempFail(Reply(451, "4.2.0", "busy"))], [Delivered()]]
     q.qm.add(Entry("QD", "a@b.org", ["joe@example.com"]))
