@@ -54,3 +54,18 @@ def plain_reads(transport):
         return False
     transport.doRead = tcp.Connection.doRead.__get__(transport)
     return True
+
+
+def unsent(transport):
+    """Bytes written to ``transport`` and not yet taken by the kernel: Twisted's
+    write buffer of the TCP or UNIX connection under it (a TLS layer's included,
+    as encrypted bytes); 0 for a transport without one (a test's)."""
+    t = transport
+    for _ in range(3):
+        buffered = getattr(t, "dataBuffer", None)
+        if buffered is not None:
+            return len(buffered) + getattr(t, "_tempDataLen", 0)
+        t = getattr(t, "transport", None)
+        if t is None:
+            break
+    return 0

@@ -1,4 +1,10 @@
-"""Resource exhaustion: memory stays bounded whatever the client sends."""
+"""Resource exhaustion: memory stays bounded whatever the client sends, and a
+client cannot keep a connection (and its slot) open past the timeouts."""
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
+from twisted.python.failure import Failure
+
 from mailsys.smtp.reply import Reply
 from tests.helpers import FakeHandler, connect, limits, take
 
@@ -88,13 +94,19 @@ def test_pipelined_flood_without_a_pending_reply_is_consumed():
     assert t.producerState == "producing"
 
 
-def test_pending_reply_pauses_the_transport_beyond_64_kib_and_resumes_it():
+def _mail_reply_pending():
+    """A session whose MAIL the handler has not answered yet."""
     h = FakeHandler()
     h.hold.add("mail")
     proto, t, h, clock = connect(h)
     proto.dataReceived(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n")
     take(t)
     assert h.held
+    return proto, t, h
+
+
+def test_pending_reply_pauses_the_transport_beyond_64_kib_and_resumes_it():
+    proto, t, h = _mail_reply_pending()
     flood = b"NOOP\r\n" * 10922 + b"NOOP"
     assert len(flood) == 65536
     for i in range(0, len(flood), 4096):
@@ -123,3 +135,102 @@ def test_resumed_after_the_last_of_several_pending_replies():
     h.release("rcpt", Reply(250, "2.1.5", "Ok"))
     assert t.value() == SENDER_OK + b"250 2.1.5 Ok\r\n" + OK * 12000
     assert t.producerState == "producing"
+
+
+# -- a client that does not read ---------------------------------------------------------
+
+class _Backlog(StringTransportWithDisconnection):
+    """A transport whose unsent bytes the test sets (``dataBuffer``, as
+    Twisted's TCP transports keep them)."""
+    dataBuffer = b""
+
+
+def _backlogged(h=None):
+    from mailsys.smtp.server import SMTPServerProtocol
+
+    clock = Clock()
+    h = h if h is not None else FakeHandler()
+    proto = SMTPServerProtocol(h, "mx.example.com", limits=limits(), clock=clock)
+    t = _Backlog()
+    t.protocol = proto
+    proto.makeConnection(t)
+    take(t)
+    return proto, t, h, clock
+
+
+def test_replies_the_client_does_not_read_stop_the_reading():
+    """Past 256 KiB of unsent replies we stop reading until they drain: a client
+    that pipelines without reading gets no more replies buffered for it (an EHLO
+    flood of 16 MB took a server from 59 to 323 MB before)."""
+    proto, t, h, clock = _backlogged()
+    t.dataBuffer = b"x" * (256 * 1024)
+    proto.dataReceived(b"NOOP\r\n")
+    assert t.producerState == "producing"       # exactly the limit: still reading
+    t.dataBuffer += b"x"
+    proto.dataReceived(b"NOOP\r\n")
+    assert t.producerState == "paused"
+    clock.advance(0.1)
+    assert t.producerState == "paused"          # still not read by the client
+    t.dataBuffer = b""
+    clock.advance(0.1)
+    assert t.producerState == "producing"
+    assert len(clock.getDelayedCalls()) == 1      # the command timeout's: polling stopped
+
+
+def test_both_reasons_to_stop_reading_must_end_before_reading_again():
+    h = FakeHandler()
+    h.hold.add("mail")
+    proto, t, h, clock = _backlogged(h)
+    proto.dataReceived(b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\n")
+    t.dataBuffer = b"x" * (300 * 1024)
+    proto.dataReceived(b"NOOP\r\n" * 12000)     # beyond 64 KiB behind a pending reply
+    assert t.producerState == "paused"
+    h.release("mail")                             # the input is consumed ...
+    assert t.value().endswith(SENDER_OK + OK * 12000)
+    assert t.producerState == "paused"            # ... but the replies still wait
+    t.dataBuffer = b""
+    clock.advance(0.1)
+    assert t.producerState == "producing"
+
+
+class _Unread(StringTransport):
+    """A peer that reads nothing, or never finishes a TLS handshake: Twisted's
+    loseConnection waits for it for ever; only abortConnection ends it."""
+
+    def abortConnection(self):
+        self.aborted = True
+        self.protocol.connectionLost(Failure(ConnectionAborted()))
+
+
+def test_a_connection_that_will_not_close_is_cut_after_the_grace_time():
+    from mailsys.smtp.server import CLOSE_GRACE, SMTPServerProtocol
+
+    clock = Clock()
+    h = FakeHandler()
+    proto = SMTPServerProtocol(h, "mx.example.com", limits=limits(command_timeout=300),
+                               clock=clock)
+    t = _Unread()
+    t.protocol = proto
+    proto.makeConnection(t)
+    clock.advance(300)
+    assert t.value().endswith(b"421 4.4.2 mx.example.com Error: timeout exceeded\r\n")
+    assert t.disconnecting and not getattr(t, "aborted", False)
+    clock.advance(CLOSE_GRACE - 0.1)
+    assert not getattr(t, "aborted", False) and h.calls[-1] != ("disconnected",)
+    clock.advance(0.1)
+    assert t.aborted and h.calls[-1] == ("disconnected",)
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_grace_time_is_at_most_the_command_timeout():
+    from mailsys.smtp.server import SMTPServerProtocol
+
+    clock = Clock()
+    proto = SMTPServerProtocol(FakeHandler(), "mx.example.com", limits=limits(command_timeout=3),
+                               clock=clock)
+    t = _Unread()
+    t.protocol = proto
+    proto.makeConnection(t)
+    clock.advance(3)
+    clock.advance(3)
+    assert t.aborted
