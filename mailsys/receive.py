@@ -13,6 +13,7 @@ import re
 import time
 
 from twisted.cred import credentials
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -181,6 +182,8 @@ class ReceiveHandler:
         creds = credentials.UsernamePassword(user, password)
 
         def check(_):
+            if password is None:      # the protocol refused it (mailsys.smtp.sasl)
+                raise UnauthorizedLogin("another authorization identity")
             return self.service.portal.login(creds, None, IMailUser)
 
         method = getattr(proto, "sasl_method", None) or "AUTH"

@@ -103,7 +103,7 @@ class AuthHandler(FakeHandler):
         self.answers["authenticate"] = self._check
 
     def _check(self, user, password):
-        if self.users.get(user) == password:
+        if password is not None and self.users.get(user) == password:
             return user
         return Reply(535, "5.7.8", "Authentication credentials invalid")
 
@@ -336,10 +336,26 @@ def test_plain_authzid_other_than_authcid_is_refused(initial):
         assert send(proto, t, b"AUTH PLAIN\r\n") == CHALLENGE_EMPTY
         out = send(proto, t, token + b"\r\n")
     assert out == INVALID
-    assert auth_calls(h) == [] and proto.auth_user is None
+    # To the handler as a failed login of the user, with no password: it logs
+    # and throttles it like wrong credentials.
+    assert auth_calls(h) == [("authenticate", USER, None)] and proto.auth_user is None
     # it counts as a failed attempt, and the session survives
     assert proto.auth_failures == 1
     assert send(proto, t, b"AUTH PLAIN " + PLAIN_OK + b"\r\n") == AUTH_OK
+
+
+def test_mail_takes_the_auth_parameter_where_auth_is_offered():
+    """RFC 4954 5 (a satellite MTA relaying through us sends AUTH=<>); on a
+    connection without the AUTH extension it stays an unknown parameter."""
+    proto, t, h, clock = tls_session()
+    assert send(proto, t, b"MAIL FROM:<a@b.example> AUTH=<>\r\n") == SENDER_OK
+    assert send(proto, t, b"RSET\r\n") == OK
+    assert send(proto, t, b"AUTH PLAIN " + PLAIN_OK + b"\r\n") == AUTH_OK
+    assert send(proto, t, b"MAIL FROM:<a@b.example> AUTH=a+40b.example\r\n") == SENDER_OK
+    proto, t, h, clock = connect()
+    assert send(proto, t, b"EHLO client.example\r\n").startswith(b"250-")
+    assert send(proto, t, b"MAIL FROM:<a@b.example> AUTH=<>\r\n") == \
+        b"555 5.5.4 Unsupported option: AUTH\r\n"
 
 
 def test_login_with_prompts():

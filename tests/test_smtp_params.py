@@ -172,6 +172,25 @@ def test_unknown_mail_parameters(text, key):
     assert mail_refusal(text) == Reply(555, "5.5.4", f"Unsupported option: {key}")
 
 
+@pytest.mark.parametrize("value", ["<>", "alice@example.com", "alice+2Btag@example.com",
+                                   "+22quoted+20name+22@example.com"])
+def test_auth_parameter_where_auth_is_offered(value):
+    """RFC 4954 5: a server offering AUTH takes MAIL's AUTH= (and uses nothing
+    of it: who logged in is known)."""
+    p = parse_mail_params(f"AUTH={value} SIZE=10", LIMIT, auth=True)
+    assert p.size == 10 and p.as_dict() == {"size": 10}
+
+
+@pytest.mark.parametrize("value", ["+ZZ", "+0A@example.com", "a" * 501])
+def test_bad_auth_parameter(value):
+    with pytest.raises(ParamError) as info:
+        parse_mail_params(f"AUTH={value}", LIMIT, auth=True)
+    assert info.value.reply == syntax("Bad AUTH parameter")
+    with pytest.raises(ParamError) as info:
+        parse_mail_params("AUTH=<> AUTH=<>", LIMIT, auth=True)
+    assert info.value.reply == syntax("Duplicate parameter: AUTH")
+
+
 @pytest.mark.parametrize("item", ["-X=1", "=1", "SI_ZE=1", "SIZE==1"])
 def test_bad_parameter_keyword(item):
     if item == "SIZE==1":

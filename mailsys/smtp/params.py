@@ -107,9 +107,10 @@ class RcptParams:
         return d
 
 
-def parse_mail_params(text, max_size, private=()):
+def parse_mail_params(text, max_size, private=(), auth=False):
     """Parse MAIL parameters; ``max_size`` is the SIZE limit we advertise,
-    ``private`` the private keywords advertised (``"XQID"`` or nothing)."""
+    ``private`` the private keywords advertised (``"XQID"`` or nothing),
+    ``auth`` whether the AUTH extension is offered on this connection."""
     p = MailParams()
     for key, value in _split(text):
         if key == "SIZE":
@@ -140,6 +141,19 @@ def parse_mail_params(text, max_size, private=()):
             if not envid or len(envid) > MAX_ENVID or not _printable_ascii(envid):
                 raise _bad("Bad ENVID parameter")
             p.envid = envid
+        elif key == "AUTH" and auth:
+            # RFC 4954 5: the identity a relaying client says submitted the
+            # message ("<>": unknown).  Its syntax is checked and the value is
+            # not used: mailsys knows who logged in, and trusts nothing else
+            # (Postfix, unless told otherwise, does the same).  Satellite MTAs
+            # send it, Postfix's with smtp_send_dummy_mail_auth = yes.
+            if value != "<>":
+                try:
+                    identity = decode_xtext(value or "")
+                except ValueError:
+                    raise _bad("Bad AUTH parameter")
+                if not identity or len(identity) > 500 or not _printable_ascii(identity):
+                    raise _bad("Bad AUTH parameter")
         elif key == "XQID" and "XQID" in private:
             if value is None or not QUEUE_ID.match(value):
                 raise _bad("Bad XQID parameter")

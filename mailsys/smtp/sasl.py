@@ -18,9 +18,14 @@ TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 
 
 class SaslError(Exception):
-    def __init__(self, reply):
+    """``user``: the authentication identity when the exchange itself was well
+    formed but cannot be allowed (PLAIN naming another authorization identity):
+    a failed login of that user, to be logged and throttled as one."""
+
+    def __init__(self, reply, user=None):
         super().__init__(str(reply))
         self.reply = reply
+        self.user = user
 
 
 def decode_response(text):
@@ -59,7 +64,7 @@ def decode_plain(raw):
     authzid, authcid, passwd = parts
     user, password = _text(authcid), _text(passwd)
     if authzid and authzid != authcid:
-        raise SaslError(AUTHZ_MISMATCH)
+        raise SaslError(AUTHZ_MISMATCH, user=user)
     return user, password
 
 

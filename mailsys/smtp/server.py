@@ -513,8 +513,9 @@ class SMTPServerProtocol(Protocol):
         path, ptext = split_path_and_params(arg[m.end():])
         try:
             params = parse_mail_params(ptext, self.limits.message_size,
-                                       self._private_extensions()) if ptext.strip() else \
-                parse_mail_params("", 0)
+                                       self._private_extensions(),
+                                       auth=bool(self.auth_mechanisms and self.tls)) \
+                if ptext.strip() else parse_mail_params("", 0)
             if not self.esmtp and ptext.strip():
                 raise ParamError(Reply(555, "5.5.4", "Error: parameters need EHLO"))
             sender = parse_path(path, "sender", smtputf8=params.smtputf8, allow_null=True)
@@ -856,7 +857,7 @@ class SMTPServerProtocol(Protocol):
         try:
             challenge = exchange.start(parts[1] if len(parts) == 2 else None)
         except sasl.SaslError as e:
-            self._auth_failed(e.reply)
+            self._sasl_refused(e)
             return
         self._sasl_next(exchange, challenge)
 
@@ -868,9 +869,19 @@ class SMTPServerProtocol(Protocol):
             self._auth_failed(sasl.UNDECODABLE)
             return
         except sasl.SaslError as e:
-            self._auth_failed(e.reply)
+            self._sasl_refused(e)
             return
         self._sasl_next(exchange, challenge)
+
+    def _sasl_refused(self, error):
+        """A malformed exchange is answered here; one naming a user who cannot
+        be let in (PLAIN with another authorization identity) goes to the
+        handler with no password, to be logged and throttled like wrong
+        credentials: fail2ban must see it, and it must cost the client time."""
+        if error.user is None:
+            self._auth_failed(error.reply)
+        else:
+            self._authenticate(error.user, None)
 
     def _sasl_next(self, exchange, challenge):
         if challenge is not None:
@@ -879,6 +890,10 @@ class SMTPServerProtocol(Protocol):
             return
         user, password = exchange.result
         exchange.result = None
+        self._authenticate(user, password)
+
+    def _authenticate(self, user, password):
+        """Ask the handler; ``password`` None: refuse, but as a login failure."""
 
         def answered(result):
             if isinstance(result, Reply):
