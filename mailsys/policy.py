@@ -4,7 +4,32 @@ No I/O and no protocol here: the functions take what they need and return a
 Reply to refuse or None to accept.  They fail closed: a recipient domain that no
 rule claims is refused unless the client is allowed to relay.
 """
+import ipaddress
+
 from mailsys.smtp import reply as R
+
+
+def client_address(host):
+    """``(ip, text)`` for a peer address as Twisted gives it (``addr.host``):
+    the ipaddress object (None when ``host`` is not an IP address) and the
+    text for logs and the Received header.
+
+    A dual-stack IPv6 listener (``tcp6:25:interface=\\:\\:``) sees its IPv4
+    clients as IPv4-mapped addresses (``::ffff:192.0.2.1``, RFC 4291 2.5.5.2).
+    Those are IPv4 clients, and everything about a client (``relay.mynetworks``,
+    the reverse lookup, the per-IP limits, the logs, ``Received``) must see
+    them as such, whichever listener they came in on: Postfix converts them to
+    plain IPv4 the same way, where smtpd takes the client's address."""
+    if not host:
+        return None, host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None, host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+        return ip, str(ip)
+    return ip, host
 
 
 def client_may_relay(ip, mynetworks):

@@ -8,7 +8,6 @@ submission roles.
 """
 import datetime
 import email.utils
-import ipaddress
 import re
 import time
 
@@ -85,6 +84,13 @@ class ClientInfo:
         self.ip, self.port, self.role = ip, port, role
         self.ip_text = ip_text if ip_text is not None else (str(ip) if ip is not None else "")
         self.set_name("unknown")
+
+    @classmethod
+    def from_peer(cls, addr, role):
+        """The client behind a listener's peer address ``addr`` (IPv4-mapped
+        addresses as plain IPv4: :func:`mailsys.policy.client_address`)."""
+        ip, text = policy.client_address(getattr(addr, "host", None))
+        return cls(ip, getattr(addr, "port", None), role, text)
 
     def set_name(self, name):
         self.name = name
@@ -350,12 +356,7 @@ class ReceiveFactory(ServerFactory):
         self.role = role
 
     def buildProtocol(self, addr):
-        ip = getattr(addr, "host", None)
-        try:
-            ip = ipaddress.ip_address(ip) if ip else None
-        except ValueError:
-            ip = None
-        client = ClientInfo(ip, getattr(addr, "port", None), self.role, getattr(addr, "host", None))
+        client = ClientInfo.from_peer(addr, self.role)
         handler = ReceiveHandler(self.service, client)
         cfg = self.service.config
         tls = self.service.tls

@@ -303,6 +303,8 @@ class MailHost(service.MultiService):
         super().startService()
         from mailsys.dispatch import lean_dispatch
 
+        self.rdns.start()     # its own threads (mailsys.rdns), stopped at reactor shutdown
+
         lean_dispatch(self.reactor)    # docs/processes.rst: no legacy log context per event
         if self.queue is not None:
             self.queue.startService()

@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransportWithDisconnection
 
 from mailsys.accounts import Expansion, User
@@ -39,8 +40,9 @@ def session(tmp_path):
     return make_session(tmp_path)
 
 
-def make_session(tmp_path):
-    """An LMTP server session on StringTransport over in-memory stores."""
+def make_session(tmp_path, addr=None):
+    """An LMTP server session on StringTransport over in-memory stores, for a
+    client at ``addr`` (the listener's peer address)."""
     config = SimpleNamespace(
         mailbox=SimpleNamespace(root=str(tmp_path), default_store="maildir", quota=0),
         domains=SimpleNamespace(local=("example.com",)))
@@ -50,7 +52,7 @@ def make_session(tmp_path):
     mda = MDA(config, Accounts(), reactor=None, stores=stores, run=defer.maybeDeferred)
     limits = SimpleNamespace(message_size=10000, recipients=100, command_timeout=300,
                              data_timeout=600, auth_failures=3)
-    proto = LMTPFactory(mda, limits, "mda.example.com", clock).buildProtocol(None)
+    proto = LMTPFactory(mda, limits, "mda.example.com", clock).buildProtocol(addr)
     t = StringTransportWithDisconnection()
     t.protocol = proto
     proto.makeConnection(t)
@@ -153,6 +155,31 @@ def test_foreign_domain_and_bare_postmaster(session):
                        b"RCPT TO:<postmaster>\r\n")
     assert out.endswith(b"550 5.1.1 <joe@example.org>: User unknown in local recipient table\r\n"
                         b"250 2.1.5 Ok\r\n")
+
+
+@pytest.mark.parametrize("addr, peer", [
+    (IPv6Address("TCP", "::ffff:127.0.0.1", 40000), "127.0.0.1"),
+    (IPv6Address("TCP", "::1", 40000), "::1"),
+    (IPv4Address("TCP", "192.0.2.5", 40000), "192.0.2.5"),
+    (UNIXAddress(b"/run/lmtp.sock"), "/run/lmtp.sock"),
+    (None, "local"),
+])
+def test_peer_named_in_logs_as_the_smtp_listeners_name_it(tmp_path, addr, peer):
+    """An IPv4 client of a dual-stack tcp6 LMTP listener is logged by its IPv4
+    address, as on the SMTP and POP3 listeners (mailsys.policy.client_address)."""
+    from twisted.logger import globalLogPublisher
+
+    s = make_session(tmp_path, addr)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run(s, b"LHLO x\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<nobody@example.com>\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    qid = s.proto.txn.queue_id
+    assert [e["text"] for e in events if "reject" in e.get("text", "")] == [
+        f"{qid}: reject: RCPT from {peer}: 550 5.1.1 <nobody@example.com>: "
+        f"User unknown in local recipient table"]
 
 
 def test_notify_is_not_an_lmtp_parameter(session):

@@ -1,5 +1,6 @@
 """mailsys.receive.ReceiveHandler: the MTA policy, the Received header, the spool handoff."""
 import email.utils
+import ipaddress
 import re
 from types import SimpleNamespace
 
@@ -144,6 +145,28 @@ def test_received_header_several_recipients_ipv6_and_helo():
     envelope = svc.spool.commits[0][1]
     assert [r["rcpt"] for r in envelope["recipients"]] == ["alice@example.com", "postmaster", "x@relay.example"]
     assert envelope["sender"] == "" and envelope["client"]["proto"] == "SMTP"
+
+
+def test_ipv4_mapped_client_is_its_ipv4_address_everywhere():
+    """A dual-stack tcp6 listener sees 127.0.0.1 as ::ffff:127.0.0.1: relay.mynetworks
+    (127.0.0.0/8), the reverse lookup, the per-IP limit, the log label, the Received
+    header and the queue record must all see 127.0.0.1, as Postfix's smtpd does."""
+    rdns = FakeRDNS(default=None)
+    svc = FakeService(rdns=rdns)
+    svc, proto, t = start(svc, ip="::ffff:127.0.0.1")
+    assert proto.handler.client.label == "unknown[127.0.0.1]"
+    assert rdns.lookups == [ipaddress.ip_address("127.0.0.1")]
+    assert svc.limiter.held == [ipaddress.ip_address("127.0.0.1")]
+    assert _send_message(proto, t, rcpts=(b"victim@other.org",)) == RCPT_OK + GO_AHEAD
+    writer, envelope, d = svc.spool.commits[0]
+    assert bytes(writer.data).startswith(b"Received: from client.example (unknown [127.0.0.1])\r\n")
+    assert envelope["client"]["ip"] == "127.0.0.1"
+
+
+def test_ipv4_mapped_client_outside_mynetworks_is_still_refused():
+    svc, proto, t = start(ip="::ffff:203.0.113.9")
+    assert say(proto, t, b"RCPT TO:<victim@other.org>\r\n") == RELAY_DENIED % b"victim@other.org"
+    assert proto.handler.client.label == "client.example.net[203.0.113.9]"
 
 
 def test_envelope_keeps_dsn_parameters():

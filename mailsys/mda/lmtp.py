@@ -28,6 +28,7 @@ from mailsys.mda.maildir import MaildirStore
 from mailsys.mda.mbox import MboxStore
 from mailsys.mda.store import Body, UnsafeMailbox, mailbox_location
 from mailsys.offload import Offload
+from mailsys.policy import client_address
 from mailsys.smtp import reply as R
 from mailsys.smtp.reply import Reply
 from mailsys.smtp.server import SMTPServerProtocol
@@ -449,7 +450,10 @@ class LMTPFactory(ServerFactory):
         self.mda, self.limits, self.hostname, self.clock = mda, limits, hostname, clock
 
     def buildProtocol(self, addr):
-        peer = getattr(addr, "host", None) or getattr(addr, "name", None) or "local"
+        # A TCP peer as the other listeners name it (an IPv4-mapped address
+        # as plain IPv4); a unix socket peer by its path, if it has one.
+        peer = (client_address(getattr(addr, "host", None))[1] or getattr(addr, "name", None)
+                or "local")
         if isinstance(peer, bytes):
             peer = peer.decode("utf-8", "replace")
         handler = LMTPHandler(self.mda, str(peer))

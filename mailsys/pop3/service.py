@@ -9,7 +9,6 @@ never from what the client typed, and is opened under the cross-process
 :class:`~mailsys.pop3.mailbox.MailboxLock`; the blocking work (locking,
 listing, the QUIT commit) runs in the reactor's thread pool.
 """
-import ipaddress
 import os
 import re
 
@@ -189,14 +188,9 @@ class POP3Factory(ServerFactory):
     def buildProtocol(self, addr):
         from mailsys.receive import ClientInfo
 
-        host = getattr(addr, "host", None)
-        try:
-            ip = ipaddress.ip_address(host) if host else None
-        except ValueError:
-            ip = None
-        client = ClientInfo(ip, getattr(addr, "port", None), self.role, host)
-        if ip is not None:
-            name = self.host.rdns.cached(ip)
+        client = ClientInfo.from_peer(addr, self.role)
+        if client.ip is not None:
+            name = self.host.rdns.cached(client.ip)
             if name:
                 client.set_name(name)
         session = POP3Session(self.host, client, self.run)

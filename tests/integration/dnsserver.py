@@ -9,7 +9,11 @@ NXDOMAIN, as from any authoritative server.
     with DNSServer(tmp_path, ZONE_TEXT) as dns:
         overrides = {"dns": {"nameservers": [dns.nameserver]}}
 
-Run directly: ``python -m tests.integration.dnsserver ZONEFILE PORT``.
+More zones may follow the first (``DNSServer(tmp_path, forward, reverse)``), for
+a PTR zone next to the names it points at; each is served by an authority of its
+own, asked in turn.
+
+Run directly: ``python -m tests.integration.dnsserver ZONEFILE [ZONEFILE ...] PORT``.
 """
 from __future__ import annotations
 
@@ -46,11 +50,16 @@ def _free_udp_and_tcp_port():
 
 
 class DNSServer:
-    def __init__(self, base, zone_text):
+    def __init__(self, base, zone_text, *more_zones):
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.zone_path = self.base / "zone.db"
         self.zone_path.write_text(zone_text)
+        self.zone_paths = [self.zone_path]
+        for n, text in enumerate(more_zones, 1):
+            path = self.base / f"zone{n}.db"
+            path.write_text(text)
+            self.zone_paths.append(path)
         self.log_path = self.base / "dns.log"
         self.port = _free_udp_and_tcp_port()
         self.proc = None
@@ -63,8 +72,8 @@ class DNSServer:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.integration.dnsserver", str(self.zone_path),
-                 str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                [sys.executable, "-m", "tests.integration.dnsserver",
+                 *map(str, self.zone_paths), str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                 cwd=str(Path(__file__).resolve().parents[2]), start_new_session=True)
         finally:
             log.close()
@@ -92,7 +101,7 @@ class DNSServer:
         self.stop()
 
 
-def main(zone_path, port):
+def main(zone_paths, port):
     from twisted.internet import defer, reactor
     from twisted.names import authority, dns, server
 
@@ -105,14 +114,15 @@ def main(zone_path, port):
                 return defer.fail(RuntimeError("deliberate SERVFAIL"))
             return super()._lookup(name, cls, type, timeout)
 
-    zone_auth = Failing(zone_path)
+    authorities = [Failing(path) for path in zone_paths]
     # The zone file parser takes the null MX's "." for a one-label name "\."; make
     # it the root, as RFC 7505 means.
-    for records in zone_auth.records.values():
-        for r in records:
-            if isinstance(r, dns.Record_MX) and r.name.name in (b".", b""):
-                r.name = dns.Name(b"")
-    factory = server.DNSServerFactory(authorities=[zone_auth])
+    for zone_auth in authorities:
+        for records in zone_auth.records.values():
+            for r in records:
+                if isinstance(r, dns.Record_MX) and r.name.name in (b".", b""):
+                    r.name = dns.Name(b"")
+    factory = server.DNSServerFactory(authorities=authorities)
     factory.noisy = False
     reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
     reactor.listenTCP(port, factory, interface="127.0.0.1")
@@ -121,4 +131,4 @@ def main(zone_path, port):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1:-1], int(sys.argv[-1]))

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
@@ -76,7 +76,7 @@ class TLSTransport(StringTransportWithDisconnection):
 
 def connect(host, role="pop3s", ip="192.0.2.7"):
     factory = POP3Factory(host, role, run=defer.maybeDeferred)
-    proto = factory.buildProtocol(IPv4Address("TCP", ip, 40000))
+    proto = factory.buildProtocol((IPv6Address if ":" in ip else IPv4Address)("TCP", ip, 40000))
     t = TLSTransport()
     t.protocol = proto
     proto.makeConnection(t)
@@ -171,6 +171,27 @@ def test_failures_are_throttled_per_ip_across_connections(host):
     other, ot = connect(host, ip="192.0.2.99")
     say(other, ot, f"USER {USER}\r\n".encode())
     assert say(other, ot, b"PASS guess\r\n") == FAILED
+
+
+def test_ipv4_mapped_client_is_throttled_and_named_as_its_ipv4_address(host):
+    """On a dual-stack tcp6 listener an IPv4 client arrives as ::ffff:a.b.c.d; the
+    throttle, the connection limit, the name lookup and the log label take it as
+    the IPv4 address it is, as over an IPv4 listener (docs/operations.rst)."""
+    import ipaddress
+
+    asked = []
+    host.rdns = SimpleNamespace(cached=lambda ip: asked.append(ip) or "client.example.net")
+    proto, t = connect(host, ip="::ffff:192.0.2.7")
+    assert asked == [ipaddress.ip_address("192.0.2.7")]
+    assert proto.label == proto.backend.client.label == "client.example.net[192.0.2.7]"
+    assert host.limiter.per_ip == {ipaddress.ip_address("192.0.2.7"): 1}
+    for _ in range(3):
+        say(proto, t, f"USER {USER}\r\n".encode())
+        say(proto, t, b"PASS guess\r\n")
+    # The same client over an IPv4 listener is slowed by those failures.
+    proto, t = connect(host, ip="192.0.2.7")
+    say(proto, t, f"USER {USER}\r\n".encode())
+    assert say(proto, t, b"PASS guess\r\n") == b""
 
 
 def test_user_name_with_control_characters_is_not_logged_raw(host):
