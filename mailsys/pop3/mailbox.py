@@ -423,7 +423,9 @@ class MboxBox:
         finally:
             if dotlock is not None:
                 _unlink(dotlock)
-        self.fd, self.ino, self.scanned = fd, st.st_ino, st.st_size
+        self.fd, self.ino = fd, st.st_ino
+        # what the segments cover: all of st_size unless the file ended early
+        self.scanned = self._segments[-1][1] if self._segments else 0
         return entries
 
     def _scan(self, fd, size):
