@@ -7,10 +7,12 @@ import os
 import subprocess
 from types import SimpleNamespace
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import globalLogPublisher
 
 from mailsys import policy
 from mailsys.smtp.reply import Reply
@@ -380,3 +382,60 @@ def leave_stale_lock(mbox_path, content):
 def append_note(pid, *numbers):
     """A dotlock's content as an append of mailsys.mda.mbox writes it."""
     return b"%d\nmailsys-append %s\n" % (pid, b" ".join(b"%d" % n for n in numbers))
+
+
+@pytest.fixture
+def logged():
+    """Every log event emitted during the test."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+# -- POP3: the real session and factory (mailsys.pop3.service) on a fake host --------------
+
+class PopPortal:
+    """twisted.cred's portal as the POP3 session uses it: ``accounts`` log in
+    with ``password``."""
+
+    def __init__(self, accounts, password):
+        self.accounts, self.password = accounts, password
+        self.attempts = []
+
+    def login(self, creds, mind, iface):
+        from twisted.cred.error import UnauthorizedLogin
+
+        from mailsys.auth import IMailUser
+
+        assert iface is IMailUser
+        self.attempts.append((creds.username, creds.password))
+        if creds.username in self.accounts and creds.password == self.password:
+            return defer.succeed((IMailUser, creds.username, lambda: None))
+        return defer.fail(UnauthorizedLogin())
+
+
+class PopAccounts:
+    def __init__(self, stores):
+        self.stores = stores    # address -> "maildir", "mbox" or None (the default store)
+
+    def user(self, address):
+        if address not in self.stores:
+            return None
+        return SimpleNamespace(address=address, store=self.stores[address])
+
+
+def pop3_host(root, clock, stores, password):
+    """What mailsys.pop3.service needs of the host: mail under ``root``, the
+    accounts of ``stores`` (address -> store) with one ``password``."""
+    from mailsys.auth import FailureThrottle
+    from mailsys.receive import ConnectionLimiter
+
+    return SimpleNamespace(
+        config=SimpleNamespace(server=SimpleNamespace(hostname="pop.example.com"),
+                               mailbox=SimpleNamespace(root=str(root), default_store="maildir"),
+                               limits=SimpleNamespace(auth_failures=3)),
+        clock=clock, reactor=clock, tls=SimpleNamespace(available=True),
+        limiter=ConnectionLimiter(100, 10), auth_throttle=FailureThrottle(clock),
+        portal=PopPortal(stores, password), accounts=PopAccounts(stores),
+        rdns=SimpleNamespace(cached=lambda ip: None))

@@ -6,10 +6,10 @@ import argon2
 import bcrypt
 import pytest
 from twisted.internet import task
-from twisted.logger import globalLogPublisher
 
 from mailsys import accounts
 from mailsys.accounts import Accounts, AccountsError, Expansion, User
+from tests.helpers import logged  # noqa: F401  (fixture)
 
 FAST_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 REAL_HASHER = accounts.PASSWORD_HASHER   # before the fixture below swaps it
@@ -51,14 +51,6 @@ def make(tmp_path, users="", aliases="", domains=("example.com", "example.net"),
 
 def users_text(*addresses):
     return "".join(f"{a}:{a_hash()}\n" for a in addresses)
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 # --------------------------------------------------------------------------- users file

@@ -239,6 +239,171 @@ def test_mbox_commit_refuses_when_another_program_replaced_the_file(mbox):
     assert not os.path.exists(mbox + ".lock")
 
 
+def records(path):
+    """The records of an mbox file as bytes, in file order (each from its
+    ``From `` line up to the next one)."""
+    data = open(path, "rb").read()
+    starts = [0] + [m + 1 for m in range(len(data)) if data.startswith(b"\nFrom ", m)]
+    return [data[a:b] for a, b in zip(starts, starts[1:] + [len(data)])]
+
+
+def rewrite_in_place(path, data):
+    """What Dovecot, mutt or s-nail do: the same file (inode) with other bytes."""
+    ino = os.stat(path).st_ino
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+    assert os.stat(path).st_ino == ino
+
+
+def add_fields(record, fields):
+    """``record`` with header ``fields`` added at the end of its header."""
+    head, _, rest = record.partition(b"\n\n")
+    return head + b"\n" + fields + b"\n" + rest
+
+
+def test_mbox_uidl_of_a_record_without_status_fields_is_the_sha1_of_its_bytes(mbox):
+    """Existing mailboxes keep their UIDLs: for a record without any field that
+    other readers rewrite, the UIDL is the SHA-1 of the whole record, as it
+    always was."""
+    box = MboxBox(mbox)
+    entries = box.load()
+    box.close()
+    assert [e.uid for e in entries] == [hashlib.sha1(r).hexdigest() for r in records(mbox)]
+    record = (b"From a@b.org Sat Nov 14 22:13:20 2023\nReturn-Path: <a@b.org>\n"
+              b"Subject: unchanged\n\nStatus: RO in the body is the message's own\n\n")
+    with open(mbox, "wb") as f:
+        f.write(record)
+    box = MboxBox(mbox)
+    assert [e.uid for e in box.load()] == ["afd87b29acf4b6e905dc9f739502507e1e368a17"]
+    box.close()
+    assert hashlib.sha1(record).hexdigest() == "afd87b29acf4b6e905dc9f739502507e1e368a17"
+
+
+def test_mbox_uidl_leaves_out_the_fields_other_readers_write(mbox):
+    """Dovecot (X-IMAPbase, X-UID, Status, X-Status, X-Keywords with its padding,
+    Content-Length, X-IMAP) and mutt (Status, X-Status, Lines) edit headers in
+    place; the UIDLs stay.  Any other change to a record changes its UIDL."""
+    box = MboxBox(mbox)
+    before = [e.uid for e in box.load()]
+    box.close()
+    r0, r1, r2 = records(mbox)
+    edited = [
+        add_fields(r0, b"X-IMAPbase: 1700000000 0000000003\nX-UID: 1\nStatus: RO\n"
+                       b"X-Keywords:                                   \n"
+                       b"\t$Label1 $Forwarded\nContent-Length: 93\n"),
+        add_fields(r1, b"status: O\nX-STATUS: A\nLines: 6\nx-uid : 2\n"),
+        add_fields(r2, b"X-IMAP: 1700000000 0000000003\nX-Status: \n  F\n"),
+    ]
+    rewrite_in_place(mbox, b"".join(edited))
+    box = MboxBox(mbox)
+    assert [e.uid for e in box.load()] == before
+    box.close()
+    others = [
+        add_fields(r0, b"X-Spam-Status: No\n"),          # another field, ending like one
+        add_fields(r1, b"Statusx: O\n"),
+        r2.replace(b"\n\nbody 2", b"\n\nStatus: RO\nbody 2"),   # in the body: the message's own
+    ]
+    rewrite_in_place(mbox, b"".join(others))
+    box = MboxBox(mbox)
+    after = [e.uid for e in box.load()]
+    box.close()
+    assert [a != b for a, b in zip(after, before)] == [True, True, True]
+
+
+def test_mbox_rewritten_in_place_is_never_sent_nor_deleted_in_place_of_another(mbox):
+    """Another program expunged message 2 in place (same inode) and a delivery
+    made the file as long as before: the offsets of message 2 now hold message
+    3.  Neither reading nor deleting message 2 may touch message 3."""
+    box = MboxBox(mbox)
+    e0, e1, e2 = box.load()
+    r0, r1, r2 = records(mbox)
+    r3 = r2.replace(b"m2", b"m3").replace(b"body 2", b"body 3")
+    assert len(r3) == len(r1)
+    rewrite_in_place(mbox, r0 + r2 + r3)
+    assert read_all(box, e0) == r0[r0.index(b"\n") + 1:-1]          # unchanged: still readable
+    for entry in (e1, e2):
+        with pytest.raises(MailboxError) as e:
+            box.open(entry)
+        assert str(e.value) == "mbox was changed by another program since the login"
+    with pytest.raises(MailboxError) as e:
+        box.commit([e1], [])
+    assert str(e.value) == ("mbox was changed by another program since the login "
+                            "(message 2 is not what was listed)")
+    box.close()
+    assert open(mbox, "rb").read() == r0 + r2 + r3
+    assert sorted(os.listdir(os.path.dirname(mbox))) == ["mbox"]   # no lock, no copy left
+
+
+def test_mbox_commit_checks_the_kept_records_and_where_the_listing_ended(mbox):
+    box = MboxBox(mbox)
+    e0, e1, e2 = box.load()
+    r0, r1, r2 = records(mbox)
+    # A header added to a kept message: everything after it moved.
+    rewrite_in_place(mbox, r0 + r1 + add_fields(r2, b"Status: RO\n"))
+    with pytest.raises(MailboxError) as e:
+        box.commit([e0], [])
+    assert str(e.value) == ("mbox was changed by another program since the login "
+                            "(message 3 is not what was listed)")
+    # The scanned bytes are back, but the last record was extended without a
+    # "From " line: the end of the listing is no record boundary any more.
+    rewrite_in_place(mbox, r0 + r1 + r2 + b"more of message 3\n")
+    with pytest.raises(MailboxError) as e:
+        box.commit([e2], [])
+    assert str(e.value) == ("mbox was changed by another program since the login "
+                            "(no message starts where the listing ended)")
+    assert open(mbox, "rb").read() == r0 + r1 + r2 + b"more of message 3\n"
+    # Bytes before the first record count too.
+    rewrite_in_place(mbox, r0 + r1 + r2)
+    box.close()
+    with open(mbox, "wb") as f:
+        f.write(b"junk\n" + r0 + r1 + r2)
+    box = MboxBox(mbox)
+    e0, _, _ = box.load()
+    rewrite_in_place(mbox, b"JUNK\n" + r0 + r1 + r2)
+    with pytest.raises(MailboxError) as e:
+        box.commit([e0], [])
+    assert str(e.value) == ("mbox was changed by another program since the login "
+                            "(the text before the first message is not what was listed)")
+    rewrite_in_place(mbox, b"junk\n" + r0 + r1 + r2)
+    assert box.commit([e0], []) == 0
+    box.close()
+    assert open(mbox, "rb").read() == b"junk\n" + r1 + r2
+
+
+def test_mbox_change_during_a_transfer_ends_it_before_its_last_bytes(mbox):
+    """The check at open and the transfer are apart in time: bytes rewritten in
+    between make the reader fail before it hands out the record's last bytes,
+    so the reply never gets its final dot."""
+    box = MboxBox(mbox)
+    _, e1, _ = box.load()
+    r0, r1, r2 = records(mbox)
+    reader = box.open(e1)
+    first = reader.read(10)
+    assert first == r1[r1.index(b"\n") + 1:][:10]
+    rewrite_in_place(mbox, r0 + r1.replace(b"body 1", b"body X") + r2)
+    with pytest.raises(MailboxError) as e:
+        reader.read()
+    assert str(e.value) == "mbox was changed by another program since the login"
+    box.close()
+
+
+def test_mbox_lock_held_too_long_is_mailbox_busy(mbox):
+    now = [1000.0]
+
+    def sleep(s):
+        now[0] += s
+
+    with open(mbox + ".lock", "w") as f:
+        f.write("99999\n")
+    box = MboxBox(mbox, clock=lambda: now[0], sleep=sleep)
+    with pytest.raises(mb.MailboxBusy) as e:
+        box.load()
+    assert str(e.value) == (f"mbox is locked by another program: {mbox}.lock was held for "
+                            f"more than 10 s")
+    assert now[0] >= 1010.0 and open(mbox + ".lock").read() == "99999\n"
+
+
 def test_mbox_waits_for_the_mda_dotlock_then_gives_up(mbox):
     open(mbox + ".lock", "w").close()
     box = MboxBox(mbox, lock_timeout=0.2)

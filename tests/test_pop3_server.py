@@ -17,6 +17,7 @@ from mailsys.mda.store import mailbox_location
 from mailsys.pop3.server import AUTH_FAILED, IDLE_TIMEOUT, MAX_LINE, POP3Server, Refusal
 from mailsys.pop3.service import IN_USE, open_mailbox
 from mailsys.pop3.wire import encode
+from tests.helpers import logged  # noqa: F401  (fixture)
 
 HOST = "pop.example.com"
 USER = "joe@example.com"
@@ -513,3 +514,184 @@ def test_pipelined_input_is_bounded_while_blocked(root):
     c.pump()
     assert c.t.producerState == "producing"
     assert c.out().count(b"+OK\r\n") == 20000
+
+
+# -- an mbox another program changes during the session -------------------------------------------
+
+def pop3_lines(events):
+    """(level, text) of every mailsys.pop3 event; a traceback shows as "failure"."""
+    return [("failure" if "log_failure" in e else e["log_level"].name, e["text"])
+            for e in events if e.get("log_namespace") == "mailsys.pop3"]
+
+
+def mbox_root(tmp_path, n=3):
+    root = str(tmp_path)
+    path = mailbox_location(root, USER, "mbox")
+    store = MboxStore()
+    for i in range(n):
+        assert store.deliver(path, *as_stored(i), 0, sender="a@b.org", when=1_700_000_000).delivered
+    return root, path
+
+
+def rewrite_in_place(path, data):
+    """What Dovecot, mutt or s-nail do: other bytes in the same file (inode)."""
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+
+
+def test_mbox_rewritten_in_place_sends_and_deletes_nothing_else(tmp_path, logged):
+    """The audit's case: another program expunged message 2 in place and a
+    delivery made the file as long as before, so message 3 sits at message
+    2's offsets.  RETR 2 and TOP 2 must not send it, and QUIT with DELE 2 must
+    not delete it; each says why in one line, without a traceback."""
+    root, path = mbox_root(tmp_path)
+    c = logged_in(root, "mbox")
+    data = open(path, "rb").read()
+    r0, r1, r2 = data.split(b"\n\nFrom ")
+    r1, r2 = b"From " + r1 + b"\n\n", b"From " + r2
+    r0 += b"\n\n"
+    r3 = r2.replace(b"m2", b"m3").replace(b"body 2", b"body 3")
+    rewrite_in_place(path, r0 + r2 + r3)
+    assert c.send(b"RETR 2\r\n") == b"-ERR [SYS/TEMP] Message 2 cannot be read now\r\n"
+    assert c.send(b"TOP 3 0\r\n") == b"-ERR [SYS/TEMP] Message 3 cannot be read now\r\n"
+    assert c.send(b"RETR 1\r\n") == b"+OK %d octets\r\n" % sizes()[0] + encode(stored(0))
+    assert c.send(b"DELE 2\r\nQUIT\r\n") == (
+        b"+OK Message 2 deleted\r\n"
+        b"-ERR [SYS/TEMP] Deleted messages were not removed: the mailbox could not be updated\r\n")
+    assert c.closed
+    assert open(path, "rb").read() == r0 + r2 + r3
+    assert pop3_lines(logged) == [
+        ("info", "test[127.0.0.1]: pop3 cannot open message 2 of joe@example.com: "
+                 "mbox was changed by another program since the login"),
+        ("info", "test[127.0.0.1]: pop3 cannot open message 3 of joe@example.com: "
+                 "mbox was changed by another program since the login"),
+        ("warn", "pop3: warning: test[127.0.0.1]: user=<joe@example.com>: deleted messages were "
+                 "not removed: mbox was changed by another program since the login "
+                 "(message 2 is not what was listed)"),
+    ]
+
+
+def test_mbox_change_during_a_transfer_closes_without_the_final_dot(tmp_path):
+    """A message of several chunks, rewritten after the first chunk went out
+    (after the check at open): the reply is cut off before its last chunk
+    and its terminating dot, so the client never takes a mixture of two
+    messages for one."""
+    root = str(tmp_path)
+    path = mailbox_location(root, USER, "mbox")
+    big = b"Subject: big\n\n" + b"0123456789 the quick brown fox\n" * 5000
+    assert MboxStore().deliver(path, b"", big, 0, sender="a@b.org").delivered
+    c = logged_in(root, "mbox")
+    c.proto.dataReceived(b"RETR 1\r\n")
+    c.t.producer.resumeProducing()                 # the first chunk is out
+    first = c.out()
+    assert first.startswith(b"+OK %d octets\r\nSubject: big\r\n" % (len(big) + big.count(b"\n")))
+    rewrite_in_place(path, open(path, "rb").read().replace(b"brown fox", b"BROWN FOX"))
+    c.pump()
+    sent = first + c.out()
+    assert c.closed
+    assert not sent.endswith(b"\r\n.\r\n")
+    assert sent.count(b"\r\n") < 1 + big.count(b"\n")       # the last chunk never went out
+
+
+# -- the real session (mailsys.pop3.service): logins, log lines ----------------------------------
+
+class Pool:
+    """The reactor's thread pool as the session uses it: calls wait until run()."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run(self):
+        while self.calls:
+            f, args, d = self.calls.pop(0)
+            defer.maybeDeferred(f, *args).chainDeferred(d)
+
+
+def session(root, stores, run):
+    from twisted.internet.address import IPv4Address
+
+    from mailsys.pop3.service import POP3Factory
+    from tests.helpers import pop3_host
+
+    factory = POP3Factory(pop3_host(root, Clock(), stores, PASSWORD), "pop3s", run=run)
+    proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    t = TLSTransport()
+    t.protocol = proto
+    proto.makeConnection(t)
+    t.clear()
+    return proto, t
+
+
+def test_disconnect_line_counts_the_deletions_of_a_commit_that_ends_after_the_close(root, logged):
+    """Pipelined DELE ... QUIT and the client closes at once: the commit still
+    runs in the thread pool when the connection is gone.  The one disconnect
+    line comes after it, with what it deleted."""
+    pool = Pool()
+    proto, t = session(root, {USER: None}, pool)
+    proto.dataReceived(f"USER {USER}\r\nPASS {PASSWORD}\r\n".encode())
+    pool.run()
+    proto.dataReceived(b"DELE 1\r\nDELE 2\r\nDELE 3\r\nQUIT\r\n")
+    t.loseConnection()                         # before the commit has run
+    assert [text for _, text in pop3_lines(logged) if "disconnect" in text] == []
+    pool.run()
+    assert names(root) == ([], [])
+    assert pop3_lines(logged) == [
+        ("info", "pop3: connect from unknown[192.0.2.7]"),
+        ("info", "pop3: unknown[192.0.2.7]: login user=<joe@example.com>, method=USER, messages=3"),
+        ("info", "pop3: disconnect from unknown[192.0.2.7] user=<joe@example.com> "
+                 "retr=0/0, top=0, dele=3, deleted=3"),
+    ]
+    assert proto.factory.host.limiter.total == 0      # the connection's slot is free again
+
+
+def test_login_while_another_program_holds_the_mbox_lock_is_in_use(tmp_path, logged, monkeypatch):
+    """``echo 99999 > mbox.lock`` held past the lock timeout: [IN-USE] (RFC 2449
+    8.1.1, in use "for some other reason"), one warning line naming the lock,
+    no traceback; the lock is left alone and the session can try again."""
+    from mailsys.pop3 import mailbox, service
+
+    now = [1000.0]
+
+    def sleep(s):
+        now[0] += s
+
+    monkeypatch.setattr(service, "MboxBox",
+                        lambda path: mailbox.MboxBox(path, clock=lambda: now[0], sleep=sleep))
+    root, path = mbox_root(tmp_path, 1)
+    with open(path + ".lock", "w") as f:
+        f.write("99999\n")
+    proto, t = session(root, {USER: "mbox"}, defer.maybeDeferred)
+    proto.dataReceived(f"USER {USER}\r\nPASS {PASSWORD}\r\n".encode())
+    assert t.value() == (b"+OK Send your password\r\n"
+                         b"-ERR [IN-USE] Mailbox is locked by another program, try again later\r\n")
+    assert pop3_lines(logged)[-1] == (
+        "warn", f"pop3: warning: unknown[192.0.2.7]: user=<joe@example.com>: cannot open the "
+                f"mailbox: mbox is locked by another program: {path}.lock was held for more "
+                f"than 10 s")
+    assert [level for level, _ in pop3_lines(logged)].count("failure") == 0
+    assert open(path + ".lock").read() == "99999\n"
+    os.unlink(path + ".lock")
+    t.clear()
+    proto.dataReceived(f"USER {USER}\r\nPASS {PASSWORD}\r\n".encode())
+    assert t.value() == b"+OK Send your password\r\n+OK Logged in: 1 messages (%d octets)\r\n" % sizes()[0]
+
+
+def test_an_unexpected_error_at_login_still_logs_its_traceback(tmp_path, logged, monkeypatch):
+    from mailsys.pop3 import mailbox
+
+    def broken(self):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mailbox.MboxBox, "load", broken)
+    root, _ = mbox_root(tmp_path, 1)
+    proto, t = session(root, {USER: "mbox"}, defer.maybeDeferred)
+    proto.dataReceived(f"USER {USER}\r\nPASS {PASSWORD}\r\n".encode())
+    assert t.value().endswith(b"-ERR [SYS/TEMP] Cannot open the mailbox now, try again later\r\n")
+    assert pop3_lines(logged)[-1] == (
+        "failure", "pop3: unknown[192.0.2.7]: cannot open the mailbox of joe@example.com")

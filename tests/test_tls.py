@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from mailsys import cli
 from mailsys.tls import ServerTLS, TLSError, load_context, write_self_signed
+from tests.helpers import logged  # noqa: F401  (fixture)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -122,14 +122,6 @@ V = ssl.TLSVersion
 @pytest.fixture
 def pair(tmp_path):
     return make_pair(str(tmp_path / "tls"))
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def log_texts(events):

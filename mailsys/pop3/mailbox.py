@@ -9,11 +9,14 @@ Everything here is blocking file work; the POP3 service runs ``load`` and
   QUIT, deleted messages are unlinked and retrieved ones move to
   ``cur/BASE:2,<flags>S`` as Dovecot does, so an IMAP server sees them \\Seen.
 * :class:`MboxBox` scans the mbox once, under the MDA's dotlock and an fcntl
-  read lock, for each message's offsets, size and a hash of its bytes (the
-  unique id).  Messages are then read from the descriptor opened at that scan.
-  Deletions rewrite the file under the dotlock and an fcntl write lock: a
-  temporary file gets every kept message and anything appended since the scan,
-  is fsynced and renamed over the mbox.
+  read lock, for each message's offsets, size, a digest of its exact bytes and
+  its unique id (a digest that leaves out the status headers other readers
+  rewrite).  Messages are then read from the descriptor opened at that scan,
+  each checked against its digest first: another program (Dovecot, mutt) may
+  rewrite the mbox in place, keeping the inode.  Deletions rewrite the file
+  under the dotlock and an fcntl write lock: a temporary file gets every kept
+  message and anything appended since the scan, while every scanned record is
+  checked against its digest, is fsynced and renamed over the mbox.
 * :class:`MailboxLock` is the one-POP3-session-per-mailbox lock: an ``flock``
   on ``HOME/mailsys-pop3.lock``, which works across the worker processes.
 """
@@ -26,7 +29,7 @@ import time
 
 from twisted.logger import Logger
 
-from mailsys.files import fsync_dir, write_all
+from mailsys.files import fsync_dir
 from mailsys.mda.mbox import cut_noted_append, lock_fcntl, read_append_note, take_dotlock
 from mailsys.pop3.wire import SizeCounter, wire_size
 
@@ -39,7 +42,16 @@ _USEC = re.compile(r"\.M([0-9]+)")
 
 
 class MailboxError(Exception):
-    """The mailbox cannot be read or changed now (a temporary condition)."""
+    """The mailbox cannot be read or changed now (a temporary condition the
+    operator is told about in one line; no traceback: nothing is broken)."""
+
+
+class MailboxBusy(MailboxError):
+    """Another program held the mailbox's lock longer than the lock timeout: a
+    login answers ``[IN-USE]`` (RFC 2449 section 8.1.1, "for some other reason")."""
+
+
+CHANGED = "mbox was changed by another program since the login"
 
 
 class Entry:
@@ -50,7 +62,7 @@ class Entry:
     def __init__(self, uid, size, ref):
         self.uid = uid      # UIDL, stable across sessions
         self.size = size    # octets on the wire (CRLF), RFC 1939
-        self.ref = ref      # store-specific: Maildir (sub, name); mbox (start, body, end)
+        self.ref = ref      # store-specific: Maildir (sub, name); mbox (start, body, end, number)
 
     def __repr__(self):
         return f"Entry({self.uid!r}, {self.size})"
@@ -222,13 +234,92 @@ class MaildirBox:
         pass
 
 
+
 # --------------------------------------------------------------------------- mbox
 
-class _RangeReader:
-    """``read(n)`` over bytes ``[start, end)`` of a shared descriptor (pread)."""
+# Header fields that other readers of an mbox add or rewrite in place as they
+# keep their state in the file: Dovecot's (the fields its mbox code hides from
+# IMAP clients: Status, X-Status, X-Keywords, X-UID, X-IMAPbase, X-IMAP,
+# Content-Length) and mutt's (Status, X-Status, Content-Length, Lines).  The
+# UIDL leaves them out, so that reading the mailbox with one of them does not
+# make every message new to a keep-on-server POP3 client.
+MUTABLE_FIELDS = frozenset((b"status", b"x-status", b"x-keywords", b"x-uid", b"x-imapbase",
+                            b"x-imap", b"content-length", b"lines"))
+_READ = 1 << 20
 
-    def __init__(self, fd, start, end):
+
+def _mutable_field(line):
+    """True when ``line`` starts a header field named in MUTABLE_FIELDS."""
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and name.rstrip(b" \t").lower() in MUTABLE_FIELDS
+
+
+class _Record:
+    """One record as the scan reads it: a ``From `` line, the mboxrd-quoted
+    message, a blank line."""
+
+    __slots__ = ("start", "body", "exact", "uid", "counter", "quoted", "last_blank",
+                 "in_header", "skipping")
+
+    def __init__(self, start, from_line):
+        self.start = start
+        self.body = start + len(from_line)
+        self.exact = hashlib.sha1(from_line)   # every byte: what the session may send
+        self.uid = None        # a copy of ``exact`` once a mutable field was left out of it
+        self.counter = SizeCounter()
+        self.quoted = 0        # >From lines, one ">" each less on the wire
+        self.last_blank = False
+        self.in_header = True
+        self.skipping = False  # inside a field of MUTABLE_FIELDS (or its continuation)
+
+    def feed(self, line, at_line_start):
+        if self.in_header:
+            if at_line_start:
+                if line == b"\n" or line == b"\r\n":
+                    self.in_header = self.skipping = False
+                elif line[:1] not in (b" ", b"\t"):
+                    self.skipping = _mutable_field(line)
+            if self.skipping and self.uid is None:
+                self.uid = self.exact.copy()   # the same bytes so far: nothing was left out yet
+        self.exact.update(line)
+        if self.uid is not None and not self.skipping:
+            self.uid.update(line)
+        self.counter.feed(line)
+        if at_line_start:
+            if line[:1] == b">" and line.lstrip(b">").startswith(b"From "):
+                self.quoted += 1
+            self.last_blank = line == b"\n"
+        else:
+            self.last_blank = False
+
+
+def _digest_range(fd, start, end, digest=None):
+    """SHA-1 object over bytes ``[start, end)`` of ``fd`` (continuing ``digest``);
+    MailboxError when the file ends before ``end``."""
+    if digest is None:
+        digest = hashlib.sha1()
+    while start < end:
+        data = os.pread(fd, min(_READ, end - start), start)
+        if not data:
+            raise MailboxError(CHANGED + " (it is shorter)")
+        digest.update(data)
+        start += len(data)
+    return digest
+
+
+class _RangeReader:
+    """``read(n)`` over bytes ``[start, end)`` of a shared descriptor (pread).
+
+    With ``check`` = (digest so far, record end, expected digest): the bytes
+    read are hashed too, and before the last of them is handed out the rest of
+    the record is hashed and compared, so that a record another program
+    rewrote after :meth:`MboxBox.open` checked it ends the transfer with an
+    error (the reply never gets its final dot) instead of completing with
+    other bytes."""
+
+    def __init__(self, fd, start, end, check=None):
         self.fd, self.at, self.end = fd, start, end
+        self.check = check
 
     def read(self, n=-1):
         left = self.end - self.at
@@ -240,6 +331,13 @@ class _RangeReader:
         if not data:
             raise MailboxError("mbox shrank while a message was read")
         self.at += len(data)
+        if self.check is not None:
+            digest, bound, expected = self.check
+            digest.update(data)
+            if self.at >= self.end:
+                self.check = None
+                if _digest_range(self.fd, self.end, bound, digest).digest() != expected:
+                    raise MailboxError(CHANGED)
         return data
 
     def close(self):
@@ -257,14 +355,19 @@ class MboxBox:
         self.fd = None
         self.ino = None
         self.scanned = 0     # bytes of the file the scan covered
-        self._starts = []    # record offsets, in file order
+        # [start, bound) pieces covering the scanned bytes, in file order, each
+        # with the SHA-1 of its bytes at the scan and its message number (0 for
+        # anything before the first record)
+        self._segments = []
+        self._digests = {}   # record start -> (bound, digest)
 
     # -- the MDA's locks (mailsys.mda.mbox): dotlock, then fcntl on the mbox
 
     def _take_dotlock(self, stale=None):
         dotlock = self.path + ".lock"
         if not take_dotlock(dotlock, self.lock_timeout, self._clock, self._sleep, stale):
-            raise MailboxError("mbox is locked by another program")
+            raise MailboxBusy(f"mbox is locked by another program: {dotlock} was held for "
+                              f"more than {self.lock_timeout:g} s")
         return dotlock
 
     def _cut_noted_append(self, note):
@@ -294,7 +397,8 @@ class MboxBox:
 
     def _fcntl_lock(self, fd, kind):
         if not lock_fcntl(fd, kind, self.lock_timeout, self._clock, self._sleep):
-            raise MailboxError("mbox is locked by another program")
+            raise MailboxBusy(f"mbox is locked by another program: an fcntl lock on "
+                              f"{self.path} was held for more than {self.lock_timeout:g} s")
 
     def load(self):
         try:
@@ -319,31 +423,41 @@ class MboxBox:
         finally:
             if dotlock is not None:
                 _unlink(dotlock)
-        self.fd, self.ino, self.scanned = fd, st.st_ino, st.st_size
-        self._starts = [e.ref[0] for e in entries]
+        self.fd, self.ino = fd, st.st_ino
+        # what the segments cover: all of st_size unless the file ended early
+        self.scanned = self._segments[-1][1] if self._segments else 0
         return entries
 
     def _scan(self, fd, size):
         """One pass: a record is a ``From `` line, the mboxrd-quoted message and a
-        blank line (mailsys.mda.mbox); its message is the part between."""
-        f = os.fdopen(os.dup(fd), "rb", buffering=1 << 20)
+        blank line (mailsys.mda.mbox); its message is the part between.  Each
+        record gets the SHA-1 of its bytes (kept to check it before it is sent
+        or dropped) and its UIDL: the same SHA-1, except that the header
+        fields of MUTABLE_FIELDS are left out of it, so that for a record
+        without them the two are equal."""
+        f = os.fdopen(os.dup(fd), "rb", buffering=_READ)
         entries = []
+        segments = []
         seen_uids = {}
-        record = None    # [start, body, hash, counter, quoted, last_line_blank]
+        lead = hashlib.sha1()   # bytes before the first record (none in a mailsys mbox)
+        record = None
         pos = 0
         at_line_start = True
 
         def close_record(end):
-            start, body, digest, counter, quoted, last_blank = record
-            if last_blank and end > body:   # the blank line ends the record, not the message
-                end -= 1
-                counter.size -= 2
-            uid = digest.hexdigest()
+            r = record
+            segments.append((r.start, end, r.exact.digest(), len(entries) + 1))
+            body_end = end
+            size = r.counter.size
+            if r.last_blank and end > r.body:   # the blank line ends the record, not the message
+                body_end -= 1
+                size -= 2
+            uid = (r.uid or r.exact).hexdigest()
             n = seen_uids.get(uid, 0) + 1
             seen_uids[uid] = n
             if n > 1:
                 uid = f"{uid}-{n}"
-            entries.append(Entry(uid, counter.size - quoted, (start, body, end)))
+            entries.append(Entry(uid, size - r.quoted, (r.start, r.body, body_end, len(entries) + 1)))
 
         with f:
             while pos < size:
@@ -353,35 +467,49 @@ class MboxBox:
                 if at_line_start and line.startswith(b"From "):
                     if record is not None:
                         close_record(pos)
-                    record = [pos, pos + len(line), hashlib.sha1(line), SizeCounter(), 0, False]
+                    elif pos:
+                        segments.append((0, pos, lead.digest(), 0))
+                    record = _Record(pos, line)
                 elif record is not None:
-                    record[2].update(line)
-                    record[3].feed(line)
-                    if at_line_start:
-                        if line[:1] == b">" and line.lstrip(b">").startswith(b"From "):
-                            record[4] += 1
-                        record[5] = line == b"\n"
-                    else:
-                        record[5] = False
+                    record.feed(line, at_line_start)
+                else:
+                    lead.update(line)
                 pos += len(line)
                 at_line_start = line.endswith(b"\n")
             if record is not None:
                 close_record(pos)
+            elif pos:
+                segments.append((0, pos, lead.digest(), 0))
+        self._segments = segments
+        self._digests = {start: (bound, digest) for start, bound, digest, n in segments if n}
         return entries
 
     def open(self, entry):
+        """A reader of the message's bytes, once they are checked to be the
+        ones the scan listed: another program may have rewritten the mbox in
+        place (same inode), and the offsets would then point into another
+        message.  Blocking (a hashing pass, cheap from the page cache): the
+        service runs it in the thread pool.  MailboxError on a mismatch."""
         if self.fd is None:
             raise MailboxError("mbox is not open")
-        _, body, end = entry.ref
-        return _RangeReader(self.fd, body, end)
+        start, body, end, _ = entry.ref
+        bound, expected = self._digests[start]
+        digest = _digest_range(self.fd, start, body)
+        so_far = digest.copy()
+        if _digest_range(self.fd, body, bound, digest).digest() != expected:
+            raise MailboxError(CHANGED)
+        return _RangeReader(self.fd, body, end, (so_far, bound, expected))
 
     def commit(self, deleted, seen):
         """Rewrite the mbox without ``deleted``; ``seen`` is not recorded in mbox
         (no Status: header rewriting).  Raises MailboxError when the file is not
-        the one scanned (another program replaced or shortened it)."""
+        the one scanned: another program replaced it, shortened it, or changed
+        any byte of it that the scan covered (every record is hashed as it is
+        copied or dropped and compared with its digest from the scan; the
+        temporary copy is then removed and nothing is deleted)."""
         if not deleted:
             return 0
-        dropped = sorted(e.ref[0] for e in deleted)
+        dropped = {e.ref[0] for e in deleted}
         dotlock = self._take_dotlock()
         fd = None
         tmp = None
@@ -389,19 +517,10 @@ class MboxBox:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
             self._fcntl_lock(fd, fcntl.LOCK_EX)
             st = os.fstat(fd)
-            if st.st_ino != self.ino or st.st_size < self.scanned:
-                raise MailboxError("mbox was changed by another program since the login")
-            for start in dropped:
-                if os.pread(fd, 5, start) != b"From ":
-                    raise MailboxError("mbox was changed by another program since the login")
-            # Kept byte ranges: everything but the dropped records.
-            ranges = []
-            at = 0
-            bounds = self._record_bounds()
-            for start in dropped:
-                ranges.append((at, start))
-                at = bounds[start]
-            ranges.append((at, st.st_size))   # includes anything appended since the scan
+            if st.st_ino != self.ino:
+                raise MailboxError(CHANGED + " (it was replaced)")
+            if st.st_size < self.scanned:
+                raise MailboxError(CHANGED + " (it is shorter)")
             directory = os.path.dirname(self.path)
             tfd, tmp = tempfile.mkstemp(dir=directory, prefix=self._rewrite_prefix(),
                                         suffix=".tmp")
@@ -409,13 +528,17 @@ class MboxBox:
                 os.fchmod(tfd, st.st_mode & 0o7777)
                 if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
                     os.fchown(tfd, st.st_uid, st.st_gid)
-                for a, b in ranges:
-                    while a < b:
-                        data = os.pread(fd, min(1 << 20, b - a), a)
+                with open(tfd, "wb", buffering=_READ, closefd=False) as out:
+                    self._copy_checked(fd, out, dropped)
+                    if st.st_size > self.scanned and os.pread(fd, 5, self.scanned) != b"From ":
+                        raise MailboxError(CHANGED + " (no message starts where the listing ended)")
+                    at = self.scanned   # anything appended since the scan
+                    while at < st.st_size:
+                        data = os.pread(fd, min(_READ, st.st_size - at), at)
                         if not data:
                             raise MailboxError("mbox shrank during the rewrite")
-                        write_all(tfd, data)
-                        a += len(data)
+                        out.write(data)
+                        at += len(data)
                 os.fsync(tfd)
             finally:
                 os.close(tfd)
@@ -429,6 +552,25 @@ class MboxBox:
             if fd is not None:
                 os.close(fd)
             _unlink(dotlock)
+
+    def _copy_checked(self, fd, out, dropped):
+        """Write every scanned segment but the ``dropped`` records to ``out``,
+        reading each one whole (kept or not) to compare it with its digest."""
+        for start, bound, expected, number in self._segments:
+            keep = start not in dropped
+            digest = hashlib.sha1()
+            at = start
+            while at < bound:
+                data = os.pread(fd, min(_READ, bound - at), at)
+                if not data:
+                    raise MailboxError(CHANGED + " (it is shorter)")
+                digest.update(data)
+                if keep:
+                    out.write(data)
+                at += len(data)
+            if digest.digest() != expected:
+                what = f"message {number}" if number else "the text before the first message"
+                raise MailboxError(f"{CHANGED} ({what} is not what was listed)")
 
     def _rewrite_prefix(self):
         return "." + os.path.basename(self.path) + ".pop3."
@@ -450,12 +592,6 @@ class MboxBox:
             _unlink(os.path.join(directory, name))
             log.info("mbox {path}: removed {name}, left by a rewrite that a crash interrupted",
                      path=self.path, name=name)
-
-    def _record_bounds(self):
-        """record start -> the start of the next record (or the scanned end)."""
-        starts = self._starts
-        return {s: (starts[i + 1] if i + 1 < len(starts) else self.scanned)
-                for i, s in enumerate(starts)}
 
     def close(self):
         fd, self.fd = self.fd, None

@@ -9,10 +9,13 @@ input with tracebacks in the log.  What the wire needs is small enough to own.
 The protocol parses, bounds and times out; a *backend* (mailsys.pop3.service)
 decides: ``connected(proto)`` (None or the text of an ``-ERR`` to close with),
 ``tls_context(proto)``, ``login(proto, user, password, method)`` (a Deferred
-of a *maildrop* or a :class:`Refusal`) and ``disconnected(proto)``.  A maildrop
-(mailsys.pop3.service.Maildrop) has ``entries`` (uid, size), ``unquote``,
-``open(entry)``, ``commit(deleted, seen)`` (a Deferred, called only at QUIT) and
-``close()``.
+of a *maildrop* or a :class:`Refusal`) and ``disconnected(proto)`` (called once,
+after the last maildrop call has finished, so that its counts are final).  A
+maildrop (mailsys.pop3.service.Maildrop) has ``entries`` (uid, size),
+``unquote``, ``open(entry)`` (a Deferred of a reader), ``commit(deleted, seen)``
+(a Deferred, called only at QUIT) and ``close()``.  Their failures with
+:class:`~mailsys.pop3.mailbox.MailboxError` are expected conditions (another
+program holds or changed the mailbox): one line each in the log, no traceback.
 
 Commands are handled strictly in order (PIPELINING): while a login, a message
 transfer or the final commit is under way, input is buffered (reading pauses
@@ -27,6 +30,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from mailsys.logs import MailLog
+from mailsys.pop3.mailbox import MailboxError
 from mailsys.pop3.wire import WireEncoder
 from mailsys.smtp import sasl
 
@@ -153,7 +157,8 @@ class POP3Server(Protocol):
         self._closing = False
         self._in_process = False
         self._lost = False
-        self._committing = False
+        self._pending = False      # a maildrop call (open, commit) runs in the thread pool
+        self._notified = False     # backend.disconnected was called
         self._sender = None
         self._timer = None
 
@@ -174,12 +179,31 @@ class POP3Server(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.maildrop is not None and not self._committing:
-            self._release()
+        if not self._pending:
+            self._finish()
+
+    def _finish(self):
+        """The session's end, once the connection is gone and no maildrop call
+        runs any more: the maildrop is let go (never under a call that still
+        uses its descriptor) and the backend is told once, with counts that
+        are final (a commit still running sets ``stats.deleted``)."""
+        self._release()
+        if self._notified:
+            return
+        self._notified = True
         try:
             self.backend.disconnected(self)
         except Exception:
             log.failure("POP3 backend failed at disconnect")
+
+    def _settled(self):
+        """A maildrop call has finished: True when the connection is gone
+        meanwhile (the session is then finished here and the result unused)."""
+        self._pending = False
+        if self._lost:
+            self._finish()
+            return True
+        return False
 
     def _release(self):
         maildrop, self.maildrop = self.maildrop, None
@@ -463,7 +487,7 @@ class POP3Server(Protocol):
             return
         self.state = UPDATE
         self._block()
-        self._committing = True
+        self._pending = True
         entries = self.maildrop.entries
         deleted = [entries[i] for i in sorted(self.deleted)]
         seen = [entries[i] for i in sorted(self.retrieved)]
@@ -474,11 +498,10 @@ class POP3Server(Protocol):
         d.addCallbacks(self._committed, self._commit_failed)
 
     def _committed(self, failed):
-        self._committing = False
         self.stats.deleted = len(self.deleted) - failed
-        self._release()
-        if self._lost:
+        if self._settled():
             return
+        self._release()
         if failed:
             self._send(f"-ERR [SYS/TEMP] {failed} deleted messages were not removed")
         else:
@@ -486,12 +509,16 @@ class POP3Server(Protocol):
         self._close()
 
     def _commit_failed(self, failure):
-        self._committing = False
-        log.failure(f"{self.label}: POP3 update of {self.address} failed", failure,
-                    client=self.label)
-        self._release()
-        if self._lost:
+        if failure.check(MailboxError):
+            log.warn(f"pop3: warning: {self.label}: user=<{self.address}>: deleted messages "
+                     f"were not removed: {failure.value}",
+                     client=self.label, user=self.address, error=str(failure.value))
+        else:
+            log.failure(f"{self.label}: POP3 update of {self.address} failed", failure,
+                        client=self.label)
+        if self._settled():
             return
+        self._release()
         self._send("-ERR [SYS/TEMP] Deleted messages were not removed: "
                    "the mailbox could not be updated")
         self._close()
@@ -566,16 +593,34 @@ class POP3Server(Protocol):
 
     def _transfer(self, i, lines):
         entry = self.maildrop.entries[i]
+        self._block()
+        self._pending = True
         try:
-            reader = self.maildrop.open(entry)
-        except Exception as e:
-            log.info(f"{self.label}: pop3 cannot open message {i + 1} of {self.address}: {e}",
-                     client=self.label, error=str(e))
-            self._send(f"-ERR [SYS/TEMP] Message {i + 1} cannot be read now")
+            d = self.maildrop.open(entry)
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(i, lines),
+                       errbackArgs=(i,))
+
+    def _open_failed(self, failure, i):
+        if failure.check(MailboxError):
+            log.info(f"{self.label}: pop3 cannot open message {i + 1} of {self.address}: "
+                     f"{failure.value}", client=self.label, error=str(failure.value))
+        else:
+            log.failure(f"{self.label}: pop3 cannot open message {i + 1} of {self.address}",
+                        failure, client=self.label)
+        if self._settled():
             return
+        self._send(f"-ERR [SYS/TEMP] Message {i + 1} cannot be read now")
+        self._unblock()
+
+    def _opened(self, reader, i, lines):
+        if self._settled():
+            reader.close()
+            return
+        entry = self.maildrop.entries[i]
         encoder = WireEncoder(unquote=self.maildrop.unquote, body_lines=lines)
         first = f"+OK {entry.size} octets\r\n" if lines is None else "+OK Top of message follows\r\n"
-        self._block()
         self._sender = _MessageSender(self, reader, encoder)
         d = self._sender.start(first.encode("ascii"))
 

@@ -20,12 +20,15 @@ from twisted.internet.protocol import ServerFactory
 from mailsys.auth import IMailUser
 from mailsys.logs import MailLog
 from mailsys.mda.store import UnsafeMailbox, mailbox_location, make_private_dirs
-from mailsys.pop3.mailbox import MailboxLock, MaildirBox, MboxBox
+from mailsys.pop3.mailbox import MailboxBusy, MailboxError, MailboxLock, MaildirBox, MboxBox
 from mailsys.pop3.server import AUTH_FAILED, POP3Server, Refusal
 
 log = MailLog("mailsys.pop3")
 
 IN_USE = Refusal("[IN-USE] Mailbox is locked by another POP3 session")
+# RFC 2449 section 8.1.1: [IN-USE] is also for a maildrop in use "for some other
+# reason"; another program (an MDA, Dovecot, mutt) held the mbox's lock too long.
+IN_USE_OTHER = Refusal("[IN-USE] Mailbox is locked by another program, try again later")
 TEMP = Refusal("[SYS/TEMP] Cannot open the mailbox now, try again later")
 PERM = Refusal("[SYS/PERM] This account's mailbox cannot be opened; ask the postmaster")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
@@ -48,7 +51,9 @@ class Maildrop:
         self._run = run
 
     def open(self, entry):
-        return self.box.open(entry)
+        """Deferred of a reader: an mbox message is checked against the scan
+        first, a blocking hashing pass."""
+        return self._run(self.box.open, entry)
 
     def commit(self, deleted, seen):
         """Deferred of the number of deletions not done."""
@@ -161,6 +166,11 @@ class POP3Session:
             return Maildrop(account.address, box, lock, entries, self.run)
 
         def failed(f):
+            if f.check(MailboxError):   # expected: one line naming the cause
+                log.warn(f"pop3: warning: {self.client.label}: user=<{account.address}>: "
+                         f"cannot open the mailbox: {f.value}",
+                         client=self.client.label, user=account.address, error=str(f.value))
+                return IN_USE_OTHER if f.check(MailboxBusy) else TEMP
             log.failure(f"pop3: {self.client.label}: cannot open the mailbox of "
                         f"{account.address}", f, client=self.client.label)
             return TEMP

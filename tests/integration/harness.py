@@ -859,8 +859,11 @@ class DovecotPeer:
 
     PASSWORD = "pw"
 
-    def __init__(self, base, mail_root, uid=5000, gid=5000, lmtp=False):
+    def __init__(self, base, mail_root, uid=5000, gid=5000, lmtp=False, mail_location=None):
         self.lmtp_port = free_port() if lmtp else None
+        # another layout of the same tree, e.g. mailsys's mbox:
+        # mbox:ROOT/%d/%n/mail:INBOX=ROOT/%d/%n/mbox:INDEX=MEMORY
+        self.mail_location = mail_location
         self.dovecot = find_program("dovecot")
         self.doveadm = find_program("doveadm")
         if not self.dovecot or not self.doveadm:
@@ -891,7 +894,7 @@ info_log_path = {self.log}
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
-mail_location = maildir:{self.mail_root}/%d/%n/Maildir
+mail_location = {self.mail_location or f"maildir:{self.mail_root}/%d/%n/Maildir"}
 first_valid_uid = 1000
 passdb {{
   driver = static

@@ -19,7 +19,8 @@ import pytest
 
 from tests.integration.harness import (LOOPBACK, DovecotPeer, HarnessError, find_program,
                                        lmtp_deliver, maildir_files, maildir_of, mbox_of,
-                                       pop3_client, pop3_tls_context, start_pop3, stored_form)
+                                       pop3_client, pop3_tls_context, start_pop3, stored_form,
+                                       wait_for_match)
 
 pytestmark = pytest.mark.integration
 
@@ -319,3 +320,120 @@ def test_dovecot_sees_seen_and_deleted_state(server, tmp_path):
         dovecot.stop()
     problems = [line for line in log.splitlines() if re.search(r"\b(Error|Panic|Fatal|Warning):", line)]
     assert problems == [], "\n".join(problems)
+
+
+# -- an mbox another program holds or changes during the session ------------------------------
+
+def pop3_log(server, pattern, timeout=15):
+    """The text (after the ``[mailsys.pop3#LEVEL] `` of its stamp) and level of the
+    first server log line matching ``pattern``, waiting for it (worker processes
+    relay their lines)."""
+    m = wait_for_match(server.log_text, r"^\S+ \[mailsys\.pop3#(\w+)\] (" + pattern + r")$",
+                       timeout, lambda: server.log_text()[-3000:])
+    return m.group(1), m.group(2)
+
+
+def test_mbox_expunged_in_place_by_dovecot_during_a_session(server, tmp_path):
+    """Dovecot expunges message 2 of the mbox over IMAP while a POP3 session
+    is open: it rewrites the file in place (same inode) and adds its X-IMAPbase,
+    X-UID and Status headers.  The session must neither send message 3's bytes
+    as message 2 nor delete anything at QUIT; the next session lists the two
+    remaining messages under the UIDLs they had."""
+    msgs = messages("dovecot-mbox")
+    deliver(server, BOX, msgs)
+    path = mbox_of(server, BOX)
+    c = pop3_client(server, login=BOX)
+    try:
+        uids = [line.split()[1] for line in c.uidl()[1]]
+        assert retr(c, 1) == wire(BOX, msgs[0])
+        ino = os.stat(path).st_ino
+        (path.parent / "mail").mkdir(exist_ok=True)
+        dovecot = DovecotPeer(tmp_path / "dovecot", server.mail_root,
+                              mail_location=f"mbox:{server.mail_root}/%d/%n/mail:"
+                                            f"INBOX={server.mail_root}/%d/%n/mbox:INDEX=MEMORY")
+        dovecot.start()
+        try:
+            imap = dovecot.imap(BOX)
+            try:
+                assert imap.select("INBOX") == ("OK", [b"3"])
+                assert imap.store("2", "+FLAGS", "\\Deleted")[0] == "OK"
+                assert imap.expunge()[0] == "OK"
+            finally:
+                imap.logout()
+        finally:
+            dovecot.stop()
+        after = path.read_bytes()
+        assert os.stat(path).st_ino == ino and after.count(b"\nX-UID: ") == 2   # in place, with its headers
+        with pytest.raises(poplib.error_proto) as e:
+            c.retr(2)
+        assert e.value.args[0] == b"-ERR [SYS/TEMP] Message 2 cannot be read now"
+        assert c.dele(3) == b"+OK Message 3 deleted"
+        with pytest.raises(poplib.error_proto) as e:
+            c.quit()
+        assert e.value.args[0] == (b"-ERR [SYS/TEMP] Deleted messages were not removed: "
+                                   b"the mailbox could not be updated")
+    finally:
+        c.close()
+    assert path.read_bytes() == after
+    assert pop3_log(server, r"pop3: warning: \S+: user=<box@example\.com>: deleted messages .*") == (
+        "warn", "pop3: warning: localhost[127.0.0.1]: user=<box@example.com>: deleted messages "
+                "were not removed: mbox was changed by another program since the login "
+                "(it is shorter)")
+    again = login_retrying_in_use(server, BOX)
+    try:
+        assert again.stat()[0] == 2
+        assert [line.split()[1] for line in again.uidl()[1]] == [uids[0], uids[2]]
+        assert b"Subject: dovecot-mbox-big" in retr(again, 2)
+        again.quit()
+    finally:
+        again.close()
+    assert "#critical" not in server.log_text()
+
+
+def test_pipelined_quit_then_close_logs_what_was_deleted(server):
+    """The client closes right after a pipelined DELE ... QUIT, before the
+    commit has finished: the one disconnect line still counts every deletion."""
+    deliver(server, JOE, messages("pipelined"))
+    sock = pop3_tls_context().wrap_socket(socket.create_connection((LOOPBACK, server.pop3s_port), 30))
+    f = sock.makefile("rb")
+    try:
+        assert f.readline().startswith(b"+OK")
+        sock.sendall(f"USER {JOE}\r\nPASS {PASSWORD}\r\n".encode())
+        assert f.readline() == b"+OK Send your password\r\n"
+        assert f.readline().startswith(b"+OK Logged in: 3 messages")
+        sock.sendall(b"DELE 1\r\nDELE 2\r\nDELE 3\r\nQUIT\r\n")
+    finally:
+        f.close()
+        sock.close()
+    assert pop3_log(server, r"pop3: disconnect from \S+ user=<joe@example\.com> .*") == (
+        "info", "pop3: disconnect from localhost[127.0.0.1] user=<joe@example.com> "
+                "retr=0/0, top=0, dele=3, deleted=3")
+    c = login_retrying_in_use(server, JOE)
+    assert c.stat() == (0, 0)
+    c.quit()
+
+
+def test_login_while_another_program_holds_the_mbox_lock(server):
+    """``echo 99999 > mbox.lock``: after the 10 s lock timeout the login gets
+    [IN-USE] (RFC 2449 8.1.1) and the log one warning line naming the lock;
+    no traceback, and the lock is left alone."""
+    deliver(server, BOX, messages("locked")[:1])
+    lock = str(mbox_of(server, BOX)) + ".lock"
+    with open(lock, "w") as f:
+        f.write("99999\n")
+    c = pop3_client(server)
+    try:
+        c.user(BOX)
+        start = time.monotonic()
+        with pytest.raises(poplib.error_proto) as e:
+            c.pass_(PASSWORD)
+        assert e.value.args[0] == b"-ERR [IN-USE] Mailbox is locked by another program, try again later"
+        assert time.monotonic() - start >= 9
+        assert c.quit() == b"+OK mx.mailsys.test POP3 server signing off"
+    finally:
+        c.close()
+    assert pop3_log(server, r"pop3: warning: \S+: user=<box@example\.com>: cannot open .*") == (
+        "warn", f"pop3: warning: localhost[127.0.0.1]: user=<box@example.com>: cannot open the "
+                f"mailbox: mbox is locked by another program: {lock} was held for more than 10 s")
+    assert open(lock).read() == "99999\n"
+    assert "#critical" not in server.log_text() and "Traceback" not in server.log_text()

@@ -13,19 +13,16 @@ import os
 import socket
 import ssl
 import time
-from types import SimpleNamespace
 
 import pytest
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
-from mailsys.auth import FailureThrottle, IMailUser
 from mailsys.pop3.server import MAX_LINE
 from mailsys.pop3.service import POP3Factory
-from mailsys.receive import ConnectionLimiter
+from tests.helpers import pop3_host
 from tests.integration.conftest import make_server, users_text  # noqa: F401  (fixtures)
 from tests.integration.harness import LOOPBACK, pop3_tls_context, start_pop3
 
@@ -37,32 +34,8 @@ FAILED = b"-ERR [AUTH] Authentication failed\r\n"
 
 # -- unit: the real session and factory on a fake host ------------------------------------
 
-class Portal:
-    def __init__(self):
-        self.attempts = []
-
-    def login(self, creds, mind, iface):
-        assert iface is IMailUser
-        self.attempts.append((creds.username, creds.password))
-        if (creds.username, creds.password) == (USER, PASSWORD):
-            return defer.succeed((IMailUser, USER, lambda: None))
-        return defer.fail(UnauthorizedLogin())
-
-
-class Accounts:
-    def user(self, address):
-        return SimpleNamespace(address=USER, store=None) if address == USER else None
-
-
 def fake_host(root, clock):
-    return SimpleNamespace(
-        config=SimpleNamespace(server=SimpleNamespace(hostname="pop.example.com"),
-                               mailbox=SimpleNamespace(root=str(root), default_store="maildir"),
-                               limits=SimpleNamespace(auth_failures=3)),
-        clock=clock, reactor=clock, tls=SimpleNamespace(available=True),
-        limiter=ConnectionLimiter(100, 10), auth_throttle=FailureThrottle(clock),
-        portal=Portal(), accounts=Accounts(),
-        rdns=SimpleNamespace(cached=lambda ip: None))
+    return pop3_host(root, clock, {USER: None}, PASSWORD)
 
 
 class TLSTransport(StringTransportWithDisconnection):
