@@ -11,8 +11,8 @@ spoken to with raw sockets.
 import base64
 import os
 import socket
-import ssl
 import time
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer
