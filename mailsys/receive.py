@@ -101,6 +101,31 @@ class ClientInfo:
 
 
 _RECEIVED_FIELD = re.compile(rb"\r\nreceived[ \t]*:", re.I)
+_FIELD_START = re.compile(rb"[!-9;-~]+:")            # a field name and its colon (RFC 5322 2.2)
+_NOT_A_FIELD = re.compile(rb"[!-9;-~]*[^!-9;-~:]")    # something else comes first
+OPENING_LIMIT = 1000    # bytes after which a message that showed no field name has none
+
+
+def starts_with_field(data):
+    """Whether a message's first bytes begin a header field: True, False, or
+    None while they cannot tell yet (a field name still arriving).
+
+    What we put in front of a message (Received; on submission Date and
+    Message-ID) must not change what the client's bytes mean.  A message that
+    starts with white space would continue our last field, and one that starts
+    with a line that is no field (a body with no header) would sit in the
+    header section; both get a blank line after our fields, so that the
+    client's bytes are body, as RFC 5322 2.1 reads a message without a header."""
+    if not data or data.startswith(b"\r\n"):
+        return True            # no header section: the blank line is there already
+    head = data[:OPENING_LIMIT]     # the same verdict however the bytes arrive
+    if _FIELD_START.match(head):
+        return True
+    if data == b"\r":
+        return None
+    if _NOT_A_FIELD.match(head) or len(data) >= OPENING_LIMIT:
+        return False           # (a field name longer than a line may be is none)
+    return None
 
 
 def count_hops(head):
@@ -130,6 +155,7 @@ class ReceiveHandler:
         self.submission = client.role in SUBMISSION_ROLES
         self._writer = None
         self._held = None     # submission: header bytes not yet written
+        self._opening = None  # the message's first bytes, until they show a field name or not
 
     # -- session --------------------------------------------------------------
 
@@ -254,6 +280,7 @@ class ReceiveHandler:
         self._writer = self.service.spool.new_message(txn.queue_id)
         self._writer.write(self._received_header(proto, txn))
         self._held = [] if self.submission else None
+        self._opening = b""
         self._keyword = protocol_keyword(proto)
         return None
 
@@ -275,6 +302,18 @@ class ReceiveHandler:
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     def data_chunk(self, proto, txn, chunk):
+        if self._opening is not None:
+            chunk = self._opening + chunk
+            starts = starts_with_field(chunk)
+            if starts is None:
+                self._opening = chunk
+                return
+            self._opening = None
+            if not starts:
+                chunk = b"\r\n" + chunk
+        self._take(txn, chunk)
+
+    def _take(self, txn, chunk):
         held = self._held
         if held is None:
             self._writer.write(chunk)
@@ -288,7 +327,9 @@ class ReceiveHandler:
         """RFC 6409 section 8.3/8.4: add Date and Message-ID when the author left them out."""
         self._held = None
         end = head.find(b"\r\n\r\n")
-        section = b"\r\n" + (head if end < 0 else head[:end + 2]).lower()
+        # A message that starts with the blank line has no header fields at all.
+        section = b"" if head.startswith(b"\r\n") else \
+            b"\r\n" + (head if end < 0 else head[:end + 2]).lower()
         extra = []
         if b"\r\ndate:" not in section:
             extra.append(f"Date: {_now_rfc5322()}\r\n")
@@ -303,12 +344,16 @@ class ReceiveHandler:
             self._writer.discard()
             self._writer = None
         self._held = None
+        self._opening = None
         if refusal is not None:
             sender = str(txn.sender or "")
             log.info(f"{txn.queue_id}: reject: DATA from {self.client}: {refusal}; from=<{sender}>",
                      qid=txn.queue_id, client=self.client.label, reply=str(refusal), sender=sender)
 
     def data_end(self, proto, txn, size):
+        opening, self._opening = self._opening, None
+        if opening:        # too short to show a field name: no field, so body
+            self._take(txn, b"\r\n" + opening)
         if self._held is not None:
             self._release_headers(txn, b"".join(self._held))
         writer, self._writer = self._writer, None

@@ -479,6 +479,38 @@ def test_headers_are_only_looked_for_in_the_header_section(msa, you):
     assert m and rest[m.end():] == original, rest[:300]
 
 
+@pytest.mark.parametrize("original", [
+    b" leading-continuation\r\nSubject: fold\r\n\r\nb\r\n",    # would continue Message-ID
+    b"just a body line\r\nsecond\r\n",                            # no header at all
+    b"\r\nDate: in the body\r\nMessage-ID: <in-the-body@x>\r\n",   # empty header section
+])
+def test_what_is_added_never_changes_what_the_client_sent(msa, you, original):
+    """A message that does not start with a header field is all body (RFC 5322
+    2.1): the fields added before it end with a blank line, so a leading
+    continuation line cannot extend the added Message-ID, nor a body line sit in
+    the header section; and fields in the body are not taken for the header's."""
+    qid = queued_id(send(you, YOU, [JOE], original))
+    rest = _added_headers(check_submitted(msa, qid, "submissions"))
+    m = re.match(DATE_RX + rb"Message-ID: <" + qid.encode() + rb"@" + HOSTNAME.encode() + rb">\r\n",
+                 rest)
+    assert m, rest[:300]
+    blank = b"" if original.startswith(b"\r\n") else b"\r\n"
+    assert rest[m.end():] == blank + original
+
+
+def test_the_mta_port_keeps_a_leading_continuation_out_of_received(msa):
+    client = smtplib.SMTP(LOOPBACK, msa.port, timeout=30)
+    try:
+        client.ehlo("client.example.org")
+        original = b"\tby trusted.example with ESMTP id FORGED\r\nSubject: x\r\n\r\nb\r\n"
+        qid = queued_id(send(client, "someone@remote.example", [JOE], original))
+    finally:
+        client.quit()
+    received, rest = split_received(spooled(msa, qid).read_message())
+    assert b"FORGED" not in received
+    assert rest == b"\r\n" + original
+
+
 def test_the_mta_port_adds_nothing(msa):
     """Date/Message-ID are the MSA's job (RFC 6409 8.1); the MTA passes mail as it is."""
     client = smtplib.SMTP(LOOPBACK, msa.port, timeout=30)

@@ -145,6 +145,38 @@ def test_injection_attempts_leave_a_clean_received_header():
     assert b"for <alice@example.com>;" in header
 
 
+@pytest.mark.parametrize("content, stored", [
+    # A leading continuation line would extend our Received header.
+    (b"\tby trusted.example with ESMTP id FORGED\r\nSubject: x\r\n\r\nb\r\n",
+     b"\r\n\tby trusted.example with ESMTP id FORGED\r\nSubject: x\r\n\r\nb\r\n"),
+    (b" x\r\n", b"\r\n x\r\n"),
+    # A message with no header: its lines would sit in the header section.
+    (b"just a body line\r\nsecond\r\n", b"\r\njust a body line\r\nsecond\r\n"),
+    (b"Subject x\r\n", b"\r\nSubject x\r\n"),
+    (b"\r\nbody only\r\n", b"\r\nbody only\r\n"),          # the blank line is there
+    (b"Subject: x\r\n\r\nbody\r\n", b"Subject: x\r\n\r\nbody\r\n"),   # as it was
+    # A field name longer than a line may be (RFC 5322 2.1.1) is none.
+    (b"X-" + b"a" * 2000 + b": long\r\n\r\nb\r\n", b"\r\nX-" + b"a" * 2000 + b": long\r\n\r\nb\r\n"),
+    (b"X-" + b"a" * 990 + b": long\r\n\r\nb\r\n", b"X-" + b"a" * 990 + b": long\r\n\r\nb\r\n"),
+])
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_what_follows_our_received_header_is_what_the_client_meant(content, stored, bytewise):
+    """Nothing the client sends can continue our Received field: a message that
+    does not start with a header field gets a blank line after it, so all of it
+    is body (RFC 5322 2.1).  The same however the bytes arrive."""
+    svc = FakeService()
+    proto, t = receive_connect(svc, "203.0.113.66")
+    proto.dataReceived(b"EHLO good.example\r\nMAIL FROM:<a@b.example>\r\n"
+                       b"RCPT TO:<alice@example.com>\r\nDATA\r\n")
+    wire = content + b".\r\n"
+    for piece in ([wire[i:i + 1] for i in range(len(wire))] if bytewise else [wire]):
+        proto.dataReceived(piece)
+    data = bytes(svc.spool.commits[0][0].data)
+    header_end = data.index(b"\r\n", data.index(b"\tfor <alice@example.com>;")) + 2
+    assert _RECEIVED.match(data[:header_end]), data[:300]
+    assert data[header_end:] == stored
+
+
 def test_stray_cr_at_the_end_of_helo_is_not_kept():
     proto, t, h = session(b"EHLO evil.example\r\r\n")
     assert t.value() == EHLO_OK
