@@ -253,9 +253,18 @@ class Extensions(unittest.TestCase):
         self.assertEqual(out, [[PermFail(Reply(552, "5.3.4", (
             f"message size 1005 exceeds size limit 1000 of server {RELAY}")))]])
 
-    def test_smtputf8_needed_but_not_offered(self):
+    def test_flagged_smtputf8_but_ascii_goes_without_the_flag(self):
+        """RFC 6531 3.4: nothing in the envelope or header needs it, so a server
+        without SMTPUTF8 gets the message (its 8-bit body goes as 8BITMIME)."""
         s = Session().up(EHLO_PLAIN)
         out = s.send(params={"smtputf8": True})
+        self.assertEqual(s.wire(), b"MAIL FROM:<s@example.com>\r\n")     # no SMTPUTF8 asked for
+        self.assertEqual(out, [])
+
+    def test_flagged_smtputf8_with_a_utf8_header_is_refused(self):
+        s = Session().up(EHLO_PLAIN)
+        out = s.send(params={"smtputf8": True},
+                     message="Subject: Grüße\r\n\r\nhi\r\n".encode())
         self.assertEqual(s.wire(), b"")
         self.assertEqual(out, [[PermFail(Reply(553, "5.6.7", (
             f"SMTPUTF8 is required, but was not offered by host {RELAY}")))]])

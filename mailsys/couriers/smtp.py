@@ -62,6 +62,7 @@ TIMEOUTS = {"greeting": GREETING_TIMEOUT, "EHLO": EHLO_TIMEOUT, "HELO": EHLO_TIM
             "end of data": DATA_END_TIMEOUT, "RSET": RSET_TIMEOUT, "QUIT": QUIT_TIMEOUT}
 
 _BARE = re.compile(rb"\r\n|\r|\n")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")    # the blank line after the header section
 
 
 class Refusal:
@@ -566,7 +567,7 @@ class SMTPClientProtocol(Protocol):
         The 7-bit conversion comes before the line folding: its encodings break
         long lines without changing the text, where folding inserts spaces."""
         txn = self._txn
-        if self._needs_utf8() and "SMTPUTF8" not in self.extensions:
+        if "SMTPUTF8" not in self.extensions and self._needs_utf8() and self._utf8_used():
             return PermFail(Reply(553, "5.6.7", (
                 f"SMTPUTF8 is required, but was not offered by host {self.relay}")), self.relay)
         if not txn.message.isascii() and "8BITMIME" not in self.extensions:
@@ -588,6 +589,18 @@ class SMTPClientProtocol(Protocol):
         txn = self._txn
         return (bool(txn.params.get("smtputf8")) or not txn.sender.isascii()
                 or any(not a.isascii() for a, _ in txn.recipients))
+
+    def _utf8_used(self):
+        """Whether the envelope or the header section holds UTF-8, which a server
+        without SMTPUTF8 cannot take.  A message its client flagged SMTPUTF8
+        that turns out to be ASCII there goes without the flag (RFC 6531 3.4:
+        a client should not ask for SMTPUTF8 it does not need; Postfix sends
+        such mail on too); an 8-bit body is the 8BITMIME check's business."""
+        txn = self._txn
+        if not txn.sender.isascii() or any(not a.isascii() for a, _ in txn.recipients):
+            return True
+        end = _HEADER_END.search(txn.message)
+        return not txn.message[:end.start() if end else len(txn.message)].isascii()
 
     def _mail_command(self):
         txn = self._txn
