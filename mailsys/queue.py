@@ -374,6 +374,11 @@ class QueueManager(service.Service):
                 # and the report's Status say 4.2.2, as for any deferral (Postfix
                 # does the same); the server's own reply stays as it said it.
                 outcome = TempFail(outcome.reply, outcome.relay)
+            if (not outcome.delivered and not outcome.permanent
+                    and (outcome.reply.status or "").startswith("5")):
+                # A deferral says 4.x.x whatever the server's reply (kept as it
+                # is for the report's Diagnostic-Code): a full mailbox, a server
+                # that greets with 5xx and is skipped.
                 status = "4" + outcome.reply.status[1:]
             state = "sent" if outcome.delivered else ("failed" if outcome.permanent else "deferred")
             where = getattr(outcome, "relay", None)

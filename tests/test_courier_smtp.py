@@ -84,12 +84,15 @@ class GreetingAndHello(unittest.TestCase):
         self.assertEqual(r.outcome, TempFail(Reply(421, "4.3.2", "busy, try later")))
         self.assertEqual(r.outcome.relay, RELAY)
 
-    def test_5xx_greeting_is_permanent(self):
+    def test_5xx_greeting_is_skipped_for_the_next_mx(self):
+        """Postfix's smtp_skip_5xx_greeting = yes: the next MX may take the
+        mail; with none left it waits for a retry instead of bouncing."""
         s = Session()
         s.feed(b"554 5.7.1 no mail from you\r\n")
         [r] = s.ready
-        self.assertFalse(r.try_next)
-        self.assertEqual(r.outcome, PermFail(Reply(554, "5.7.1", "no mail from you")))
+        self.assertTrue(r.try_next)
+        self.assertEqual(r.outcome, TempFail(Reply(554, "5.7.1", "no mail from you")))
+        self.assertEqual(r.outcome.relay, RELAY)
         self.assertEqual(s.wire(), b"QUIT\r\n")
 
     def test_helo_fallback(self):

@@ -11,7 +11,7 @@ and the dot-stuffed message; ``RSET`` before every transaction after the first.
 
 :attr:`ready` fires with True once transactions may start, or with a
 :class:`Refusal` that says why not and whether the next address is worth
-trying (connection trouble, 4xx at the greeting or EHLO).  Nothing fails a
+trying (connection trouble, any refusal at the greeting, 4xx at EHLO).  Nothing fails a
 Deferred: every problem becomes an Outcome with the reply that explains it,
 the remote's own reply when there is one, ``relay`` set to ``host[ip]:port``.
 
@@ -387,8 +387,13 @@ class SMTPClientProtocol(Protocol):
 
     def _on_greeting(self, code, texts):
         if code // 100 != 2:
+            # A server that greets with 5xx is skipped like one that greets with
+            # 4xx: the next MX may well take the mail, and with none left the
+            # mail waits for a retry rather than bouncing (Postfix's default,
+            # smtp_skip_5xx_greeting = yes).  The server's words are kept.
             reply = parse_reply(code, texts)
-            self._refuse(_failure(reply, self.relay), try_next=code < 500)
+            self._refuse(TempFail(reply, self.relay) if code >= 500 else _failure(reply, self.relay),
+                         try_next=True)
             return True
         self._send(f"EHLO {self.helo_name}", self._on_ehlo, "EHLO")
         return False
