@@ -312,9 +312,6 @@ class QueueManager(service.Service):
     def _deliver(self, msg):
         due = msg.due()
         msg.finals = len(msg.rcpts) - len(due)
-        cfg = self.config.queue
-        if due and cfg.lifetime and self.clock.seconds() - msg.arrival >= cfg.lifetime:
-            return self._expire(msg, due)
         local = [r for r in due if r.domain in self.local_domains or r.domain == ""]
         remote = [r for r in due if r not in local] if len(local) < len(due) else []
         if local and remote:
@@ -334,10 +331,13 @@ class QueueManager(service.Service):
         now = self.clock.seconds()
         reply = Reply(451, EXPIRED_STATUS, "Delivery time expired")
         for r in due:
+            # The report's Diagnostic-Code is the last attempt's reply as it was
+            # (RFC 3464 2.3.6); how long we tried is the log's and the text's.
             last = r.error or "no delivery attempt succeeded"
-            yield self._record(msg, r, "failed", f"{last} (gave up after {int(now - msg.arrival)} s)",
-                               status=EXPIRED_STATUS, relay="none", reply=reply,
-                               local=r.local or r.error is None)
+            yield self._record(msg, r, "failed", last, status=EXPIRED_STATUS, relay="none",
+                               reply=reply.with_text(f"Delivery time expired after "
+                                                     f"{int(now - msg.arrival)} s"),
+                               local=r.local or r.error is None, when=r.when)
         yield self._settle(msg)
 
     def _via(self, msg, rcpts, courier, missing, relay):
@@ -395,12 +395,14 @@ class QueueManager(service.Service):
         return defer.gatherResults(waits, consumeErrors=True)
 
     def _record(self, msg, r, state, error, *, relay, reply, status=None, delay=None, started=None,
-                local=False):
+                local=False, when=None):
         """Journal one recipient's result; the Deferred fires once it is durable.
-        ``local``: ``error`` is a reply mailsys made up, not one a server sent."""
+        ``local``: ``error`` is a reply mailsys made up, not one a server sent.
+        ``when``: the time of the attempt it is the result of (default: now)."""
         status = status or reply.status or ("2.0.0" if state == "sent" else
                                             "5.0.0" if state == "failed" else "4.0.0")
-        r.state, r.error, r.when, r.status = state, error, self.clock.seconds(), status
+        r.state, r.error, r.status = state, error, status
+        r.when = when if when is not None else self.clock.seconds()
         r.local = local and state != "sent"
         shown = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}[state]
         delay = self.clock.seconds() - msg.arrival if delay is None else delay
@@ -423,6 +425,12 @@ class QueueManager(service.Service):
         due = msg.due()
         if not due:
             return self._finish(msg)
+        cfg = self.config.queue
+        if cfg.lifetime and self.clock.seconds() - msg.arrival >= cfg.lifetime:
+            # Past queue.lifetime, after the attempt that was due then (as
+            # Postfix's queue manager gives up only when an attempt fails):
+            # the recipients still deferred fail now.
+            return self._expire(msg, due)
         return self._retry_later(msg, due)
 
     @defer.inlineCallbacks
