@@ -56,6 +56,16 @@ def plain_reads(transport):
     return True
 
 
+# Bounds for a client that does not read (the SMTP, LMTP and POP3 servers).
+MAX_UNSENT = 256 * 1024   # replies waiting for it before we stop reading its commands
+UNSENT_POLL = 0.1         # seconds between looks at them while reading is paused
+# Seconds a connection we close gets to take its last reply (at most the idle
+# timeout).  Closing waits for unsent replies and for a TLS handshake in
+# progress: a client that reads nothing, or never finishes the handshake, would
+# keep the connection, and its slot under the connection limits, for ever.
+CLOSE_GRACE = 10.0
+
+
 def unsent(transport):
     """Bytes written to ``transport`` and not yet taken by the kernel: Twisted's
     write buffer of the TCP or UNIX connection under it (a TLS layer's included,
@@ -69,3 +79,39 @@ def unsent(transport):
         if t is None:
             break
     return 0
+
+
+class ClientBounds:
+    """What our server protocols (SMTP, LMTP, POP3) share for a client that
+    does not read.  The protocol keeps ``transport``, ``clock``, ``_closing``,
+    ``_paused`` (it stopped reading for a reason of its own) and
+    ``_out_full`` (this class stopped it), and calls :meth:`_check_output`
+    after writing replies and :meth:`_abort` :data:`CLOSE_GRACE` after closing."""
+
+    def _check_output(self):
+        """Stop reading while more than :data:`MAX_UNSENT` bytes of replies wait
+        for the client: one that pipelines commands without reading the replies
+        would otherwise make us buffer every one (about 19 bytes out for each
+        byte of EHLO in) until memory runs out.  Polled rather than Twisted's
+        producer API, which before a TLS handshake pauses the very reading that
+        the handshake needs."""
+        if unsent(self.transport) <= MAX_UNSENT:
+            if self._out_full:
+                self._out_full = False
+                if not self._paused and not self._closing:
+                    self.transport.resumeProducing()
+            return
+        if not self._out_full:
+            self._out_full = True
+            if not self._paused:
+                self.transport.pauseProducing()
+        if not self._closing:
+            self.clock.callLater(UNSENT_POLL, self._check_output)
+
+    def _abort(self):
+        """The connection did not close in the grace time: cut it (RST), as
+        Postfix's write timeout does; the client had its last reply queued."""
+        self._abort_timer = None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()

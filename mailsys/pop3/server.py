@@ -29,6 +29,8 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from mailsys import fastio
+from mailsys.fastio import CLOSE_GRACE, MAX_UNSENT, ClientBounds
 from mailsys.logs import MailLog
 from mailsys.pop3.mailbox import MailboxError
 from mailsys.pop3.wire import WireEncoder
@@ -127,7 +129,7 @@ class _MessageSender:
             self.deferred.errback(ConnectionError("connection lost during a transfer"))
 
 
-class POP3Server(Protocol):
+class POP3Server(ClientBounds, Protocol):
     """One POP3 session.  ``tls`` is True from the start on the pop3s role."""
 
     def __init__(self, backend, hostname, *, clock, tls_available=False, tls=False,
@@ -161,6 +163,8 @@ class POP3Server(Protocol):
         self._notified = False     # backend.disconnected was called
         self._sender = None
         self._timer = None
+        self._out_full = False     # reading paused: replies the client does not read pile up
+        self._abort_timer = None
 
     # -- connection lifecycle -----------------------------------------------------
 
@@ -179,6 +183,9 @@ class POP3Server(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
         if not self._pending:
             self._finish()
 
@@ -229,9 +236,15 @@ class POP3Server(Protocol):
             self._timer = self.clock.callLater(self.idle_timeout, self._timed_out)
 
     def _close(self):
+        if self._closing:
+            return
         self._closing = True
         self._buf = b""
         self.transport.loseConnection()
+        # A client that reads nothing, or never finishes the TLS handshake,
+        # would keep a closing connection (and its slot) open for ever: cut it
+        # after the grace time, as the SMTP listeners do (mailsys.smtp.server).
+        self._abort_timer = self.clock.callLater(min(CLOSE_GRACE, self.idle_timeout), self._abort)
 
     def _send(self, line):
         self.transport.write(line.encode("utf-8") + b"\r\n")
@@ -257,6 +270,8 @@ class POP3Server(Protocol):
             return
         self._buf += data
         self._process_safely()
+        if not self._out_full and not self._closing and fastio.unsent(self.transport) > MAX_UNSENT:
+            self._check_output()
 
     def _process_safely(self):
         """Run the command loop; a bug ends the session with a reply, never
@@ -300,7 +315,7 @@ class POP3Server(Protocol):
         if self._blocked and len(self._buf) > MAX_BUFFERED and not self._paused:
             self._paused = True
             pause = getattr(self.transport, "pauseProducing", None)
-            if pause is not None:
+            if pause is not None and not self._out_full:
                 pause()
 
     def _block(self):
@@ -313,7 +328,7 @@ class POP3Server(Protocol):
         if self._paused:
             self._paused = False
             resume = getattr(self.transport, "resumeProducing", None)
-            if resume is not None:
+            if resume is not None and not self._out_full:
                 resume()
         self._process_safely()
 

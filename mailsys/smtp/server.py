@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 
 from mailsys import fastio
+from mailsys.fastio import CLOSE_GRACE, MAX_UNSENT, ClientBounds
 from mailsys.logs import MailLog
 from mailsys.smtp import reply as R
 from mailsys.smtp.address import AddressError, parse_path, split_path_and_params
@@ -28,13 +29,6 @@ from mailsys.smtp import sasl
 MAX_LINE = 2048          # bytes per command line, CRLF included (RFC 5321 4.5.3.1.4 plus extensions)
 MAX_ERRORS = 10          # bad commands before 421 and close
 MAX_BUFFERED = 64 * 1024  # pipelined input held while a reply is pending
-MAX_UNSENT = 256 * 1024   # replies waiting for a client that does not read them
-UNSENT_POLL = 0.1         # seconds between looks at them while reading is paused
-# Seconds a connection we close gets to take its last reply (at most the command
-# timeout).  Closing waits for the unsent replies and for a TLS handshake in
-# progress: a client that reads nothing, or never finishes the handshake, would
-# keep the connection, and its slot under limits.connections, for ever.
-CLOSE_GRACE = 10.0
 # During DATA every byte received earns this much more time, in bytes per second:
 # a client slower on average than this is cut off once limits.data_timeout is used
 # up, a faster one never (with no pause longer than data_timeout).  Postfix's
@@ -91,7 +85,7 @@ class Stats:
         return " ".join(parts)
 
 
-class SMTPServerProtocol(Protocol):
+class SMTPServerProtocol(ClientBounds, Protocol):
     """ESMTP (RFC 5321) or, with ``lmtp=True``, LMTP (RFC 2033)."""
 
     lmtp = False
@@ -185,28 +179,6 @@ class SMTPServerProtocol(Protocol):
         self._abort_timer = None
         self._abort_transaction()
         self.handler.disconnected(self)
-
-    # -- replies the client does not read ----------------------------------------
-
-    def _check_output(self):
-        """Stop reading while more than :data:`MAX_UNSENT` bytes of replies wait
-        for the client: one that pipelines commands without reading the replies
-        would otherwise make us buffer every one (about 19 bytes out for each
-        byte of EHLO in) until memory runs out.  Polled rather than Twisted's
-        producer API, which before a TLS handshake pauses the very reading
-        that the handshake needs."""
-        if fastio.unsent(self.transport) <= MAX_UNSENT:
-            if self._out_full:
-                self._out_full = False
-                if not self._paused and not self._closing:
-                    self.transport.resumeProducing()
-            return
-        if not self._out_full:
-            self._out_full = True
-            if not self._paused:
-                self.transport.pauseProducing()
-        if not self._closing:
-            self.clock.callLater(UNSENT_POLL, self._check_output)
 
     def _where(self):
         """The last command, with the bytes of a message in progress."""
@@ -398,14 +370,6 @@ class SMTPServerProtocol(Protocol):
             self.transport.loseConnection()
             grace = min(CLOSE_GRACE, self.limits.command_timeout)
             self._abort_timer = self.clock.callLater(grace, self._abort)
-
-    def _abort(self):
-        """The connection did not close in the grace time: cut it (RST), as
-        Postfix's write timeout does; the client had its 421 or 221 queued."""
-        self._abort_timer = None
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
 
     def _flush_now(self):
         self._flush()

@@ -249,3 +249,63 @@ def test_real_server_throttles_guessing(server):
     assert reply.startswith(b"+OK Logged in") and took >= 2.0
     assert server.log_text().count("pop3: warning: ") == 4
     assert PASSWORD not in server.log_text() and "guess" not in server.log_text()
+
+
+# -- a client that does not read (the SMTP listeners' tests: test_resource_limits.py) --------
+
+class _Unread(StringTransportWithDisconnection):
+    """A peer that reads nothing: ``dataBuffer`` is what waits for it, and
+    loseConnection waits for ever; only abortConnection ends the connection."""
+    dataBuffer = b""
+
+    def loseConnection(self):
+        self.disconnecting = True
+
+    def abortConnection(self):
+        self.aborted = True
+        self.protocol.connectionLost(None)
+
+
+class _Quiet:
+    def connected(self, proto):
+        return None
+
+    def disconnected(self, proto):
+        self.gone = True
+
+
+def _unread_session(idle_timeout=600):
+    from mailsys.pop3.server import POP3Server
+
+    clock = Clock()
+    backend = _Quiet()
+    proto = POP3Server(backend, "pop.example.com", clock=clock, tls_available=False, tls=True,
+                       idle_timeout=idle_timeout, label="test[192.0.2.7]")
+    t = _Unread()
+    t.protocol = proto
+    proto.makeConnection(t)
+    return proto, t, backend, clock
+
+
+def test_capa_flood_without_reading_stops_the_reading():
+    proto, t, backend, clock = _unread_session()
+    t.dataBuffer = b"x" * (256 * 1024 + 1)
+    proto.dataReceived(b"CAPA\r\n")
+    assert t.producerState == "paused"
+    clock.advance(0.1)
+    assert t.producerState == "paused"
+    t.dataBuffer = b""
+    clock.advance(0.1)
+    assert t.producerState == "producing"
+
+
+def test_a_closed_session_that_will_not_go_is_cut_after_the_grace_time():
+    from mailsys.fastio import CLOSE_GRACE
+
+    proto, t, backend, clock = _unread_session()
+    clock.advance(600)                    # autologout
+    assert t.value().endswith(b"-ERR Autologout: idle for too long\r\n")
+    assert t.disconnecting and not getattr(t, "aborted", False)
+    clock.advance(CLOSE_GRACE)
+    assert t.aborted and backend.gone
+    assert clock.getDelayedCalls() == []
