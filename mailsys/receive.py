@@ -244,19 +244,24 @@ class ReceiveHandler:
     def mail(self, proto, txn):
         if self.submission:
             if proto.auth_user is None:
-                return AUTH_REQUIRED
+                return self._reject_mail(proto, txn, AUTH_REQUIRED)
             if txn.sender is None:
-                return NULL_SENDER_REFUSED
+                return self._reject_mail(proto, txn, NULL_SENDER_REFUSED)
             if not self.service.accounts.owns(proto.auth_user, str(txn.sender)):
-                refusal = Reply(553, "5.7.1", f"<{txn.sender}>: Sender address rejected: "
-                                              f"not owned by user {proto.auth_user}")
-                # The reply as sent, then what Postfix adds to a MAIL reject line.
-                log.info(f"NOQUEUE: reject: MAIL from {self.client}: {refusal}; "
-                         f"from=<{txn.sender}> proto=ESMTP helo=<{proto.helo}>",
-                         client=self.client.label, sender=str(txn.sender), user=proto.auth_user)
-                return refusal
+                return self._reject_mail(proto, txn, Reply(
+                    553, "5.7.1", f"<{txn.sender}>: Sender address rejected: "
+                                  f"not owned by user {proto.auth_user}"))
         txn.queue_id = self.service.spool.ids.next()
         return None
+
+    def _reject_mail(self, proto, txn, refusal):
+        """Log a refused MAIL as Postfix does (the reply as sent, then from=,
+        proto= and helo=), so that every refusal of a client has its line."""
+        sender = str(txn.sender) if txn.sender is not None else ""
+        log.info(f"NOQUEUE: reject: MAIL from {self.client}: {refusal}; "
+                 f"from=<{sender}> proto=ESMTP helo=<{proto.helo}>",
+                 client=self.client.label, sender=sender, user=proto.auth_user)
+        return refusal
 
     def rcpt(self, proto, txn, rcpt, params):
         refusal = policy.check_recipient(

@@ -400,6 +400,23 @@ def you(msa):
     client.close()
 
 
+def test_every_refused_mail_command_is_logged(msa, you):
+    """530 before AUTH and 553 for <> have their reject line too (only the
+    sender-not-owned refusal had one)."""
+    anonymous = smtp_ssl(msa)
+    try:
+        assert anonymous.docmd("MAIL", "FROM:<you@example.com>") == AUTH_REQUIRED
+    finally:
+        anonymous.close()
+    assert msa.wait_for_log(r"NOQUEUE: reject: MAIL from \S+\[127\.0\.0\.1\]: 530 5\.7\.0 "
+                            r"Authentication required; from=<you@example\.com> proto=ESMTP "
+                            r"helo=<client\.example\.org>$")
+    code, _ = you.docmd("MAIL", "FROM:<>")
+    assert code == 553
+    assert msa.wait_for_log(r"NOQUEUE: reject: MAIL from \S+\[127\.0\.0\.1\]: 553 5\.7\.1 "
+                            r"[^;]*; from=<> proto=ESMTP helo=<client\.example\.org>$")
+
+
 def test_sender_not_owned_is_553(msa, you):
     code, text = you.docmd("MAIL", "FROM:<bob@example.net>")
     assert (code, text) == (553, b"5.7.1 <bob@example.net>: Sender address rejected: not owned by "
