@@ -121,7 +121,7 @@ class SMTPServerProtocol(ClientBounds, Protocol):
         self._discarding = False
         self._blocked = False
         self._paused = False        # reading paused: input piled up behind a pending reply
-        self._out_full = False      # reading paused: the transport's write buffer is full
+        self._out_full = False      # reading paused: replies the client does not read pile up
         self._closing = False
         self._abort_timer = None
         self._out = []
